@@ -1,0 +1,1 @@
+"""Image backbones rebuilt from offline sources (no model hub needed)."""

@@ -1,0 +1,102 @@
+"""HAT model configuration: plain data, serialised to JSON (open_clip style model configs)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class HATConfig:
+    """Everything needed to rebuild a HAT model without network access.
+
+    Level indices follow timm's ``forward_intermediates`` (stage or block index, 0-based) for the
+    image tower and HF ``hidden_states`` (0 = embeddings, i = output of layer i) for the text tower.
+    Level i of the image tower is aligned with level i of the text tower.
+    """
+
+    image_backbone: str = "swin_base_patch4_window7_224.ms_in22k"
+    image_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    image_size: int = 224
+    image_backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
+
+    text_backbone: str = "bert-base-uncased"
+    text_levels: list[int] = field(default_factory=lambda: [4, 10, 12])
+    # When set, the text tower is built from this HF config dict (random init) instead of being
+    # looked up by name; saved checkpoints always store it so that loading needs no network.
+    text_backbone_config: dict[str, Any] | None = None
+    # Tokenizer source: HF name or folder; a bare ``*.txt`` name is a vocab in model_configs/.
+    tokenizer: str | None = None
+    max_text_len: int = 32
+
+    embed_dim: int = 768
+    lambda_softmax: float = 9.0
+    margin: float = 0.2
+    direction: str = "i2t"
+    leaky_relu_slope: float = 0.1
+
+    name: str = "hat-b"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if len(self.image_levels) != len(self.text_levels):
+            raise ValueError(
+                f"image_levels {self.image_levels} and text_levels {self.text_levels} must pair up"
+            )
+        if not self.image_levels:
+            raise ValueError("at least one level is required")
+        if self.direction not in ("i2t", "t2i"):
+            raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
+        if self.max_text_len < 3:
+            raise ValueError("max_text_len must leave room for [CLS], [SEP] and one word")
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.image_levels)
+
+    @property
+    def level_names(self) -> list[str]:
+        """Human-readable name per level, e.g. ``stage 1 ↔ layer 4``, for logs and heatmaps."""
+        return [
+            f"image {i} ↔ text {t}"
+            for i, t in zip(self.image_levels, self.text_levels, strict=True)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HATConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown HAT config keys: {unknown}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> HATConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+
+
+def get_preset(name: str) -> HATConfig:
+    """Return the named preset (``hat-b`` is the paper's model, ``hat-tiny`` is for tests)."""
+    path = MODEL_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown HAT preset {name!r}; available: {', '.join(list_presets())}")
+    return HATConfig.load(path)

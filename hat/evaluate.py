@@ -1,0 +1,90 @@
+"""Evaluate a HAT checkpoint: exact full-matrix scoring, R@1/5/10 both ways, RSUM, ranks.
+
+hat eval --checkpoint runs/x/best --data dataset_flickr30k.json --image-root flickr30k-images
+hat eval ... --data dataset_coco.json --split test --folds 5      # MSCOCO 5K and 1K (5 folds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from hat.data.captions import CaptionedImages, read_karpathy
+from hat.encode import encode_captions, encode_images, score_matrix
+from hat.factory import load_model
+from hat.metrics import fold_metrics, format_table, retrieval_metrics
+from hat.model import HATModel
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate(
+    model: HATModel,
+    tokenizer,
+    data: CaptionedImages,
+    folds: int = 1,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average."""
+    images, _ = encode_images(
+        model, data.image_paths, batch_size, num_workers, skip_bad=False, progress=progress
+    )
+    texts = encode_captions(model, tokenizer, data.captions, progress=progress)
+    per_level = score_matrix(model, images, texts, progress=progress).numpy()
+    sims = per_level.sum(axis=0)
+    n = data.num_images
+    results = {f"all {n}": retrieval_metrics(sims, data.caption_to_image)}
+    if folds > 1:
+        results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, data.caption_to_image, folds)
+    for i, name in enumerate(model.config.level_names):
+        results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], data.caption_to_image)
+    return results
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="hat eval", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="HAT checkpoint folder")
+    parser.add_argument("--data", required=True, help="Karpathy-split JSON")
+    parser.add_argument("--image-root", required=True, help="folder the JSON's paths start from")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--folds", type=int, default=1, help="also average over N image folds")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--device", default=default_device())
+    parser.add_argument("--out", help="write the results as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.checkpoint, args.device)
+    data = read_karpathy(args.data, args.image_root, args.split)
+    results = evaluate(model, tokenizer, data, args.folds, args.batch_size, args.workers, True)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "data": str(args.data),
+        "split": args.split,
+        "num_images": data.num_images,
+        "num_captions": len(data.captions),
+        "seconds": round(time.perf_counter() - start, 1),
+        "results": results,
+    }
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""Build HAT models from presets or checkpoints, with optional pretrained backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from hat.config import HATConfig, get_preset
+from hat.hub import PretrainedUnavailableError, require_hub
+from hat.model import CONFIG_NAME, HATModel
+from hat.tokenization import load_tokenizer
+
+HUB = "hub"
+
+
+def _local(path: str, what: str) -> str:
+    if not Path(path).exists():
+        raise PretrainedUnavailableError(f"{what} weights not found at {path}")
+    return path
+
+
+def create_model(
+    config: HATConfig | str,
+    pretrained_image: str | None = None,
+    pretrained_text: str | None = None,
+    tokenizer: str | None = None,
+) -> tuple[HATModel, PreTrainedTokenizerBase]:
+    """A new model and its tokenizer.
+
+    ``pretrained_image`` / ``pretrained_text``: ``None`` for random initialisation, ``"hub"`` to
+    load the backbone's weights by name (timm / HF hub), or a local path (a timm weights file; an
+    HF model folder, which then also provides the tokenizer unless ``tokenizer`` is given).
+    """
+    if isinstance(config, str):
+        config = get_preset(config)
+    if pretrained_image == HUB:
+        require_hub(f"timm weights for {config.image_backbone!r}", "--pretrained-image")
+        image_source: bool | str = True
+    else:
+        image_source = _local(pretrained_image, "image backbone") if pretrained_image else False
+    text_source = ""
+    if pretrained_text == HUB:
+        require_hub(f"HF weights for {config.text_backbone!r}", "--pretrained-text")
+        text_source = config.text_backbone
+    elif pretrained_text:
+        text_source = _local(pretrained_text, "text backbone")
+    if tokenizer is None and text_source and Path(text_source).is_dir():
+        tokenizer = text_source
+    if tokenizer is not None and Path(tokenizer).is_dir():
+        tok = load_tokenizer(config, tokenizer)
+    else:
+        if tokenizer is not None:
+            config.tokenizer = tokenizer
+        tok = load_tokenizer(config)
+    model = HATModel(config, pretrained_image=image_source, pretrained_text=text_source)
+    return model, tok
+
+
+def load_model(source: str | Path, device: str = "cpu") -> tuple[HATModel, PreTrainedTokenizerBase]:
+    """A trained model and its tokenizer from a checkpoint folder (offline, pickle-free)."""
+    source = Path(source)
+    if not (source / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{source} is not a HAT checkpoint folder (no {CONFIG_NAME})")
+    model = HATModel.from_pretrained(source, map_location=device)
+    return model, load_tokenizer(model.config, source)

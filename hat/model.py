@@ -1,0 +1,169 @@
+"""The HAT model: two towers, per-level projections and hierarchical alignment scoring."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from hat.alignment import hierarchical_scores
+from hat.config import HATConfig
+from hat.fileio import atomic_directory
+from hat.image_tower import ImageTower
+from hat.text_tower import TextTower
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class ImageFeatures:
+    """Projected region features, one ``(N, K_i, D)`` tensor per level."""
+
+    levels: list[torch.Tensor]
+
+    def __len__(self) -> int:
+        return self.levels[0].shape[0]
+
+    def __getitem__(self, index) -> ImageFeatures:
+        return ImageFeatures([x[index] for x in self.levels])
+
+    def to(self, device: torch.device | str) -> ImageFeatures:
+        return ImageFeatures([x.to(device) for x in self.levels])
+
+
+@dataclass
+class TextFeatures:
+    """Projected word features, one ``(N, L, D)`` tensor per level, and the real-token mask."""
+
+    levels: list[torch.Tensor]
+    mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.mask.shape[0]
+
+    def __getitem__(self, index) -> TextFeatures:
+        return TextFeatures([x[index] for x in self.levels], self.mask[index])
+
+    def to(self, device: torch.device | str) -> TextFeatures:
+        return TextFeatures([x.to(device) for x in self.levels], self.mask.to(device))
+
+    def lengths(self) -> torch.Tensor:
+        return self.mask.sum(dim=1)
+
+
+def _projection(in_features: int, out_features: int) -> nn.Linear:
+    """A level projection as in the paper: linear, N(0, 0.02) weights, zero bias, no activation."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.normal_(layer.weight, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class HATModel(nn.Module):
+    """Hierarchical Alignment Transformer for image–text retrieval.
+
+    ``encode_image`` and ``encode_text`` are independent, so a gallery is encoded once and stored;
+    ``score`` aligns any block of images with any block of captions.
+    """
+
+    def __init__(
+        self,
+        config: HATConfig,
+        pretrained_image: bool | str = False,
+        pretrained_text: str = "",
+    ):
+        super().__init__()
+        self.config = config
+        image_file = pretrained_image if isinstance(pretrained_image, str) else ""
+        self.image_tower = ImageTower(config, bool(pretrained_image), image_file)
+        self.text_tower = TextTower(config, pretrained_text)
+        self.image_proj = nn.ModuleList(
+            _projection(c, config.embed_dim) for c in self.image_tower.channels
+        )
+        self.text_proj = nn.ModuleList(
+            _projection(c, config.embed_dim) for c in self.text_tower.channels
+        )
+        # Checkpoints must rebuild the text tower offline: record its architecture.
+        self.config.text_backbone_config = self.text_tower.backbone.config.to_diff_dict()
+        self.config.text_backbone_config["model_type"] = self.text_tower.backbone.config.model_type
+        self.config.text_backbone_config.pop("transformers_version", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+        levels = self.image_tower(pixel_values)
+        return ImageFeatures([proj(x) for proj, x in zip(self.image_proj, levels, strict=True)])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
+        levels = self.text_tower(input_ids, attention_mask)
+        projected = [proj(x) for proj, x in zip(self.text_proj, levels, strict=True)]
+        return TextFeatures(projected, attention_mask.bool())
+
+    def level_scores(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
+        """Per-level alignment scores ``(num_levels, num_images, num_texts)``."""
+        cfg = self.config
+        with torch.autocast(device_type=images.levels[0].device.type, enabled=False):
+            return hierarchical_scores(
+                images.levels,
+                texts.levels,
+                texts.mask,
+                lambda_softmax=cfg.lambda_softmax,
+                direction=cfg.direction,
+                slope=cfg.leaky_relu_slope,
+                **kwargs,
+            )
+
+    def score(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
+        """HAT pair scores ``(num_images, num_texts)``: the sum of the level scores."""
+        return self.level_scores(images, texts, **kwargs).sum(dim=0)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Score matrix of a training batch (image i is paired with caption i)."""
+        return self.score(
+            self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
+        )
+
+    # ---------------------------------------------------------------- persistence
+    def save_pretrained(self, directory: str | Path, tokenizer=None, half: bool = False) -> Path:
+        """Write config, safetensors weights and tokenizer files; replaces ``directory`` atomically.
+
+        ``half`` stores floating-point tensors in fp16 (the shipped demo checkpoint).
+        """
+        with atomic_directory(directory) as staging:
+            self.config.save(staging / CONFIG_NAME)
+            state = {
+                k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+                for k, v in self.state_dict().items()
+            }
+            save_file(state, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(staging))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu"
+    ) -> HATModel:
+        """Rebuild a model from a folder written by :meth:`save_pretrained`; needs no network."""
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        weights_path = directory / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: is {directory} a HAT checkpoint?")
+        config = HATConfig.from_dict(json.loads(config_path.read_text()))
+        model = cls(config)
+        state = load_file(str(weights_path), device=str(map_location))
+        reference = model.state_dict()
+        state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)

@@ -1,0 +1,278 @@
+"""Train HAT with the reference recipe: hardest-negative hinge loss, Adam, StepLR, frozen warm-up.
+
+    hat train --data dataset_flickr30k.json --image-root flickr30k-images --out runs/f30k \\
+        --pretrained-image hub --pretrained-text hub
+    torchrun --nproc_per_node 8 -m hat.train ...        # DistributedDataParallel
+
+The run folder gets ``last/`` (resumable, every epoch), ``best/`` (the model with the best
+validation R@1 i2t + R@1 t2i), ``metrics.jsonl`` (one JSON object per log line) and ``args.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from tqdm.auto import tqdm
+
+from hat.checkpoint import load_training_state, save_training_state
+from hat.config import HATConfig, get_preset
+from hat.data.captions import CaptionedImages, read_karpathy
+from hat.data.loader import PairCollator, PairDataset
+from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
+from hat.evaluate import default_device, evaluate
+from hat.factory import create_model
+from hat.loss import hardest_negative_triplet_loss
+from hat.model import HATModel
+from hat.transforms import train_transform
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_backbones_trainable(model: HATModel, trainable: bool) -> None:
+    """Freeze or unfreeze both backbones; projections and new level norms always train.
+
+    The text pooler is never trained: HAT does not use it.
+    """
+    model.image_tower.backbone.requires_grad_(trainable)
+    model.text_tower.backbone.requires_grad_(trainable)
+    pooler = getattr(model.text_tower.backbone, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+
+
+def trainable_parameters(model: HATModel) -> list[torch.nn.Parameter]:
+    """Everything that trains in some phase (all but the pooler), in a stable order."""
+    pooler = getattr(model.text_tower.backbone, "pooler", None)
+    skip = {id(p) for p in pooler.parameters()} if pooler is not None else set()
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def load_config(name_or_path: str) -> HATConfig:
+    path = Path(name_or_path)
+    return HATConfig.load(path) if path.suffix == ".json" else get_preset(name_or_path)
+
+
+class Trainer:
+    """One training run; works alone or as one process of a torchrun group."""
+
+    def __init__(self, args: argparse.Namespace, dist_info: DistInfo):
+        self.args = args
+        self.dist = dist_info
+        self.device = torch.device(
+            f"cuda:{dist_info.local_rank}" if args.device == "cuda" else args.device
+        )
+        self.out = Path(args.out)
+        seed_everything(args.seed)
+        self.model, self.tokenizer = create_model(
+            load_config(args.model), args.pretrained_image, args.pretrained_text, args.tokenizer
+        )
+        self.model.to(self.device)
+        self.config = self.model.config
+        self.train_data = self._read(args.train_split, args.restval)
+        self.val_data = self._read(args.val_split, False) if args.val_split else None
+        self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=args.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(
+            self.optimizer, step_size=args.lr_step, gamma=args.lr_gamma
+        )
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.progress = {"epoch": -1, "step": 0, "best": float("-inf"), "skipped": 0}
+        if args.resume:
+            self.progress = load_training_state(
+                args.resume, self.model, self.optimizer, self.scheduler
+            )
+        self.ddp_model: torch.nn.Module = self.model
+        self.frozen: bool | None = None
+
+    def _read(self, split: str, restval: bool) -> CaptionedImages:
+        return read_karpathy(self.args.data, self.args.image_root, split, restval)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        if self.args.no_amp or self.device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _set_phase(self, epoch: int) -> None:
+        """Backbones stay frozen for the first ``freeze_epochs`` epochs, as in the reference."""
+        frozen = epoch < self.args.freeze_epochs
+        if frozen == self.frozen:
+            return
+        self.frozen = frozen
+        set_backbones_trainable(self.model, not frozen)
+        if self.dist.enabled:  # DDP registers the trainable set at wrap time: wrap again
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        self.log({"event": "phase", "epoch": epoch, "backbones_frozen": frozen})
+
+    def log(self, record: dict) -> None:
+        if self.dist.is_main:
+            record = {"time": round(time.time(), 3), **record}
+            with (self.out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def loader(self, epoch: int) -> DataLoader:
+        dataset = PairDataset(self.train_data, train_transform(self.config), self.args.skip_bad)
+        if self.dist.enabled:
+            sampler = DistributedSampler(dataset, seed=self.args.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            generator = torch.Generator().manual_seed(self.args.seed + epoch)
+            sampler = RandomSampler(dataset, generator=generator)
+        return DataLoader(
+            dataset,
+            batch_size=self.args.batch_size,
+            sampler=sampler,
+            num_workers=self.args.workers,
+            collate_fn=PairCollator(self.tokenizer, self.config.max_text_len),
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        losses = []
+        batches = self.loader(epoch)
+        total = len(batches)
+        if self.args.max_steps_per_epoch:
+            total = min(total, self.args.max_steps_per_epoch)
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not self.dist.is_main)
+        for n, batch in enumerate(bar):
+            if n >= total:
+                break
+            self.progress["skipped"] += batch.skipped
+            if batch.input_ids is None or len(batch.captions) < 2:
+                continue
+            autocast = (
+                torch.autocast("cuda", dtype=self.amp_dtype)
+                if self.amp_dtype
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                scores = self.ddp_model(
+                    batch.pixel_values.to(self.device, non_blocking=True),
+                    batch.input_ids.to(self.device),
+                    batch.attention_mask.to(self.device),
+                )
+            loss = hardest_negative_triplet_loss(scores.float(), self.config.margin)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.progress["step"] += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if self.progress["step"] % self.args.log_every == 0:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log(
+                    {"epoch": epoch, "step": self.progress["step"], "loss": loss.item(), "lr": lr}
+                )
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def validate(self) -> dict[str, float]:
+        results = evaluate(
+            self.model, self.tokenizer, self.val_data, batch_size=self.args.batch_size
+        )
+        return next(iter(results.values()))
+
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
+        start_epoch = self.progress["epoch"] + 1
+        summary: dict = {}
+        for epoch in range(start_epoch, self.args.epochs):
+            self._set_phase(epoch)
+            loss = self.train_epoch(epoch)
+            self.scheduler.step()
+            self.progress["epoch"] = epoch
+            summary = {"epoch": epoch, "train_loss": loss, "skipped": self.progress["skipped"]}
+            summary["replicas_in_sync"] = replicas_in_sync(self.model, self.dist)
+            if not summary["replicas_in_sync"]:
+                raise RuntimeError(f"DDP replicas diverged in epoch {epoch}")
+            if self.dist.is_main:
+                self._end_of_epoch(summary)
+            self.log(summary)
+        return summary
+
+    def _end_of_epoch(self, summary: dict) -> None:
+        if self.val_data is not None:
+            metrics = self.validate()
+            summary["val"] = metrics
+            selection = metrics["i2t_r1"] + metrics["t2i_r1"]
+            if selection > self.progress["best"]:
+                self.progress["best"] = selection
+                self.model.save_pretrained(self.out / "best", tokenizer=self.tokenizer)
+                summary["new_best"] = True
+            print(
+                f"epoch {summary['epoch']}: loss {summary['train_loss']:.4f}  "
+                f"val R@1 i2t {metrics['i2t_r1']:.2f} t2i {metrics['t2i_r1']:.2f} "
+                f"rsum {metrics['rsum']:.2f}"
+            )
+        else:
+            self.model.save_pretrained(self.out / "best", tokenizer=self.tokenizer)
+        save_training_state(
+            self.out / "last",
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.progress,
+        )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="hat train", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    add = parser.add_argument
+    add("--model", default="hat-b", help="preset name (hat-b, hat-tiny) or a config JSON path")
+    add("--data", required=True, help="Karpathy-split JSON (dataset_flickr30k.json, ...)")
+    add("--image-root", required=True, help="folder the JSON's image paths start from")
+    add("--out", required=True, help="run folder")
+    add("--train-split", default="train")
+    add("--val-split", default="val", help="'' to skip validation")
+    add("--restval", action="store_true", help="add MSCOCO's restval images to train")
+    add("--pretrained-image", help="'hub' (timm, by name) or a local weights file")
+    add("--pretrained-text", help="'hub' (HF, by name) or a local HF model folder")
+    add("--tokenizer", help="tokenizer folder or name (default: the text backbone's)")
+    add("--epochs", type=int, default=30)
+    add("--batch-size", type=int, default=58, help="per process")
+    add("--lr", type=float, default=1e-4)
+    add("--lr-step", type=int, default=10, help="StepLR step in epochs")
+    add("--lr-gamma", type=float, default=0.1)
+    add("--freeze-epochs", type=int, default=10, help="epochs with frozen backbones")
+    add("--workers", type=int, default=4)
+    add("--seed", type=int, default=0)
+    add("--device", default=default_device(), choices=["cpu", "cuda"])
+    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    add("--skip-bad", action="store_true", help="skip unreadable images and count them")
+    add("--resume", help="a run's last/ folder to continue from")
+    add("--log-every", type=int, default=20)
+    add("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    dist_info = init_distributed(args.device)
+    try:
+        return Trainer(args, dist_info).run()
+    finally:
+        cleanup(dist_info)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The vectorised alignment equals a straightforward per-pair version of the paper's formulas."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hat.alignment import align_pair, hierarchical_scores, level_scores
+
+
+def reference_pair_score(regions, words, lam, direction, slope=0.1):
+    """One pair, real words only, explicit attended vectors (as in the official code)."""
+    sims = regions @ words.T  # (K, L)
+    leaky = F.leaky_relu(sims, slope)
+    if direction == "i2t":
+        normed = leaky / (leaky.norm(dim=0, keepdim=True) + 1e-8)  # over regions
+        attn = torch.softmax(lam * normed, dim=1)  # over words
+        attended = attn @ words  # (K, D)
+        query = regions
+    else:
+        normed = leaky / (leaky.norm(dim=1, keepdim=True) + 1e-8)  # over words
+        attn = torch.softmax(lam * normed, dim=0)  # over regions
+        attended = attn.T @ regions  # (L, D)
+        query = words
+    cos = (query * attended).sum(1) / (query.norm(dim=1) * attended.norm(dim=1)).clamp(min=1e-8)
+    return cos.mean()
+
+
+def random_batch(n_img=3, n_txt=4, regions=7, max_words=6, dim=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n_img, regions, dim, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([max_words, 3, 5, 2][:n_txt])
+    texts = torch.randn(n_txt, max_words, dim, generator=g, dtype=torch.float64)
+    mask = torch.arange(max_words)[None] < lengths[:, None]
+    return images, texts, mask, lengths
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+@pytest.mark.parametrize("lam", [9.0, 4.0])
+def test_matches_per_pair_reference_with_ragged_captions(direction, lam):
+    images, texts, mask, lengths = random_batch()
+    got = level_scores(images, texts, mask, lam, direction)
+    want = torch.tensor(
+        [
+            [
+                reference_pair_score(v, t[:n], lam, direction).item()
+                for t, n in zip(texts, lengths, strict=True)
+            ]
+            for v in images
+        ],
+        dtype=torch.float64,
+    )
+    assert got.shape == (3, 4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_float32_matches_float64_reference(direction):
+    images, texts, mask, _ = random_batch(dim=16, seed=3)
+    got = level_scores(images.float(), texts.float(), mask, 9.0, direction).double()
+    want = level_scores(images, texts, mask, 9.0, direction)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_padding_never_changes_a_score(direction):
+    images, texts, mask, _ = random_batch(seed=1)
+    base = level_scores(images, texts, mask, 9.0, direction)
+    # Add 4 more padded positions holding large garbage, and scramble existing padded positions.
+    garbage = 1e3 * torch.randn(texts.shape[0], 4, texts.shape[2], dtype=texts.dtype)
+    padded = torch.cat([texts, garbage], dim=1)
+    padded[:, : texts.shape[1]][~mask] = 77.0
+    padded_mask = torch.cat([mask, torch.zeros(mask.shape[0], 4, dtype=torch.bool)], dim=1)
+    torch.testing.assert_close(
+        level_scores(images, padded, padded_mask, 9.0, direction), base, atol=1e-12, rtol=0
+    )
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_blocking_does_not_change_scores(direction):
+    images, texts, mask, _ = random_batch(n_img=3, n_txt=4, seed=2)
+    whole = level_scores(images, texts, mask, 9.0, direction, block_elements=1 << 30)
+    for block in (1, 7 * 6, 7 * 6 * 3, 7 * 6 * 5):
+        chunked = level_scores(images, texts, mask, 9.0, direction, block_elements=block)
+        torch.testing.assert_close(chunked, whole, atol=1e-12, rtol=0)
+
+
+def test_hierarchical_scores_stack_levels_and_sum_is_the_pair_score():
+    a = random_batch(seed=4)
+    b = random_batch(regions=3, seed=5)
+    mask = a[2]
+    per_level = hierarchical_scores([a[0], b[0]], [a[1], b[1]], mask)
+    assert per_level.shape == (2, 3, 4)
+    torch.testing.assert_close(per_level[0], level_scores(a[0], a[1], mask))
+    torch.testing.assert_close(per_level[1], level_scores(b[0], b[1], mask))
+    with pytest.raises(ValueError, match="levels"):
+        hierarchical_scores([a[0]], [a[1], b[1]], mask)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_align_pair_exposes_the_attention_that_made_the_score(direction):
+    images, texts, mask, lengths = random_batch(seed=6)
+    words = texts[1, : lengths[1]]
+    detail = align_pair(images[0], words, 9.0, direction)
+    assert detail.attention.shape == (images.shape[1], int(lengths[1]))
+    softmax_dim = 1 if direction == "i2t" else 0
+    torch.testing.assert_close(
+        detail.attention.sum(softmax_dim),
+        torch.ones(detail.attention.shape[1 - softmax_dim], dtype=torch.float64),
+    )
+    torch.testing.assert_close(
+        detail.score, level_scores(images, texts, mask, 9.0, direction)[0, 1]
+    )
+    torch.testing.assert_close(detail.local_scores.mean(), detail.score)
+
+
+def test_half_precision_inputs_are_scored_in_float32():
+    images, texts, mask, _ = random_batch(dim=8, seed=7)
+    got = level_scores(images.half(), texts.half(), mask)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), level_scores(images, texts, mask), atol=5e-3, rtol=0)
+
+
+def test_unknown_direction_is_rejected():
+    images, texts, mask, _ = random_batch()
+    with pytest.raises(ValueError, match="direction"):
+        level_scores(images, texts, mask, direction="both")

@@ -1,0 +1,165 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hat.data.captions import read_karpathy
+from hat.data.loader import PairCollator, PairDataset
+from hat.evaluate import evaluate
+from hat.loss import hardest_negative_triplet_loss
+from hat.train import main as train_main
+from hat.train import set_backbones_trainable, trainable_parameters
+from hat.transforms import eval_transform
+
+
+def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_model):
+    model, tokenizer = tiny_model
+    json_path, root = synthetic_dataset
+    data = read_karpathy(json_path, root, "train")
+    data.image_paths, data.captions = data.image_paths[:16], data.captions[:80]
+    data.caption_to_image = data.caption_to_image[:80]
+    collate = PairCollator(tokenizer, model.config.max_text_len)
+    dataset = PairDataset(data, eval_transform(model.config))
+    # one caption per image: a batch of 16 distinct images
+    batch = collate([dataset[i * 5 + (i % 5)] for i in range(16)])
+    before = evaluate(model, tokenizer, data)["all 16"]["rsum"]
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
+    set_backbones_trainable(model, True)
+    model.eval()  # no dropout: a deterministic optimisation problem
+    losses = []
+    for _ in range(40):
+        scores = model(batch.pixel_values, batch.input_ids, batch.attention_mask)
+        loss = hardest_negative_triplet_loss(scores, model.config.margin)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    after = evaluate(model, tokenizer, data)["all 16"]["rsum"]
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert after > before + 30
+
+
+def test_pooler_never_trains_and_freezing_keeps_projections_and_new_norms(tiny_model):
+    model, _ = tiny_model
+    set_backbones_trainable(model, False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(
+        n.startswith(("image_proj", "text_proj", "image_tower.level_norms")) for n in trainable
+    )
+    set_backbones_trainable(model, True)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if ".pooler." in n}
+    assert not any(
+        p is q
+        for p in trainable_parameters(model)
+        for q in model.text_tower.backbone.pooler.parameters()
+    )
+
+
+def _train_args(json_path, root, out, epochs, extra=()):
+    return [
+        "--model",
+        "hat-tiny",
+        "--data",
+        str(json_path),
+        "--image-root",
+        str(root),
+        "--out",
+        str(out),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--freeze-epochs",
+        "1",
+        "--lr",
+        "1e-3",
+        "--max-steps-per-epoch",
+        "3",
+        "--log-every",
+        "1",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
+    json_path, root = synthetic_dataset
+    out = tmp_path / "run"
+    summary = train_main(_train_args(json_path, root, out, 1))
+    assert summary["epoch"] == 0 and summary["replicas_in_sync"]
+    assert {p.name for p in out.iterdir()} >= {"best", "last", "metrics.jsonl", "args.json"}
+    # resume continues at epoch 1 with the frozen phase over
+    summary = train_main(_train_args(json_path, root, out, 2, ["--resume", str(out / "last")]))
+    assert summary["epoch"] == 1
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = [r["backbones_frozen"] for r in records if r.get("event") == "phase"]
+    assert phases == [True, False]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, 7))
+    assert all("val" in r for r in records if "train_loss" in r)
+    report = tmp_path / "report.json"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hat.cli",
+            "eval",
+            "--checkpoint",
+            str(out / "best"),
+            "--data",
+            str(json_path),
+            "--image-root",
+            str(root),
+            "--split",
+            "test",
+            "--folds",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(report),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    results = json.loads(report.read_text())["results"]
+    assert set(results) == {
+        "all 16",
+        "2-fold 8",
+        *(f"level {i} (image {i + 1} ↔ text {i + 1})" for i in range(3)),
+    }
+    assert 0 <= results["all 16"]["rsum"] <= 600
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_keep_replicas_identical(synthetic_dataset, tmp_path):
+    json_path, root = synthetic_dataset
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        "-m",
+        "hat.train",
+        *_train_args(json_path, root, out, 2, ["--val-split", ""]),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if "train_loss" in r]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    assert all(r["replicas_in_sync"] for r in epochs)
