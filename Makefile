@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: app test lint install install-dev
+.PHONY: app test lint install install-dev chromium
 
 # Re-install only when a requirements file or pyproject.toml changes.
 .cache/installed: requirements.txt pyproject.toml
@@ -20,7 +20,11 @@ install-dev: .cache/installed-dev
 app: .cache/installed
 	$(PYTHON) app.py
 
-test: .cache/installed-dev
+# The app's browser test drives Debian's chromium through Playwright (never a downloaded browser).
+chromium:
+	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: .cache/installed-dev chromium
 	$(PYTHON) -m pytest
 
 lint: .cache/installed-dev

@@ -10,20 +10,34 @@ For one level with regions v_k (k = 1..K) and words t_l (real tokens only):
         s̄_kl = LeakyReLU(s_kl) / ‖LeakyReLU(s_k·)‖₂        (norm over real words)
         α_kl = softmax_k(λ s̄_kl);  a_l = Σ_k α_kl v_k;  S = mean_l cos(t_l, a_l)
 
-The pair score is the sum of the level scores. All pairs of a block come from one matrix product;
-for image → text the attended vector is never materialised: v_k · a_k = Σ_l α_kl s_kl and
-‖a_k‖² = α_k G α_kᵀ with G the caption's word Gram matrix, which costs L² instead of D per region.
+The pair score is the sum of the level scores. How it is computed fast:
+
+* All pairs of a block come from one matrix product laid out ``(T, L, I, K)`` (captions, words,
+  images, regions), so every later reduction runs over contiguous memory and no permute is needed.
+* The softmax is never normalised: a cosine ignores the scale of a_k, so with e = exp(λ s̄) the
+  partition function cancels. |λ s̄| ≤ λ, so exp cannot overflow and needs no max-subtraction;
+  padded words get e = 0, exactly what a -inf logit gives.
+* For image → text a_k is never materialised: v_k · a_k ∝ Σ_l e_kl s_kl and ‖a_k‖² ∝ e_k G e_kᵀ
+  with G the caption's word Gram matrix, one small batched GEMM instead of K·D work per pair.
+* Captions are sorted by length and each block is cut to its longest caption, so padding costs
+  (almost) nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 EPS = 1e-8
-DEFAULT_BLOCK_ELEMENTS = 1 << 24  # size of one (images, captions, regions, words) score block
+# Size of one (captions, words, images, regions) score block: a few such tensors stay in the
+# last-level cache of a CPU, and it is large enough for an efficient GEMM.
+DEFAULT_BLOCK_ELEMENTS = 1 << 21
+# Captions per block: few enough that cutting a block to its longest caption removes most padding,
+# and blocks then grow along the images, which keeps the GEMM wide.
+CAPTION_BLOCK = 16
 
 
 @dataclass
@@ -45,6 +59,38 @@ def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _ops(inplace: bool) -> tuple[Callable, Callable]:
+    """mul and exp, in place when nothing needs a gradient (~15 % faster on a CPU)."""
+    if inplace:
+        return torch.Tensor.mul_, torch.Tensor.exp_
+    return torch.mul, torch.exp
+
+
+def _exp_logits(
+    sims: torch.Tensor,
+    word_mask: torch.Tensor,
+    lambda_softmax: float,
+    direction: str,
+    slope: float,
+    inplace: bool,
+) -> torch.Tensor:
+    """Unnormalised attention e = exp(λ s̄) of ``(T, L, I, K)`` similarities; 0 on padded words."""
+    mul, exp = _ops(inplace)
+    leaky = F.leaky_relu(sims, slope)
+    real = word_mask.to(sims.dtype)[:, :, None, None]  # (T, L, 1, 1)
+    padded = not bool(word_mask.all())
+    if direction == "i2t":
+        norm = torch.linalg.vector_norm(leaky, dim=3, keepdim=True)  # over regions
+        attn = exp(mul(leaky, lambda_softmax / (norm + EPS)))
+        return mul(attn, real) if padded else attn
+    if direction == "t2i":
+        if padded:
+            leaky = mul(leaky, real)
+        norm = torch.linalg.vector_norm(leaky, dim=1, keepdim=True)  # over real words
+        return exp(mul(leaky, lambda_softmax / (norm + EPS)))
+    raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+
+
 def _block_scores(
     regions: torch.Tensor,
     words: torch.Tensor,
@@ -53,35 +99,41 @@ def _block_scores(
     direction: str,
     slope: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scores ``(I, T)``, attention ``(I, T, K, L)`` and local cosines for a block of pairs."""
+    """Scores ``(I, T)``, unnormalised attention ``(T, L, I, K)`` and local cosines of a block.
+
+    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
+    """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = words.shape
-    mask = word_mask.bool()[None, :, None, :]  # (1, T, 1, L)
-    sims = (regions.reshape(-1, dim) @ words.reshape(-1, dim).T).view(n_img, n_reg, n_txt, n_words)
-    sims = sims.permute(0, 2, 1, 3)  # (I, T, K, L)
-    leaky = F.leaky_relu(sims, slope)
+    inplace = not (torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad))
+    mul, _ = _ops(inplace)
+    sims = (words.reshape(-1, dim) @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
+    attn = _exp_logits(sims, word_mask, lambda_softmax, direction, slope, inplace)
     if direction == "i2t":
-        normed = leaky / (leaky.norm(dim=2, keepdim=True) + EPS)
-        attn = torch.softmax((lambda_softmax * normed).masked_fill(~mask, float("-inf")), dim=3)
-        dots = (attn * sims).sum(dim=3)  # v_k · a_k, (I, T, K)
         gram = words @ words.transpose(1, 2)  # (T, L, L)
-        attended_sq = (torch.einsum("itkl,tlm->itkm", attn, gram) * attn).sum(dim=3)
-        attended_norm = attended_sq.clamp(min=0).sqrt()
-        query_norm = regions.norm(dim=2)[:, None, :]  # (I, 1, K)
-        local = dots / (query_norm * attended_norm).clamp(min=EPS)
-        return local.mean(dim=2), attn, local
-    if direction == "t2i":
-        leaky = leaky.masked_fill(~mask, 0.0)
-        normed = leaky / (leaky.norm(dim=3, keepdim=True) + EPS)
-        attn = torch.softmax(lambda_softmax * normed, dim=2)
-        dots = (attn * sims).sum(dim=2)  # t_l · a_l, (I, T, L)
-        attended = torch.einsum("itkl,ikd->itld", attn, regions)
-        query_norm = words.norm(dim=2)[None, :, :]  # (1, T, L)
-        local = dots / (query_norm * attended.norm(dim=3)).clamp(min=EPS)
-        real = word_mask.to(local.dtype)[None]
-        local = local * real
-        return local.sum(dim=2) / real.sum(dim=2).clamp(min=1), attn, local
-    raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+        weighted = torch.bmm(gram, attn.view(n_txt, n_words, -1)).view_as(attn)
+        attended_sq = mul(weighted, attn).sum(dim=1)  # ‖a_k‖², (T, I, K)
+        dots = mul(sims, attn).sum(dim=1)  # v_k · a_k
+        query_norm = torch.linalg.vector_norm(regions, dim=2)  # (I, K)
+        local = dots / (query_norm * attended_sq.clamp(min=0).sqrt()).clamp(min=EPS)
+        return local.mean(dim=2).T, attn, local
+    # t2i: words attend to regions; a_l is materialised per image (one batched GEMM).
+    dots = mul(sims, attn).sum(dim=3)  # t_l · a_l, (T, L, I)
+    per_image = attn.permute(2, 0, 1, 3).reshape(n_img, n_txt * n_words, n_reg)
+    attended = torch.bmm(per_image, regions).view(n_img, n_txt, n_words, dim)
+    attended_norm = torch.linalg.vector_norm(attended, dim=3).permute(1, 2, 0)  # (T, L, I)
+    query_norm = torch.linalg.vector_norm(words, dim=2)[:, :, None]  # (T, L, 1)
+    real = word_mask.to(dots.dtype)[:, :, None]
+    local = dots / (query_norm * attended_norm).clamp(min=EPS) * real
+    return (local.sum(dim=1) / real.sum(dim=1).clamp(min=1)).T, attn, local
+
+
+def _by_length(word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption order, longest first, and each caption's used width (last real word + 1)."""
+    positions = torch.arange(1, word_mask.shape[1] + 1, device=word_mask.device)
+    width = (word_mask.bool() * positions).amax(dim=1).clamp(min=1)
+    order = torch.argsort(width, descending=True, stable=True)
+    return order, width[order]
 
 
 def level_scores(
@@ -98,27 +150,29 @@ def level_scores(
     Pairs are processed in blocks of at most ``block_elements`` region–word similarities so that
     memory stays bounded for any gallery size.
     """
+    if direction not in ("i2t", "t2i"):
+        raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
     regions, words = _as_compute_dtype(regions), _as_compute_dtype(words)
     n_img, n_reg, _ = regions.shape
-    n_txt, n_words, _ = words.shape
-    per_pair = max(n_reg * n_words, 1)
-    txt_step = max(1, min(n_txt, block_elements // per_pair))
-    img_step = max(1, block_elements // (per_pair * txt_step))
-    rows = []
-    for i in range(0, n_img, img_step):
-        cols = [
-            _block_scores(
-                regions[i : i + img_step],
-                words[t : t + txt_step],
-                word_mask[t : t + txt_step],
-                lambda_softmax,
-                direction,
-                slope,
+    n_txt = words.shape[0]
+    order, widths = _by_length(word_mask)
+    words, word_mask = words[order], word_mask[order]
+    out = regions.new_empty(n_img, n_txt)
+    t = 0
+    while t < n_txt:
+        width = int(widths[t])
+        per_caption = n_reg * width
+        txt_step = max(1, min(n_txt - t, CAPTION_BLOCK, block_elements // per_caption))
+        img_step = max(1, block_elements // (per_caption * txt_step))
+        cols = order[t : t + txt_step]
+        block_words = words[t : t + txt_step, :width]
+        block_mask = word_mask[t : t + txt_step, :width]
+        for i in range(0, n_img, img_step):
+            out[i : i + img_step, cols] = _block_scores(
+                regions[i : i + img_step], block_words, block_mask, lambda_softmax, direction, slope
             )[0]
-            for t in range(0, n_txt, txt_step)
-        ]
-        rows.append(torch.cat(cols, dim=1))
-    return torch.cat(rows, dim=0)
+        t += txt_step
+    return out
 
 
 def hierarchical_scores(
@@ -154,4 +208,7 @@ def align_pair(
     score, attn, local = _block_scores(
         regions[None], words[None], mask, lambda_softmax, direction, slope
     )
-    return PairAlignment(score=score[0, 0], attention=attn[0, 0], local_scores=local[0, 0])
+    attn = attn[:, :, 0].squeeze(0).T  # (K, L)
+    attn = attn / attn.sum(dim=1 if direction == "i2t" else 0, keepdim=True)
+    local = local[0, :, 0] if direction == "t2i" else local[0, 0]
+    return PairAlignment(score=score[0, 0], attention=attn, local_scores=local)

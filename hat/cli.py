@@ -10,6 +10,10 @@ COMMANDS = {
     "train": ("hat.train", "train a model (torchrun-ready)"),
     "eval": ("hat.evaluate", "R@1/5/10, RSUM and ranks of a checkpoint on a Karpathy split"),
     "data": ("hat.data.cli", "build datasets: synthetic shapes, Tux Paint Scenes"),
+    "index": ("hat.index_cli", "build a search gallery: cached features + faiss index"),
+    "search": ("hat.search", "text -> image / image -> text search in a built gallery"),
+    "convert": ("hat.convert", "official LuminosityX/HAT .ckpt -> a hat-b checkpoint folder"),
+    "build-demo": ("hat.demo_recipe", "rebuild the offline demo checkpoint and its reports (CPU)"),
 }
 
 

@@ -43,6 +43,9 @@ class HATConfig:
     margin: float = 0.2
     direction: str = "i2t"
     leaky_relu_slope: float = 0.1
+    # "hat": SCAN-style cross-attention per level; "pooled": cosine of mean-pooled features per
+    # level, the no-cross-attention baseline.
+    scoring: str = "hat"
 
     name: str = "hat-b"
     notes: str = ""
@@ -56,6 +59,8 @@ class HATConfig:
             raise ValueError("at least one level is required")
         if self.direction not in ("i2t", "t2i"):
             raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
+        if self.scoring not in ("hat", "pooled"):
+            raise ValueError(f"scoring must be 'hat' or 'pooled', got {self.scoring!r}")
         if self.max_text_len < 3:
             raise ValueError("max_text_len must leave room for [CLS], [SEP] and one word")
 

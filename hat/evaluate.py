@@ -11,13 +11,14 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.encode import encode_captions, encode_images, score_matrix
 from hat.factory import load_model
 from hat.metrics import fold_metrics, format_table, retrieval_metrics
-from hat.model import HATModel
+from hat.model import HATModel, ImageFeatures, TextFeatures
 
 
 def default_device() -> str:
@@ -38,14 +39,27 @@ def evaluate(
         model, data.image_paths, batch_size, num_workers, skip_bad=False, progress=progress
     )
     texts = encode_captions(model, tokenizer, data.captions, progress=progress)
+    return evaluate_features(model, images, texts, data.caption_to_image, folds, progress)
+
+
+def evaluate_features(
+    model: HATModel,
+    images: ImageFeatures,
+    texts: TextFeatures,
+    caption_to_image: np.ndarray,
+    folds: int = 1,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """:func:`evaluate` on already encoded features (whole split first, then folds, then levels)."""
     per_level = score_matrix(model, images, texts, progress=progress).numpy()
     sims = per_level.sum(axis=0)
-    n = data.num_images
-    results = {f"all {n}": retrieval_metrics(sims, data.caption_to_image)}
+    n = images.levels[0].shape[0]
+    results = {f"all {n}": retrieval_metrics(sims, caption_to_image)}
     if folds > 1:
-        results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, data.caption_to_image, folds)
-    for i, name in enumerate(model.config.level_names):
-        results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], data.caption_to_image)
+        results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
+    if len(per_level) > 1:
+        for i, name in enumerate(model.config.level_names):
+            results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
     return results
 
 

@@ -47,16 +47,26 @@ class ImageTower(nn.Module):
         )
         self.channels = channels
 
-    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-        """Return per-level region features, each ``(B, H_i * W_i, C_i)`` in row-major order."""
+    def backbone_levels(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Raw backbone outputs of the levels, ``(B, H_i * W_i, C_i)``, before any level norm.
+
+        Separate from :meth:`normalize` so that frozen-backbone training can cache them.
+        """
         maps = self.backbone.forward_intermediates(
             pixel_values, indices=self.levels, stop_early=True, intermediates_only=True
         )
-        levels = []
-        for index, fmap, norm in zip(self.levels, maps, self.level_norms, strict=True):
-            tokens = fmap.flatten(2).transpose(1, 2)
-            levels.append(self.backbone.norm(tokens) if index == self.final_index else norm(tokens))
-        return levels
+        return [fmap.flatten(2).transpose(1, 2) for fmap in maps]
+
+    def normalize(self, levels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each level's norm: the backbone's final norm for the final stage, else a new one."""
+        return [
+            self.backbone.norm(x) if index == self.final_index else norm(x)
+            for index, x, norm in zip(self.levels, levels, self.level_norms, strict=True)
+        ]
+
+    def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """Per-level region features, each ``(B, H_i * W_i, C_i)`` in row-major order."""
+        return self.normalize(self.backbone_levels(pixel_values))
 
     def grid_sizes(self, image_size: int) -> list[tuple[int, int]]:
         """Spatial grid (H, W) of every level for a square input, used to draw heatmaps."""

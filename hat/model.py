@@ -14,6 +14,7 @@ from hat.alignment import hierarchical_scores
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
 from hat.image_tower import ImageTower
+from hat.pooling import pooled_level_scores
 from hat.text_tower import TextTower
 
 CONFIG_NAME = "config.json"
@@ -98,18 +99,27 @@ class HATModel(nn.Module):
         return next(self.parameters()).device
 
     def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        levels = self.image_tower(pixel_values)
-        return ImageFeatures([proj(x) for proj, x in zip(self.image_proj, levels, strict=True)])
+        return self.image_head(self.image_tower.backbone_levels(pixel_values))
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
-        levels = self.text_tower(input_ids, attention_mask)
-        projected = [proj(x) for proj, x in zip(self.text_proj, levels, strict=True)]
-        return TextFeatures(projected, attention_mask.bool())
+        return self.text_head(self.text_tower(input_ids, attention_mask), attention_mask)
+
+    def image_head(self, backbone_levels: list[torch.Tensor]) -> ImageFeatures:
+        """Level norms and projections on raw backbone outputs (cacheable while frozen)."""
+        levels = self.image_tower.normalize(backbone_levels)
+        return ImageFeatures([proj(x) for proj, x in zip(self.image_proj, levels, strict=True)])
+
+    def text_head(self, backbone_levels: list[torch.Tensor], mask: torch.Tensor) -> TextFeatures:
+        """Projections on the text backbone's hidden states (cacheable while frozen)."""
+        projected = [proj(x) for proj, x in zip(self.text_proj, backbone_levels, strict=True)]
+        return TextFeatures(projected, mask.bool())
 
     def level_scores(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
         """Per-level alignment scores ``(num_levels, num_images, num_texts)``."""
         cfg = self.config
         with torch.autocast(device_type=images.levels[0].device.type, enabled=False):
+            if cfg.scoring == "pooled":
+                return pooled_level_scores(images.levels, texts.levels, texts.mask)
             return hierarchical_scores(
                 images.levels,
                 texts.levels,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from hat.config import HATConfig
+from hat.hub import require_hub
 
 
 def text_backbone_config(config: HATConfig) -> PretrainedConfig:
@@ -14,6 +17,8 @@ def text_backbone_config(config: HATConfig) -> PretrainedConfig:
     if config.text_backbone_config is not None:
         options = dict(config.text_backbone_config)
         return AutoConfig.for_model(options.pop("model_type"), **options)
+    if not Path(config.text_backbone).is_dir():
+        require_hub(f"the architecture of {config.text_backbone!r}", "--pretrained-text")
     return AutoConfig.from_pretrained(config.text_backbone)
 
 

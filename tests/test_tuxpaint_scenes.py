@@ -200,8 +200,11 @@ def test_demo_gallery(built: Path, tmp_path: Path) -> None:
     assert all(
         (tmp_path / "gallery/images" / img["filename"]).is_file() for img in gallery["images"]
     )
-    captions = (tmp_path / "gallery/captions.txt").read_text(encoding="utf-8").splitlines()
-    assert len(captions) == 20 and captions[0].startswith("test/000000.jpg\t")
+    from hat.data.captions import read_folder
+
+    folder = read_folder(tmp_path / "gallery/images", tmp_path / "gallery/captions.json")
+    assert folder.num_images == 4 and len(folder.captions) == 20
+    assert folder.captions_of(0) == [s["raw"] for s in gallery["images"][0]["sentences"]]
     with pytest.raises(ValueError, match="MB"):
         tps.build_demo_gallery(built / tps.SCENES_JSON, tmp_path / "big", max_mb=1e-6)
 

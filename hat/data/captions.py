@@ -33,6 +33,15 @@ class CaptionedImages:
     def num_images(self) -> int:
         return len(self.image_paths)
 
+    def first(self, num_images: int) -> CaptionedImages:
+        """The first ``num_images`` images with their captions (an evaluation subset)."""
+        keep = self.caption_to_image < num_images
+        return CaptionedImages(
+            self.image_paths[:num_images],
+            [c for c, k in zip(self.captions, keep, strict=True) if k],
+            self.caption_to_image[keep],
+        )
+
     def captions_of(self, image_index: int) -> list[str]:
         return [self.captions[j] for j in np.flatnonzero(self.caption_to_image == image_index)]
 

@@ -806,12 +806,12 @@ def build_stamp_set(
 def build_demo_gallery(
     dataset_json: Path,
     out_dir: Path,
-    n_images: int = 200,
+    n_images: int = 300,
     split: str = "test",
     max_mb: float = 40.0,
 ) -> Path:
-    """Copy the first ``n_images`` of a split, a Karpathy JSON and ``captions.txt``
-    (filename<TAB>caption) into ``out_dir``; fail if it would exceed ``max_mb``."""
+    """Copy the first ``n_images`` of a split, a Karpathy JSON and ``captions.json``
+    (image path below ``images/`` -> its captions) into ``out_dir``; fail above ``max_mb``."""
     dataset_json = Path(dataset_json)
     out_dir = Path(out_dir)
     dataset = json.loads(dataset_json.read_text(encoding="utf-8"))
@@ -820,7 +820,7 @@ def build_demo_gallery(
     total = sum((src_root / img["filepath"] / img["filename"]).stat().st_size for img in picked)
     if total > max_mb * 1e6:
         raise ValueError(f"gallery would take {total / 1e6:.1f} MB > {max_mb} MB")
-    images, lines, sentid = [], [], 0
+    images, captions, sentid = [], {}, 0
     for imgid, img in enumerate(picked):
         src = src_root / img["filepath"] / img["filename"]
         dst = out_dir / "images" / img["filepath"] / img["filename"]
@@ -829,7 +829,8 @@ def build_demo_gallery(
         sentences = []
         for sentence in img["sentences"]:
             sentences.append({**sentence, "imgid": imgid, "sentid": sentid})
-            lines.append(f"{img['filename']}\t{sentence['raw']}")
+            key = (Path(img["filepath"]) / img["filename"]).as_posix()
+            captions.setdefault(key, []).append(sentence["raw"])
             sentid += 1
         images.append(
             {
@@ -842,7 +843,7 @@ def build_demo_gallery(
     license_src = dataset_json.parent / LICENSE_FILE
     if license_src.is_file():
         shutil.copyfile(license_src, out_dir / LICENSE_FILE)
-    (out_dir / "captions.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (out_dir / "captions.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")
     gallery = {**dataset, "dataset": f"{dataset['dataset']}_gallery", "images": images}
     path = out_dir / GALLERY_JSON
     _write_json(gallery, path)

@@ -1,0 +1,138 @@
+"""Benchmark 3: gallery encoding throughput vs the image backbone's forward alone, stored bytes
+per image at each precision, and the cost of fingerprinting a collection (stat vs sha256).
+
+The forward-alone figure runs the image tower on images already decoded and preprocessed in
+memory; the build figure is the whole ``build_gallery`` (decode, preprocess, encode, quantise,
+write, pool, faiss index, hashes, manifest) into a fresh cache. The two alternate in one run.
+
+    nice -n 10 python benchmarks/gallery_encoding.py [--images 64] [--checkpoint DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import demo_architecture_model, interleaved, timed, write_report
+from PIL import Image
+
+from hat.data.images import list_images, load_image
+from hat.gallery import PRECISIONS, BuildSettings, build_gallery, folder_collection
+from hat.transforms import eval_transform
+
+
+def write_images(folder: Path, count: int, size: tuple[int, int] = (480, 360)) -> None:
+    """Photo-sized JPEGs: smooth noise with a few coloured boxes (decoding cost like a photo)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize(size, Image.BILINEAR)
+        pixels = np.asarray(image).copy()
+        for _ in range(3):
+            x, y = rng.integers(0, size[0] - 80), rng.integers(0, size[1] - 80)
+            pixels[y : y + 80, x : x + 80] = rng.integers(0, 255, 3)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def fingerprint_cost(folder: Path, repeats: int = 5) -> dict:
+    """Per-file cost of stat (what the cache key uses) and of hashing the bytes (page cache warm,
+    so the hash figure is a lower bound: a cold 100k-image collection is read from disk too).
+    """
+    paths = list_images(folder)
+    total = sum(p.stat().st_size for p in paths)
+    stat_s = min(timed(lambda: [p.stat() for p in paths]) for _ in range(repeats))
+    hash_s = min(
+        timed(lambda: [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths])
+        for _ in range(repeats)
+    )
+    return {
+        "files": len(paths),
+        "mean_file_kb": round(total / len(paths) / 1024, 1),
+        "stat_us_per_file": round(1e6 * stat_s / len(paths), 1),
+        "sha256_us_per_file": round(1e6 * hash_s / len(paths), 1),
+        "sha256_mb_per_s": round(total / hash_s / 1e6),
+        "stat_100k_s": round(1e5 * stat_s / len(paths), 2),
+        "sha256_100k_s": round(1e5 * hash_s / len(paths), 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--checkpoint", help="demo checkpoint (default: its architecture, random)")
+    parser.add_argument("--fingerprint-dir", help="also fingerprint this image folder")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="hat-encoding-"))
+    model, tokenizer = demo_architecture_model(args.checkpoint)
+    checkpoint = Path(args.checkpoint or model.save_pretrained(work / "checkpoint", tokenizer))
+    write_images(work / "images", args.images)
+    collection = folder_collection(work / "images")
+    transform = eval_transform(model.config)
+    pixels = torch.stack(
+        [transform(load_image(work / "images" / e.path)) for e in collection.entries]
+    )
+
+    @torch.inference_mode()
+    def forward_alone() -> None:
+        for start in range(0, len(pixels), args.batch_size):
+            model.image_tower(pixels[start : start + args.batch_size])
+
+    caches = (work / f"cache-{i}" for i in range(10**6))
+
+    def build(precision: str = "int8", cache: Path | None = None):
+        settings = BuildSettings(precision)
+        return build_gallery(
+            checkpoint,
+            collection,
+            cache or next(caches),
+            settings,
+            model=model,
+            tokenizer=tokenizer,
+            batch_size=args.batch_size,
+        )
+
+    times = interleaved({"forward_alone": forward_alone, "build": build}, args.repeats)
+    best = {name: args.images / min(t) for name, t in times.items()}
+    report = {
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "forward_alone_images_per_s": round(best["forward_alone"], 2),
+        "build_images_per_s": round(best["build"], 2),
+        "build_over_forward": round(best["build"] / best["forward_alone"], 3),
+        "build_over_forward_median_of_rounds": round(
+            float(np.median(np.divide(times["forward_alone"], times["build"]))), 3
+        ),
+    }
+    print(
+        f"forward alone {report['forward_alone_images_per_s']} img/s, whole build "
+        f"{report['build_images_per_s']} img/s: {100 * report['build_over_forward']:.0f}% "
+        f"(median of rounds {100 * report['build_over_forward_median_of_rounds']:.0f}%)"
+    )
+    galleries = {precision: build(precision) for precision in PRECISIONS}
+    report["bytes_per_image"] = {p: round(g.bytes_per_image()) for p, g in galleries.items()}
+    print(f"bytes per image: {report['bytes_per_image']}")
+    reopen = build("int8", galleries["int8"].directory.parent).report  # unchanged: a cache hit
+    assert reopen.cache_hit
+    report["reopen_s"] = round(reopen.seconds, 3)
+    print(f"reopening the unchanged gallery: {reopen.seconds * 1000:.0f} ms")
+    report["fingerprint"] = fingerprint_cost(Path(args.fingerprint_dir or work / "images"))
+    print(f"fingerprint: {report['fingerprint']}")
+    shutil.rmtree(work)
+    write_report("gallery_encoding", report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,381 @@
+"""What the demo does, without the UI: search both ways, alignment maps, per-person galleries.
+
+One :class:`DemoEngine` holds the model and the built-in gallery (built through the retrieval
+engine's cache at start-up, so a warm restart only reopens it). Results come back as plain rows
+and pictures that ``app.py`` puts into components; every refusal is an :class:`InputError` whose
+message says what to change.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from hat.data.images import ImageLoadError, load_image
+from hat.demo import InputError
+from hat.demo.captions import clean_caption
+from hat.demo.heatmap import render_grid
+from hat.demo.uploads import collect_uploads, write_captions
+from hat.factory import load_model
+from hat.gallery import (
+    Collection,
+    Gallery,
+    build_gallery,
+    default_device,
+    folder_collection,
+)
+from hat.heatmaps import LevelMaps, alignment_maps
+from hat.model import ImageFeatures
+from hat.search import Hit, Searcher, SearchResult
+from hat.tokenization import tokenize
+
+BUILTIN = "built-in"
+MINE = "mine"
+MAX_K = 50
+SHOW_SKIPPED = 20
+
+
+def gallery_collection(directory: str | Path) -> Collection:
+    """A gallery folder: images in ``images/`` (or the folder itself) and, optionally,
+    ``captions.json`` or ``captions.csv`` keyed by path below the image folder."""
+    directory = Path(directory)
+    images = directory / "images" if (directory / "images").is_dir() else directory
+    captions = next(
+        (p for p in (directory / "captions.json", directory / "captions.csv") if p.is_file()), None
+    )
+    return folder_collection(images, captions)
+
+
+@dataclass
+class SessionGallery:
+    """A person's uploaded gallery: its private folder (images, captions, cache) and the gallery."""
+
+    directory: Path
+    gallery: Gallery
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass
+class Results:
+    """A search answer: table rows, the hits behind them and a one-line summary."""
+
+    headers: list[str]
+    rows: list[list[Any]]
+    hits: list[Hit]
+    status: str
+    pictures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+@dataclass
+class Maps:
+    """Alignment maps of one pair: the grid picture, a markdown legend and the numbers."""
+
+    picture: Image.Image
+    legend: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _clamp_k(k: object) -> int:
+    try:
+        return max(1, min(int(k), MAX_K))
+    except (TypeError, ValueError):
+        raise InputError(f"top-k must be a whole number from 1 to {MAX_K}.") from None
+
+
+def _timings(result: SearchResult) -> str:
+    parts = ", ".join(f"{name} {s * 1000:.0f}" for name, s in result.seconds.items())
+    return f"{sum(result.seconds.values()) * 1000:.0f} ms ({parts})"
+
+
+def payload_path(source: object) -> str | None:
+    """The file path of an image input: a path, or Gradio's unprocessed file payload."""
+    if isinstance(source, dict):
+        source = source.get("path")
+    return str(source) if source else None
+
+
+def query_image(source: object) -> Image.Image:
+    """An uploaded query image as RGB, or a refusal that says why it cannot be used."""
+    path = payload_path(source)
+    if path is None:
+        raise InputError("Upload an image first (or pick one of the examples).")
+    name = Path(path).name
+    try:
+        if Path(path).stat().st_size == 0:
+            raise InputError(f"{name} is empty (0 bytes).")
+        return load_image(path)
+    except ImageLoadError as exc:
+        reason = exc.reason.replace(path, name)  # no server paths in messages
+        raise InputError(f"{name} cannot be used as an image: {reason}.") from None
+    except OSError:
+        raise InputError(f"{name} could not be read.") from None
+
+
+class DemoEngine:
+    """The model, the built-in gallery and the operations the demo offers."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        gallery_dir: str | Path,
+        cache_dir: str | Path | None = None,
+        temp_dir: str | Path | None = None,
+        device: str | None = None,
+        progress: bool = True,
+    ):
+        start = time.perf_counter()
+        self.checkpoint = Path(checkpoint)
+        self.device = device or default_device()
+        self.model, self.tokenizer = load_model(self.checkpoint, self.device)
+        self.model.eval()
+        loaded = time.perf_counter()
+        self.gallery = build_gallery(
+            self.checkpoint,
+            gallery_collection(gallery_dir),
+            cache_dir,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            progress=progress,
+        )
+        # faiss indexes load lazily: load them now so that the first query is as fast as any.
+        _ = self.gallery.image_index, self.gallery.text_index
+        self.searcher = Searcher(self.gallery, self.model, self.tokenizer)
+        if temp_dir is not None:
+            Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="hat-demo-", dir=temp_dir))
+        self.startup = {
+            "model_seconds": loaded - start,
+            "gallery_seconds": time.perf_counter() - loaded,
+            "cache_hit": self.gallery.report.cache_hit,
+        }
+
+    # ---------------------------------------------------------------- descriptions
+    def level_layers(self) -> list[tuple[str, str]]:
+        """(image module, text layer) of every level, e.g. ``("blocks.4", "layer 2")``."""
+        cfg = self.model.config
+        info = self.model.image_tower.backbone.feature_info
+        return [
+            (info[i]["module"], f"layer {t}" if t else "embeddings")
+            for i, t in zip(cfg.image_levels, cfg.text_levels, strict=True)
+        ]
+
+    def image_headers(self) -> list[str]:
+        """Columns of the text → image table."""
+        return ["rank", "image", "score", *self._level_headers()]
+
+    def caption_headers(self) -> list[str]:
+        """Columns of the image → text table."""
+        return ["rank", "caption", "image", "score", *self._level_headers()]
+
+    def _level_headers(self) -> list[str]:
+        return [f"level {n + 1}" for n in range(self.model.config.num_levels)]
+
+    def legend(self) -> str:
+        """Markdown naming the backbone layer of every level (the rows of the maps and scores)."""
+        cfg = self.model.config
+        return "\n".join(
+            f"- **level {n + 1}**: image `{cfg.image_backbone}` {image} ↔ "
+            f"text `{cfg.text_backbone}` {text}"
+            for n, (image, text) in enumerate(self.level_layers())
+        )
+
+    @property
+    def gallery_root(self) -> Path:
+        """The built-in gallery's image folder (the app may serve files from it)."""
+        return Path(self.gallery.manifest["root"])
+
+    def describe(self) -> dict[str, Any]:
+        """Model, device, levels, gallery size and start-up timings (the ``/info`` endpoint)."""
+        cfg = self.model.config
+        return {
+            "model": cfg.name,
+            "checkpoint": str(self.checkpoint),
+            "device": str(self.device),
+            "image_backbone": cfg.image_backbone,
+            "text_backbone": cfg.text_backbone,
+            "levels": [
+                {"name": name, "image_layer": image, "text_layer": text}
+                for name, (image, text) in zip(cfg.level_names, self.level_layers(), strict=True)
+            ],
+            "gallery_images": self.gallery.num_images,
+            "gallery_captions": self.gallery.num_captions,
+            "startup": self.startup,
+        }
+
+    # ---------------------------------------------------------------- galleries
+    def _searcher(self, gallery: Gallery) -> Searcher:
+        if gallery is self.gallery:
+            return self.searcher
+        return Searcher(gallery, self.model, self.tokenizer)
+
+    def pick(self, choice: object, mine: SessionGallery | None) -> Gallery:
+        """The gallery a request names: ``built-in`` or ``mine`` (the person's upload)."""
+        if choice == BUILTIN:
+            return self.gallery
+        if choice == MINE:
+            if mine is None:
+                raise InputError("You have no gallery yet: build one in the 'Your gallery' tab.")
+            return mine.gallery
+        raise InputError(f"Choose the gallery '{BUILTIN}' or '{MINE}'.")
+
+    def build_session_gallery(
+        self,
+        files: Sequence[str | Path] | None,
+        captions_file: str | Path | None,
+        previous: SessionGallery | None = None,
+    ) -> tuple[SessionGallery, str]:
+        """A new gallery of uploaded images (and captions) replacing ``previous``; a summary."""
+        directory = Path(tempfile.mkdtemp(prefix="session-", dir=self.temp_dir))
+        try:
+            report = collect_uploads(files or [], directory / "images")
+            captions = None
+            if captions_file:
+                captions = directory / "captions.json"
+                write_captions(captions_file, report.images, captions)
+            gallery = build_gallery(
+                self.checkpoint,
+                folder_collection(directory / "images", captions),
+                directory / "cache",
+                model=self.model,
+                tokenizer=self.tokenizer,
+                progress=True,
+            )
+            folder = f"{directory / 'images'}/"  # reasons name files by their upload path
+            skipped = [(s["path"], s["reason"].replace(folder, "")) for s in gallery.skipped]
+            if gallery.num_images == 0:
+                reasons = "; ".join(f"{name}: {why}" for name, why in skipped[:3])
+                raise InputError(f"None of the uploaded images could be read ({reasons}).")
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        if previous is not None:
+            previous.remove()
+        skipped += report.ignored
+        return SessionGallery(directory, gallery), self._build_summary(gallery, skipped)
+
+    @staticmethod
+    def _build_summary(gallery: Gallery, skipped: list[tuple[str, str]]) -> str:
+        lines = [
+            f"Your gallery: {gallery.num_images} images, {gallery.num_captions} captions, "
+            f"built in {gallery.report.seconds:.1f} s. {len(skipped)} file(s) left out."
+        ]
+        lines += [f"  {name}: {why}" for name, why in skipped[:SHOW_SKIPPED]]
+        if len(skipped) > SHOW_SKIPPED:
+            lines.append(f"  … and {len(skipped) - SHOW_SKIPPED} more")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- captions
+    def read_caption(self, caption: object) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+        """The cleaned caption, its token batch and its word pieces (what the model reads)."""
+        caption = clean_caption(caption)
+        batch = tokenize(self.tokenizer, [caption], self.model.config.max_text_len)
+        length = int(batch["attention_mask"][0].sum())
+        words = self.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, :length].tolist())
+        return caption, batch, words
+
+    def _truncation_note(self, caption: str, words: list[str]) -> str:
+        full = len(self.tokenizer(caption)["input_ids"])
+        if full > len(words):
+            return f" The model read the first {len(words) - 2} of {full - 2} word pieces."
+        return ""
+
+    # ---------------------------------------------------------------- search
+    def search_text(
+        self, caption: object, k: object, choice: object, mine: SessionGallery | None = None
+    ) -> Results:
+        """Images of the chosen gallery ranked by HAT score for ``caption``."""
+        gallery = self.pick(choice, mine)
+        caption, _, words = self.read_caption(caption)
+        result = self._searcher(gallery).text_to_image(caption, _clamp_k(k))
+        rows = [
+            [rank, hit.image, round(hit.score, 4), *(round(s, 4) for s in hit.level_scores)]
+            for rank, hit in enumerate(result.hits, start=1)
+        ]
+        status = (
+            f"{gallery.num_images} images, {result.scored} re-ranked exactly on {self.device} in "
+            f"{_timings(result)}.{self._truncation_note(caption, words)}"
+        )
+        pictures = [
+            (gallery.image_path(hit.index), f"#{rank}  {hit.score:.3f}")
+            for rank, hit in enumerate(result.hits, start=1)
+        ]
+        return Results(self.image_headers(), rows, result.hits, status, pictures)
+
+    def search_image(
+        self, image: object, k: object, choice: object, mine: SessionGallery | None = None
+    ) -> Results:
+        """Captions of the chosen gallery ranked by HAT score for an uploaded image."""
+        gallery = self.pick(choice, mine)
+        if gallery.num_captions == 0:
+            raise InputError("This gallery has no captions: build it with a captions file.")
+        picture = query_image(image)
+        result = self._searcher(gallery).image_to_text(picture, _clamp_k(k))
+        rows = [
+            [rank, hit.caption, hit.image, round(hit.score, 4)]
+            + [round(s, 4) for s in hit.level_scores]
+            for rank, hit in enumerate(result.hits, start=1)
+        ]
+        status = (
+            f"{gallery.num_captions} captions, {result.scored} re-ranked exactly on {self.device} "
+            f"in {_timings(result)}."
+        )
+        return Results(self.caption_headers(), rows, result.hits, status)
+
+    # ---------------------------------------------------------------- alignment maps
+    def maps_for_image(self, image: object, caption: object) -> Maps:
+        """Maps of an uploaded image with a caption (the image is encoded as for a query)."""
+        picture = query_image(image)
+        features = self.searcher.encode_image(picture)
+        return self._maps(picture, features, caption)
+
+    def maps_for_gallery_image(self, gallery: Gallery, index: int, caption: object) -> Maps:
+        """Maps of a gallery image from its stored features: the ones that scored it."""
+        features = gallery.image_features([index]).to(self.device)
+        return self._maps(load_image(gallery.image_path(index)), features, caption)
+
+    def _maps(self, picture: Image.Image, features: ImageFeatures, caption: object) -> Maps:
+        caption, batch, words = self.read_caption(caption)
+        with torch.inference_mode():
+            text = self.model.encode_text(
+                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+            )
+        levels = alignment_maps(self.model, features, text)
+        total = sum(level.score for level in levels)
+        grid = render_grid(
+            picture, levels, words, self._row_labels(levels), self.model.config.image_size
+        )
+        legend = (
+            f"HAT score **{total:.4f}** = sum of the level scores. Rows: levels; columns: the "
+            f"whole caption, then each word piece the model read.\n\n{self.legend()}"
+        )
+        details = {
+            "score": total,
+            "words": words,
+            "levels": [
+                {"name": level.name, "score": level.score, "grid": list(level.caption_map.shape)}
+                for level in levels
+            ],
+        }
+        return Maps(grid, legend, details)
+
+    def _row_labels(self, levels: list[LevelMaps]) -> list[list[str]]:
+        return [
+            [f"level {n + 1}   score {level.score:.3f}", f"image {image}", f"text {text}"]
+            for n, (level, (image, text)) in enumerate(
+                zip(levels, self.level_layers(), strict=True)
+            )
+        ]
+
+    def close(self) -> None:
+        """Remove the demo's temporary folder (all session galleries)."""
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

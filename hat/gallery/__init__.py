@@ -1,0 +1,86 @@
+"""Search galleries: a collection's features, encoded once, stored compactly, reopened at once.
+
+A gallery directory ``<cache>/<key>`` belongs to one checkpoint, one collection and one set of
+build settings (:func:`gallery_key` hashes all three)::
+
+    manifest.json              written last: key, settings, counts, size + sha256 of every file
+    items.json                 image paths and fingerprints, captions, skipped images and why
+    image_rows.npy             image i -> (segment, row); caption_rows.npy likewise
+    caption_image.npy          caption j -> image i
+    image.faiss, text.faiss    first-stage indexes over the pooled embeddings
+    segments/<name>/           immutable .npy arrays of one encoding run (memory-mapped):
+        image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8
+        text.<level>.npy       (tokens, D) real tokens of all captions back to back, + scales
+        text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
+        image.embedding.npy, text.embedding.npy   first-stage vectors (fp32)
+
+The whole directory is staged and renamed into place, so a reader never sees half of it; opening
+checks every file's size against the manifest (``verify=True`` also checks the hashes), and a bad
+cache is rebuilt, never used. A rebuild reuses the segments of earlier galleries of the same
+checkpoint and settings (hard links): images whose path, size, mtime and captions are unchanged
+are never encoded again.
+
+Modules: ``collection`` (inputs, cache keys), ``first_stage`` (pooled embeddings, faiss),
+``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``.
+"""
+
+from hat.gallery.builder import (
+    build_gallery,
+    default_cache_dir,
+    default_device,
+    encode_segment,
+    gallery_header,
+    run_in_pieces,
+    write_gallery,
+)
+from hat.gallery.collection import (
+    BuildSettings,
+    Collection,
+    ImageEntry,
+    checkpoint_fingerprint,
+    folder_collection,
+    gallery_key,
+    karpathy_collection,
+)
+from hat.gallery.first_stage import (
+    EMBEDDING,
+    FLAT_INDEX_MAX,
+    build_index,
+    image_embedding,
+    search_index,
+    text_embedding,
+)
+from hat.gallery.reader import BuildReport, CacheError, Gallery, open_gallery
+from hat.gallery.storage import PRECISIONS, Segment, SegmentWriter, dequantize, quantize
+
+__all__ = [
+    "EMBEDDING",
+    "FLAT_INDEX_MAX",
+    "PRECISIONS",
+    "BuildReport",
+    "BuildSettings",
+    "CacheError",
+    "Collection",
+    "Gallery",
+    "ImageEntry",
+    "Segment",
+    "SegmentWriter",
+    "build_gallery",
+    "build_index",
+    "checkpoint_fingerprint",
+    "default_cache_dir",
+    "default_device",
+    "dequantize",
+    "encode_segment",
+    "folder_collection",
+    "gallery_header",
+    "gallery_key",
+    "image_embedding",
+    "karpathy_collection",
+    "open_gallery",
+    "quantize",
+    "run_in_pieces",
+    "search_index",
+    "text_embedding",
+    "write_gallery",
+]

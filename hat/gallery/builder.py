@@ -1,0 +1,374 @@
+"""Building a gallery: reuse what earlier galleries encoded, encode the rest, write atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from hat.config import HATConfig
+from hat.data.images import ImageLoadError, load_image
+from hat.data.loader import ImageDataset, collate_images
+from hat.factory import load_model
+from hat.fileio import atomic_directory, atomic_write_text
+from hat.gallery.collection import (
+    FORMAT_VERSION,
+    BuildSettings,
+    Collection,
+    ImageEntry,
+    checkpoint_fingerprint,
+    gallery_key,
+    sha256_file,
+)
+from hat.gallery.first_stage import build_index
+from hat.gallery.reader import (
+    ITEMS,
+    MANIFEST,
+    BuildReport,
+    CacheError,
+    Gallery,
+    check_files,
+    load_gallery,
+    open_gallery,
+    read_manifest,
+)
+from hat.gallery.storage import SegmentWriter
+from hat.model import CONFIG_NAME, HATModel
+from hat.tokenization import tokenize
+from hat.transforms import eval_transform
+
+TEXT_BATCH = 128
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hat" / "galleries"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_in_pieces(fn: Callable[[Any], Any], batch: Any, size: int) -> Iterator[tuple[slice, Any]]:
+    """``fn`` on ``batch[:size]``-style pieces; a piece that runs out of GPU memory is halved."""
+    start = 0
+    while start < len(batch):
+        piece = slice(start, min(start + size, len(batch)))
+        try:
+            result = fn(batch[piece])
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise
+            torch.cuda.empty_cache()
+            size //= 2
+            continue
+        yield piece, result
+        start = piece.stop
+
+
+def _failure_reason(path: Path) -> str:
+    try:
+        load_image(path)
+    except ImageLoadError as exc:
+        return exc.reason
+    return "could not be read"
+
+
+@dataclass
+class _Location:
+    """Where an image's features are: a gallery directory, a segment, its row, its caption rows."""
+
+    directory: Path
+    segment: str
+    image_row: int
+    caption_rows: list[int]
+
+
+def _as_key(fingerprint: list) -> tuple:
+    path, size, mtime, captions = fingerprint
+    return (path, size, mtime, tuple(captions))
+
+
+def _donors(
+    cache_dir: Path, model_key: str, settings: BuildSettings
+) -> tuple[dict[tuple, _Location], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Images already encoded by valid galleries of this checkpoint and settings.
+
+    Returns their locations by fingerprint, the manifest entries of their files (so linked files
+    are not hashed again) and the donors' manifests.
+    """
+    found: dict[tuple, _Location] = {}
+    files: dict[str, dict[str, Any]] = {}
+    manifests = []
+    for directory in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        try:
+            manifest = read_manifest(directory)
+            if manifest["model_key"] != model_key or manifest["settings"] != asdict(settings):
+                continue
+            check_files(directory, manifest, verify=False)
+            items = json.loads((directory / ITEMS).read_text())
+            image_rows = np.load(directory / "image_rows.npy")
+            caption_rows = np.load(directory / "caption_rows.npy")
+            owners = np.load(directory / "caption_image.npy")
+        except (CacheError, OSError, ValueError, KeyError):
+            continue
+        manifests.append(manifest)
+        files.update({k: v for k, v in manifest["files"].items() if k.startswith("segments/")})
+        by_image: dict[int, list[int]] = {}
+        for row, owner in zip(caption_rows[:, 1].tolist(), owners.tolist(), strict=True):
+            by_image.setdefault(owner, []).append(row)
+        for i, fingerprint in enumerate(items["fingerprints"]):
+            seg, row = image_rows[i].tolist()
+            segment = manifest["segments"][seg]
+            found[_as_key(fingerprint)] = _Location(directory, segment, row, by_image.get(i, []))
+    return found, files, manifests
+
+
+def _link_segment(source: Path, target: Path) -> None:
+    """Share an immutable segment with a new gallery: hard links, copies where links fail."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        try:
+            os.link(path, target / path.name)
+        except OSError:
+            shutil.copy2(path, target / path.name)
+
+
+@torch.inference_mode()
+def encode_segment(
+    model: HATModel,
+    tokenizer,
+    paths: Sequence[Path],
+    captions: Sequence[Sequence[str]],
+    directory: Path,
+    precision: str,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> list[int]:
+    """Encode images, then the captions of every image, into a new segment at ``directory``.
+
+    Unreadable images are skipped (their rows stay zero); returns the rows that were encoded.
+    """
+    model.eval()
+    device = model.device
+    size = model.config.image_size
+    probe = model.encode_image(torch.zeros(1, 3, size, size, device=device))
+    flat = [c for caps in captions for c in caps]
+    tokens = tokenize(tokenizer, flat or ["-"], model.config.max_text_len)
+    lengths = tokens["attention_mask"].sum(dim=1).numpy()[: len(flat)]
+    shapes = [tuple(x.shape[1:]) for x in probe.levels]
+    writer = SegmentWriter(directory, precision, len(paths), shapes, lengths)
+    loader = DataLoader(
+        ImageDataset(paths, eval_transform(model.config), skip_bad=True),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_images,
+    )
+    kept: list[int] = []
+    for batch in tqdm(loader, desc="images", disable=not progress):
+        rows = batch.image_index.numpy()
+        for piece, features in run_in_pieces(
+            lambda x: model.encode_image(x.to(device)).to("cpu"), batch.pixel_values, batch_size
+        ):
+            writer.put_images(rows[piece], features)
+        kept.extend(rows.tolist())
+    for start in tqdm(
+        range(0, len(flat), TEXT_BATCH), desc="captions", disable=not (progress and flat)
+    ):
+        mask = tokens["attention_mask"][start : start + TEXT_BATCH]
+        width = int(mask.sum(dim=1).max())
+        ids = tokens["input_ids"][start : start + TEXT_BATCH, :width]
+        features = model.encode_text(ids.to(device), mask[:, :width].to(device))
+        writer.put_texts(start, features.to("cpu"))
+    writer.close()
+    return kept
+
+
+def _file_table(directory: Path, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file below ``directory`` (hashes of linked files are reused)."""
+    table = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        size = path.stat().st_size
+        info = known.get(name)
+        digest = info["sha256"] if info and info["size"] == size else sha256_file(path)
+        table[name] = {"size": size, "sha256": digest}
+    return table
+
+
+def write_gallery(
+    staging: Path,
+    collection: Collection,
+    located: dict[tuple, _Location],
+    encode: Callable[[list[ImageEntry], Path], list[int]],
+    header: dict[str, Any],
+    known_files: dict[str, dict[str, Any]],
+) -> int:
+    """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
+    images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment, then
+    write metadata, indexes and, last, the manifest (``header`` + counts + file table).
+
+    Returns the number of images encoded (unreadable ones are retried, and not counted).
+    """
+    located = dict(located)
+    new = [e for e in collection.entries if e.fingerprint not in located]
+    encoded = []
+    if new:
+        name = f"seg-{secrets.token_hex(8)}"
+        first = np.cumsum([0] + [len(e.captions) for e in new]).tolist()
+        encoded = encode(new, staging / "segments" / name)
+        for row in encoded:
+            rows = list(range(first[row], first[row + 1]))
+            located[new[row].fingerprint] = _Location(staging, name, row, rows)
+    segments: dict[str, int] = {}
+    image_rows, caption_rows, owners, skipped = [], [], [], []
+    items: dict[str, list] = {"paths": [], "fingerprints": [], "captions": []}
+    for entry in collection.entries:
+        found = located.get(entry.fingerprint)
+        if found is None:
+            reason = _failure_reason(collection.root / entry.path)
+            skipped.append({"path": entry.path, "reason": reason})
+            continue
+        if found.segment not in segments:
+            segments[found.segment] = len(segments)
+            if found.directory != staging:
+                source = found.directory / "segments" / found.segment
+                _link_segment(source, staging / "segments" / found.segment)
+        seg = segments[found.segment]
+        image_rows.append((seg, found.image_row))
+        caption_rows.extend((seg, row) for row in found.caption_rows)
+        owners.extend([len(items["paths"])] * len(entry.captions))
+        items["paths"].append(entry.path)
+        items["fingerprints"].append(list(entry.fingerprint))
+        items["captions"].extend(entry.captions)
+    for unused in set((staging / "segments").glob("*")) - {
+        staging / "segments" / s for s in segments
+    }:
+        shutil.rmtree(unused)  # a new segment none of whose images could be read
+    items["skipped"] = skipped
+    (staging / ITEMS).write_text(json.dumps(items))
+    np.save(staging / "image_rows.npy", np.asarray(image_rows, dtype=np.int64).reshape(-1, 2))
+    np.save(staging / "caption_rows.npy", np.asarray(caption_rows, dtype=np.int64).reshape(-1, 2))
+    np.save(staging / "caption_image.npy", np.asarray(owners, dtype=np.int64))
+    manifest = {**header, "segments": list(segments)}
+    manifest.update(num_images=len(image_rows), num_captions=len(caption_rows))
+    gallery = load_gallery(staging, manifest)
+    flat_max = header["settings"]["flat_index_max"]
+    for kind in ("image", "text"):
+        index = build_index(gallery.embeddings(kind), flat_max)
+        faiss.write_index(index, str(staging / f"{kind}.faiss"))
+    manifest["files"] = _file_table(staging, known_files)
+    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
+    return len(encoded)
+
+
+def gallery_header(
+    key: str,
+    checkpoint: str | Path,
+    model_key: str,
+    settings: BuildSettings,
+    collection: Collection,
+    config: HATConfig,
+) -> dict[str, Any]:
+    """The manifest fields that describe what a gallery is (counts and files come later)."""
+    return {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "model_key": model_key,
+        "settings": asdict(settings),
+        "source": collection.source,
+        "root": str(collection.root),
+        "num_levels": config.num_levels,
+        "dim": config.embed_dim,
+        "embedding_dim": config.num_levels * config.embed_dim,
+    }
+
+
+def build_gallery(
+    checkpoint: str | Path,
+    collection: Collection,
+    cache_dir: str | Path | None = None,
+    settings: BuildSettings | None = None,
+    *,
+    model: HATModel | None = None,
+    tokenizer=None,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    device: str | None = None,
+    progress: bool = False,
+    verify: bool = False,
+) -> Gallery:
+    """The gallery of ``collection`` under ``checkpoint``: opened from the cache when it is valid,
+    else built, encoding only images that no earlier gallery of this checkpoint holds.
+
+    ``model``/``tokenizer`` (already loaded from ``checkpoint``) save loading them again. A
+    successful build removes the galleries it supersedes (same source, checkpoint and settings).
+    """
+    start = time.perf_counter()
+    settings = settings or BuildSettings()
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    model_key = checkpoint_fingerprint(checkpoint)
+    key = gallery_key(model_key, collection, settings)
+    directory = cache_dir / key
+    reason = ""
+    if directory.exists():
+        try:
+            gallery = open_gallery(directory, verify)
+            if gallery.manifest.get("key") != key:
+                raise CacheError(f"{directory} holds gallery {gallery.manifest.get('key')}")
+            seconds = time.perf_counter() - start
+            gallery.report = BuildReport(True, reused_images=gallery.num_images, seconds=seconds)
+            return gallery
+        except CacheError as exc:
+            reason = str(exc)
+            shutil.rmtree(directory)
+    located, known_files, donors = _donors(cache_dir, model_key, settings)
+
+    def encode(entries: list[ImageEntry], target: Path) -> list[int]:
+        nonlocal model, tokenizer
+        if model is None:
+            model, tokenizer = load_model(checkpoint, device or default_device())
+        paths = [collection.root / e.path for e in entries]
+        captions = [e.captions for e in entries]
+        return encode_segment(
+            model,
+            tokenizer,
+            paths,
+            captions,
+            target,
+            settings.precision,
+            batch_size,
+            num_workers,
+            progress,
+        )
+
+    config = HATConfig.load(Path(checkpoint) / CONFIG_NAME)
+    header = gallery_header(key, checkpoint, model_key, settings, collection, config)
+    with atomic_directory(directory) as staging:
+        encoded = write_gallery(staging, collection, located, encode, header, known_files)
+    for manifest in donors:
+        if manifest["source"] == collection.source and manifest["key"] != key:
+            shutil.rmtree(cache_dir / manifest["key"], ignore_errors=True)
+    gallery = open_gallery(directory)
+    gallery.report = BuildReport(
+        cache_hit=False,
+        encoded_images=encoded,
+        reused_images=gallery.num_images - encoded,
+        rebuilt_because=reason,
+        seconds=time.perf_counter() - start,
+    )
+    return gallery

@@ -1,0 +1,65 @@
+"""First stage of a search: one pooled vector per image and per caption, in a faiss index.
+
+The final ranking is always the HAT score; this stage only has to keep the exact top results
+among its K candidates (benchmarks/retrieval_quality.py measures how often it does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+import torch
+
+from hat.pooling import pool_regions, pool_words
+
+# First-stage embedding: bump the name when its definition changes (it is part of the cache key).
+EMBEDDING = "mean-pooled-levels-v1"
+# Up to this many vectors a first-stage index is exact (IndexFlatIP): a scan of 100k 768-d
+# vectors takes ~50 ms on one core, 200k ~100 ms. HNSW answers in a few ms but, measured on
+# unstructured 768-d vectors, found only 64 % of the exact top-100 at 20k (41 % at 100k) with
+# efSearch 200; it needs efSearch ~8K for ~97 % (benchmarks/query_latency.py).
+FLAT_INDEX_MAX = 200_000
+HNSW_NEIGHBOURS = 32
+HNSW_EF_CONSTRUCTION = 80
+
+
+def image_embedding(levels: Sequence[torch.Tensor]) -> torch.Tensor:
+    """First-stage vector of images ``(N, levels * D)``: the levels' pooled unit vectors, scaled.
+
+    The inner product of two such vectors is the mean over levels of the pooled cosines, which
+    mirrors the HAT score (a sum over levels). Replace this pair of functions by a trained global
+    head to raise candidate recall; the final ranking is always the HAT score.
+    """
+    return torch.cat([pool_regions(x) for x in levels], dim=1) / math.sqrt(len(levels))
+
+
+def text_embedding(levels: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """First-stage vector of captions ``(N, levels * D)``, the counterpart of image_embedding."""
+    return torch.cat([pool_words(x, mask) for x in levels], dim=1) / math.sqrt(len(levels))
+
+
+def build_index(vectors: np.ndarray, flat_max: int = FLAT_INDEX_MAX) -> faiss.Index:
+    """Inner-product index: exact up to ``flat_max`` vectors, HNSW above."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    dim = vectors.shape[1]
+    if len(vectors) <= flat_max:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    index.add(vectors)
+    return index
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids ``(Q, k')`` of the best inner products, k' = min(k, size); HNSW searches 8k wide."""
+    k = min(k, index.ntotal)
+    if k == 0:
+        return np.empty((len(queries), 0), dtype=np.int64)
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = max(8 * k, 256)
+    _, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    return ids

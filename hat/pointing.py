@@ -1,0 +1,141 @@
+"""Pointing game: does a word's alignment map peak inside the box of the object it names?
+
+Uses datasets whose caption entries carry ``groundings`` (character spans naming ``objects``
+with pixel ``box`` es), like Tux Paint Scenes. For every content word of a grounded phrase, the
+peak of that level's word → region attention map is projected back to the original image through
+the evaluation crop; a hit is a peak inside the object's box. Baselines: a uniformly random point
+(its hit rate is the box's area fraction) and the image centre.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from hat.heatmaps import alignment_maps
+from hat.model import HATModel, ImageFeatures, TextFeatures
+
+FUNCTION_WORDS = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "some",
+        "of",
+        "and",
+        "with",
+        "on",
+        "in",
+        "at",
+        "to",
+        "two",
+        "three",
+        "one",
+        "four",
+        "five",
+        "its",
+        "this",
+        "that",
+        "is",
+        "are",
+    ]
+)
+
+
+def split_entries(json_path: str | Path, split: str) -> list[dict]:
+    """The JSON entries of one split, in the order :func:`read_karpathy` returns them."""
+    data = json.loads(Path(json_path).read_text())
+    return [e for e in data["images"] if e["split"] == split]
+
+
+def grounded_tokens(tokenizer, caption: str, groundings: list[dict], max_len: int):
+    """``(token index, object index)`` for every content-word token inside a grounded span."""
+    enc = tokenizer(caption, truncation=True, max_length=max_len, return_offsets_mapping=True)
+    out = []
+    for index, (start, end) in enumerate(enc["offset_mapping"]):
+        if start == end:
+            continue  # [CLS], [SEP]
+        left = caption.rfind(" ", 0, start) + 1
+        right = caption.find(" ", end)
+        word = caption[left : right if right >= 0 else len(caption)].strip(",.:;").lower()
+        if word in FUNCTION_WORDS:
+            continue
+        for g in groundings:
+            if g["span"][0] <= start and end <= g["span"][1]:
+                out.append((index, g["object"]))
+                break
+    return out
+
+
+def peak_to_pixel(
+    word_map: np.ndarray, image_size: tuple[int, int], crop: int, resize: int
+) -> tuple[float, float]:
+    """Centre of the map's peak cell in original image pixels (inverse of Resize + CenterCrop)."""
+    h, w = word_map.shape
+    row, col = np.unravel_index(int(np.argmax(word_map)), word_map.shape)
+    width, height = image_size
+    scale = resize / min(width, height)
+    left = (width * scale - crop) / 2
+    top = (height * scale - crop) / 2
+    x = ((col + 0.5) * crop / w + left) / scale
+    y = ((row + 0.5) * crop / h + top) / scale
+    return x, y
+
+
+def _inside(box, x: float, y: float) -> bool:
+    return box[0] <= x <= box[2] and box[1] <= y <= box[3]
+
+
+def pointing_game(
+    model: HATModel,
+    tokenizer,
+    entries: list[dict],
+    image_root: str | Path,
+    images: ImageFeatures,
+    texts: TextFeatures,
+) -> dict:
+    """Per-level pointing accuracy with random and centre baselines.
+
+    ``images`` and ``texts`` are the encoded split in :func:`read_karpathy` order.
+    """
+    cfg = model.config
+    crop, resize = cfg.image_size, round(cfg.image_size * 256 / 224)
+    hits = np.zeros(cfg.num_levels)
+    total = 0
+    random_hits = centre_hits = 0.0
+    caption_index = 0
+    for image_index, entry in enumerate(entries):
+        path = Path(image_root) / entry.get("filepath", "") / entry["filename"]
+        with Image.open(path) as im:
+            size = im.size
+        for sentence in entry["sentences"]:
+            tokens = grounded_tokens(
+                tokenizer, sentence["raw"], sentence.get("groundings", []), cfg.max_text_len
+            )
+            if tokens:
+                maps = alignment_maps(
+                    model,
+                    images[image_index : image_index + 1],
+                    texts[caption_index : caption_index + 1],
+                )
+                for token, obj in tokens:
+                    box = entry["objects"][obj]["box"]
+                    for level, level_maps in enumerate(maps):
+                        x, y = peak_to_pixel(level_maps.word_maps[token], size, crop, resize)
+                        hits[level] += _inside(box, x, y)
+                    area = (box[2] - box[0]) * (box[3] - box[1])
+                    random_hits += area / (size[0] * size[1])
+                    centre_hits += _inside(box, size[0] / 2, size[1] / 2)
+                    total += 1
+            caption_index += 1
+    if total == 0:
+        raise ValueError("no grounded words found: does the dataset carry groundings?")
+    return {
+        "words": total,
+        "levels": {name: hits[i] / total for i, name in enumerate(cfg.level_names)},
+        "random": random_hits / total,
+        "centre": centre_hits / total,
+    }

@@ -1,0 +1,303 @@
+"""Search a gallery: first-stage faiss candidates, then the exact hierarchical HAT score.
+
+A dot-product index cannot hold HAT's cross-attention score, so search is two-stage: the query's
+pooled embedding picks K candidates (default 100) from the faiss index, and only those K are
+scored exactly, every level, by the model's own ``level_scores``. ``exact=True`` scores the whole
+gallery instead (small galleries, evaluation). The final ranking is always the HAT score.
+
+    hat search --gallery ~/.cache/hat/galleries/<key> --text "a red circle on the left" -k 5
+    hat search --gallery ... --image query.jpg --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from PIL import Image
+
+from hat.alignment import DEFAULT_BLOCK_ELEMENTS
+from hat.data.images import load_image
+from hat.factory import load_model
+from hat.gallery import (
+    CacheError,
+    Gallery,
+    checkpoint_fingerprint,
+    default_device,
+    image_embedding,
+    open_gallery,
+    run_in_pieces,
+    search_index,
+    text_embedding,
+)
+from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.tokenization import tokenize
+from hat.transforms import eval_transform
+
+DEFAULT_CANDIDATES = 100
+TEXT_BLOCK = 4096  # captions gathered at once when scoring the whole caption bank
+# fp32 bytes of the features of one scoring block: adapts to free memory, never above this.
+MAX_BLOCK_BYTES = 1 << 30
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+@dataclass
+class Hit:
+    """One result: image number (text → image) or caption number (image → text), and scores."""
+
+    index: int
+    score: float
+    level_scores: list[float]
+    image: str
+    caption: str | None = None
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    scored: int  # how many gallery items were scored exactly
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of giving it back to the OS at once.
+
+    A query allocates ~100 MB of short-lived fp32 features; by default glibc unmaps them on free
+    and the next query page-faults them back, which cost as much CPU as the scoring itself
+    (benchmarks/query_latency.py). Process-wide and harmless elsewhere; a no-op without glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)  # glibc's maximum: 32 MiB blocks come from the heap
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that may be used now on ``device`` (free GPU memory, or available RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def block_size(item_bytes: int, device: torch.device) -> int:
+    """Items per scoring block: a quarter of free memory at most, so no gallery can exhaust it."""
+    budget = min(MAX_BLOCK_BYTES, free_memory(device) // 4)
+    return max(1, budget // max(item_bytes, 1))
+
+
+def top_hits(scores: torch.Tensor, ids: np.ndarray, k: int) -> list[tuple[int, float, list[float]]]:
+    """Best ``k`` of ``(levels, n)`` scores as (id, total, per-level), highest total first.
+
+    Ties keep the order of ``ids``.
+    """
+    totals = scores.sum(dim=0)
+    best = torch.sort(totals, descending=True, stable=True).indices[:k].tolist()
+    return [(int(ids[i]), float(totals[i]), scores[:, i].tolist()) for i in best]
+
+
+class Searcher:
+    """Text → image and image → text search over a built gallery with its model."""
+
+    def __init__(self, gallery: Gallery, model: HATModel, tokenizer):
+        keep_freed_memory()
+        self.gallery = gallery
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def open(cls, directory: str | Path, device: str | None = None) -> Searcher:
+        """Open a gallery and load the checkpoint it was built with (which must be unchanged)."""
+        gallery = open_gallery(directory)
+        checkpoint = gallery.manifest["checkpoint"]
+        if checkpoint_fingerprint(checkpoint) != gallery.manifest["model_key"]:
+            raise CacheError(
+                f"{checkpoint} changed since {directory} was built: run `hat index build` again"
+            )
+        model, tokenizer = load_model(checkpoint, device or default_device())
+        return cls(gallery, model, tokenizer)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---------------------------------------------------------------- query encoding
+    @torch.inference_mode()
+    def encode_text(self, caption: str) -> TextFeatures:
+        batch = tokenize(self.tokenizer, [caption], self.model.config.max_text_len)
+        return self.model.encode_text(
+            batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        )
+
+    @torch.inference_mode()
+    def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:
+        image = image if isinstance(image, Image.Image) else load_image(image)
+        pixels = eval_transform(self.model.config)(image)[None].to(self.device)
+        return self.model.encode_image(pixels)
+
+    # ---------------------------------------------------------------- scoring
+    def _in_blocks(
+        self, score: Callable[[np.ndarray], torch.Tensor], ids: Sequence[int], size: int
+    ) -> torch.Tensor:
+        """``score(ids block) -> (levels, block)`` over blocks of ``size`` (halved on GPU OOM)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        parts = [part for _, part in run_in_pieces(score, ids, size)]
+        return torch.cat(parts, dim=1) if parts else torch.empty(self.gallery.num_levels, 0)
+
+    def _level_scores(self, images: ImageFeatures, texts: TextFeatures) -> torch.Tensor:
+        elements = DEFAULT_BLOCK_ELEMENTS
+        if self.device.type == "cuda":  # a GPU wants large blocks: ~8 fp32 temporaries of this
+            elements = max(elements, free_memory(self.device) // 64)
+        return self.model.level_scores(images, texts, block_elements=elements).float().cpu()
+
+    @torch.inference_mode()
+    def score_images(self, ids: Sequence[int], text: TextFeatures) -> torch.Tensor:
+        """Exact per-level scores ``(levels, len(ids))`` of gallery images against one caption."""
+        text = text.to(self.device)
+        image_bytes = 4 * self.gallery.manifest["dim"] * sum(self.gallery.regions())
+
+        def score(block: np.ndarray) -> torch.Tensor:
+            images = self.gallery.image_features(block).to(self.device)
+            return self._level_scores(images, text)[:, :, 0]
+
+        return self._in_blocks(score, ids, block_size(image_bytes, self.device))
+
+    @torch.inference_mode()
+    def score_captions(self, ids: Sequence[int], image: ImageFeatures) -> torch.Tensor:
+        """Exact per-level scores ``(levels, len(ids))`` of one image against bank captions."""
+        image = image.to(self.device)
+        text_bytes = 4 * self.gallery.manifest["dim"] * self.model.config.max_text_len
+        size = min(TEXT_BLOCK, block_size(text_bytes * self.gallery.num_levels, self.device))
+
+        def score(block: np.ndarray) -> torch.Tensor:
+            texts = self.gallery.text_features(block).to(self.device)
+            return self._level_scores(image, texts)[:, 0, :]
+
+        return self._in_blocks(score, ids, size)
+
+    # ---------------------------------------------------------------- search
+    def _search(
+        self,
+        embedding: torch.Tensor,
+        index: faiss.Index,
+        size: int,
+        score: Callable[[np.ndarray], torch.Tensor],
+        k: int,
+        candidates: int,
+        exact: bool,
+        timings: dict[str, float],
+    ) -> tuple[list[tuple[int, float, list[float]]], int]:
+        start = time.perf_counter()
+        if exact:
+            ids = np.arange(size)
+        else:
+            ids = search_index(index, embedding.float().cpu().numpy(), candidates)[0]
+            ids = np.sort(ids[ids >= 0])  # file order reads faster; ties rank by id
+        timings["candidates"] = time.perf_counter() - start
+        start = time.perf_counter()
+        hits = top_hits(score(ids), ids, k)
+        timings["rerank"] = time.perf_counter() - start
+        return hits, len(ids)
+
+    def text_to_image(
+        self, caption: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES, exact: bool = False
+    ) -> SearchResult:
+        """The ``k`` gallery images with the highest HAT score for ``caption``."""
+        start = time.perf_counter()
+        text = self.encode_text(caption)
+        timings = {"encode": time.perf_counter() - start}
+        embedding = text_embedding(text.levels, text.mask)
+        hits, scored = self._search(
+            embedding,
+            self.gallery.image_index,
+            self.gallery.num_images,
+            lambda ids: self.score_images(ids, text),
+            k,
+            candidates,
+            exact,
+            timings,
+        )
+        paths = self.gallery.paths
+        return SearchResult([Hit(i, s, lv, paths[i]) for i, s, lv in hits], scored, timings)
+
+    def image_to_text(
+        self,
+        image: str | Path | Image.Image,
+        k: int = 10,
+        candidates: int = DEFAULT_CANDIDATES,
+        exact: bool = False,
+    ) -> SearchResult:
+        """The ``k`` captions of the caption bank with the highest HAT score for ``image``."""
+        start = time.perf_counter()
+        features = self.encode_image(image)
+        timings = {"encode": time.perf_counter() - start}
+        hits, scored = self._search(
+            image_embedding(features.levels),
+            self.gallery.text_index,
+            self.gallery.num_captions,
+            lambda ids: self.score_captions(ids, features),
+            k,
+            candidates,
+            exact,
+            timings,
+        )
+        g = self.gallery
+        results = [Hit(i, s, lv, g.paths[g.caption_image[i]], g.captions[i]) for i, s, lv in hits]
+        return SearchResult(results, scored, timings)
+
+
+# ------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hat search",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--gallery", required=True, help="directory printed by hat index build")
+    query = parser.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="caption: find images")
+    query.add_argument("--image", help="image file: find captions of the caption bank")
+    parser.add_argument("-k", type=int, default=10, help="results to return")
+    parser.add_argument(
+        "--candidates", type=int, default=DEFAULT_CANDIDATES, help="first-stage candidates K"
+    )
+    parser.add_argument("--exact", action="store_true", help="score the whole gallery exactly")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def format_hits(result: SearchResult) -> str:
+    lines = []
+    for rank, hit in enumerate(result.hits, start=1):
+        levels = " ".join(f"{s:+.3f}" for s in hit.level_scores)
+        what = f"{hit.caption!r} ({hit.image})" if hit.caption is not None else hit.image
+        lines.append(f"{rank:>3}  {hit.score:+.4f}  [{levels}]  {what}")
+    times = "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())
+    lines.append(f"scored {result.scored} exactly; {times}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> SearchResult:
+    args = build_parser().parse_args(argv)
+    searcher = Searcher.open(args.gallery, args.device)
+    if args.text is not None:
+        result = searcher.text_to_image(args.text, args.k, args.candidates, args.exact)
+    else:
+        result = searcher.image_to_text(args.image, args.k, args.candidates, args.exact)
+    print(json.dumps(asdict(result), indent=1) if args.json else format_hits(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

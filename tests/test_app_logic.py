@@ -1,0 +1,234 @@
+"""The demo's logic without a server: caption clean-up, safe uploads, map pictures, the engine."""
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hat import create_model
+from hat.demo import InputError
+from hat.demo.captions import MAX_CAPTION_CHARS, clean_caption
+from hat.demo.engine import BUILTIN, MINE, DemoEngine
+from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, colormap, model_view, upsample
+from hat.demo.uploads import (
+    MAX_IMAGE_BYTES,
+    MAX_ZIP_MEMBERS,
+    MB,
+    collect_uploads,
+    safe_member_path,
+    write_captions,
+)
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
+
+
+def png_bytes(colour=(200, 30, 30), size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_demo_assets(root):
+    """A tiny random checkpoint and a five-image captioned gallery (``images/``, captions.json)."""
+    torch.manual_seed(0)
+    model, tokenizer = create_model("hat-tiny")
+    model.save_pretrained(root / "checkpoint", tokenizer=tokenizer)
+    images = root / "gallery" / "images"
+    images.mkdir(parents=True)
+    captions = {}
+    for i, colour in enumerate(COLOURS):
+        picture = Image.new("RGB", (80, 60), colour)
+        picture.paste((255, 255, 255), (10 + 6 * i, 10, 40 + 6 * i, 40))
+        picture.save(images / f"{i}.png")
+        captions[f"{i}.png"] = [f"a square of colour {i}", f"<b>picture</b> number {i}"]
+    (root / "gallery" / "captions.json").write_text(json.dumps(captions))
+    return root / "checkpoint", root / "gallery"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    checkpoint, gallery = write_demo_assets(root)
+    engine = DemoEngine(checkpoint, gallery, root / "cache", root / "tmp", progress=False)
+    yield engine
+    engine.close()
+
+
+# ---------------------------------------------------------------- captions
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x01\x1b\u200b", None, 42])
+def test_empty_or_non_text_captions_are_refused(text):
+    with pytest.raises(InputError, match="caption"):
+        clean_caption(text)
+
+
+def test_captions_lose_control_characters_and_keep_html_literally():
+    assert clean_caption(" a\x00 red\tcar\u200b\n<b>x</b> ") == "a red car <b>x</b>"
+
+
+def test_long_captions_are_cut_at_a_word():
+    caption = clean_caption("word " * 20_000)
+    assert len(caption) <= MAX_CAPTION_CHARS and caption.endswith("word")
+
+
+# ---------------------------------------------------------------- uploads
+@pytest.mark.parametrize(
+    "name", ["../evil.png", "a/../../evil.png", "/etc/evil.png", "C:\\evil.png", "a\0.png", ""]
+)
+def test_unsafe_member_paths_are_refused(name):
+    assert safe_member_path(name) is None
+
+
+def test_safe_member_paths_are_normalised():
+    assert str(safe_member_path("./sub\\dir//a.png")) == "sub/dir/a.png"
+
+
+def make_zip(path, members: dict[str, bytes]):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_zip_upload_keeps_images_inside_the_folder_and_says_why_others_are_left(tmp_path):
+    upload = make_zip(
+        tmp_path / "up.zip",
+        {
+            "sub/a.png": png_bytes(),
+            "../../evil.png": png_bytes(),
+            "/abs.png": png_bytes(),
+            "notes.txt": b"hello",
+            "__MACOSX/._a.png": b"junk",
+            "huge.png": bytes(MAX_IMAGE_BYTES + 1),
+        },
+    )
+    loose = tmp_path / "a.png"
+    loose.write_bytes(png_bytes())
+    report = collect_uploads([upload, loose], tmp_path / "session" / "images")
+    assert report.images == ["sub/a.png", "a.png"]
+    why = dict(report.ignored)
+    assert why["../../evil.png"].startswith("unsafe path") and why["/abs.png"].startswith("unsafe")
+    assert why["notes.txt"] == "not an image file type"
+    assert why["__MACOSX/._a.png"] == "hidden or system file"
+    assert "over the limit" in why["huge.png"]
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert written == ["a.png", "session/images/a.png", "session/images/sub/a.png"]
+
+
+def test_two_files_with_one_name_are_both_kept(tmp_path):
+    first, second = tmp_path / "x" / "a.png", tmp_path / "y" / "a.png"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(png_bytes())
+    assert collect_uploads([first, second], tmp_path / "out").images == ["a.png", "a-1.png"]
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({f"{i}.png": b"" for i in range(MAX_ZIP_MEMBERS + 1)}, "may hold at most"),
+        ({f"{i}.png": bytes(30 * MB) for i in range(9)}, "MB are accepted"),
+        ({"notes.txt": b"hi"}, "None of the uploaded files is an image"),
+    ],
+    ids=["too-many-members", "zip-bomb", "no-image"],
+)
+def test_zips_that_break_a_limit_are_refused_before_extraction(tmp_path, members, message):
+    upload = make_zip(tmp_path / "up.zip", members)
+    with pytest.raises(InputError, match=message):
+        collect_uploads([upload], tmp_path / "out")
+    assert not list((tmp_path / "out").rglob("*.png"))
+
+
+def test_a_file_named_zip_that_is_no_zip_is_refused(tmp_path):
+    fake = tmp_path / "fake.zip"
+    fake.write_bytes(b"not a zip")
+    with pytest.raises(InputError, match="not a readable zip"):
+        collect_uploads([fake], tmp_path / "out")
+
+
+def test_captions_match_by_path_or_name_and_are_cleaned(tmp_path):
+    table = tmp_path / "captions.json"
+    table.write_text(json.dumps({"sub/a.png": ["one\x00", "   "], "b.png": "two <i>x</i>"}))
+    target = tmp_path / "out.json"
+    assert write_captions(table, ["sub/a.png", "deep/b.png", "c.png"], target) == 2
+    assert json.loads(target.read_text()) == {"sub/a.png": ["one"], "deep/b.png": ["two <i>x</i>"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("captions.json", "{not json", "could not be read"),
+        ("captions.json", "[1, 2]", "could not be read"),
+        ("captions.csv", "only-one-column\n", "could not be read"),
+        ("captions.txt", "a.png,x", "must be .json or .csv"),
+    ],
+)
+def test_bad_captions_files_are_refused_without_server_paths(tmp_path, name, content, message):
+    table = tmp_path / name
+    table.write_text(content)
+    with pytest.raises(InputError, match=message) as error:
+        write_captions(table, ["a.png"], tmp_path / "out.json")
+    assert str(tmp_path) not in str(error.value)
+
+
+# ---------------------------------------------------------------- pictures
+def test_colormap_runs_from_dark_blue_to_yellow():
+    ends = colormap(np.array([0.0, 1.0]))
+    assert tuple(ends[0]) == (68, 1, 84) and tuple(ends[1]) == (253, 231, 37)
+
+
+def test_upsampling_is_smooth_and_keeps_the_hot_region_in_place():
+    grid = np.zeros((4, 4), dtype=np.float32)
+    grid[1, 2] = 1.0
+    heat = upsample(grid, 64)
+    assert heat.shape == (64, 64) and heat.min() >= 0.0 and heat.max() <= 1.0
+    row, col = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 16 <= row < 32 and 32 <= col < 48  # inside cell (1, 2)
+    assert len(np.unique(heat.round(3))) > 16  # a gradient, not four blocks
+
+
+def test_model_view_is_the_centre_crop_the_model_sees():
+    image = Image.new("RGB", (300, 100), (0, 0, 255))
+    image.paste((255, 0, 0), (100, 0, 200, 100))  # red middle third
+    view = np.asarray(model_view(image, crop=224, size=32))
+    assert (view[:, :, 0] > 200).all()  # short side 256, centre 224 of a 768-wide resize
+
+
+# ---------------------------------------------------------------- engine
+def test_text_search_ranks_by_the_sum_of_level_scores(engine):
+    results = engine.search_text("a square of colour 2", 3, BUILTIN)
+    assert len(results.hits) == 3 and results.headers == engine.image_headers()
+    scores = [h.score for h in results.hits]
+    assert scores == sorted(scores, reverse=True)
+    assert all(abs(h.score - sum(h.level_scores)) < 1e-5 for h in results.hits)
+    assert all(path.is_file() for path, _ in results.pictures)
+
+
+def test_maps_of_a_result_come_from_the_computation_that_scored_it(engine):
+    hit = engine.search_text("picture number 3", 1, BUILTIN).hits[0]
+    maps = engine.maps_for_gallery_image(engine.gallery, hit.index, "picture number 3")
+    assert maps.details["score"] == pytest.approx(hit.score, abs=1e-5)
+    words = maps.details["words"]
+    assert words[0] == "[CLS]" and words[-1] == "[SEP]"
+    assert maps.picture.size == (LABEL_WIDTH + GAP + (len(words) + 1) * CELL, maps.picture.size[1])
+    assert "level 3" in maps.legend and "layers.3" in maps.legend
+
+
+def test_the_session_gallery_is_searched_and_removed(engine, tmp_path):
+    upload = make_zip(tmp_path / "up.zip", {"x.png": png_bytes(), "bad.png": b"not a png"})
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption\nx.png,a red picture\n")
+    with pytest.raises(InputError, match="no gallery yet"):
+        engine.search_text("red", 3, MINE)
+    mine, status = engine.build_session_gallery([upload], table)
+    assert "1 images, 1 captions" in status and "bad.png: cannot identify" in status
+    assert str(mine.directory) not in status
+    assert engine.search_text("red", 5, MINE, mine).hits[0].image == "x.png"
+    query = tmp_path / "query.png"
+    query.write_bytes(png_bytes())
+    assert engine.search_image(query, 5, MINE, mine).hits[0].caption == "a red picture"
+    mine.remove()
+    assert not mine.directory.exists()

@@ -1,0 +1,400 @@
+"""The demo as people and programs meet it: `python app.py` on localhost, every named endpoint
+through gradio_client, the bad inputs of issue 5, 20 users at once, and a headless Chromium."""
+
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from tests.test_app_logic import make_zip, png_bytes, write_demo_assets
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+]
+APP_DIRS = ("cache", "tmp", "gradio")  # where the app may write
+USERS = 20
+
+
+@dataclass
+class Server:
+    url: str
+    root: Path
+    process: subprocess.Popen
+    gallery: Path
+    inputs: Path
+
+    def client(self) -> Client:
+        return Client(self.url, verbose=False, download_files=str(self.root / "downloads"))
+
+    def files_outside_app_dirs(self) -> set[str]:
+        skip = {*APP_DIRS, "downloads", "inputs"}
+        return {
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.relative_to(self.root).parts[0] not in skip
+        }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the app exited with {process.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"the app did not answer within {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    checkpoint, gallery = write_demo_assets(root)
+    (root / "inputs").mkdir()
+    env = {
+        **os.environ,
+        "HAT_CACHE": str(root / "cache"),
+        "TMPDIR": str(root / "tmp"),
+        "GRADIO_TEMP_DIR": str(root / "gradio"),
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "2",
+    }
+    (root / "tmp").mkdir()
+    port = free_port()
+    log = root / "server.log"
+    command = [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=out
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_until_up(url, process, log)
+        yield Server(url, root, process, gallery, root / "inputs")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def before(server):
+    """Files outside the app's own folders, and in the repository, before the bad inputs."""
+    return server.files_outside_app_dirs(), set(os.listdir(ROOT))
+
+
+# ---------------------------------------------------------------- inputs
+def image_file(folder: Path, name: str, data: bytes) -> str:
+    path = folder / name
+    path.write_bytes(data)
+    return str(path)
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def odd_but_valid_images() -> dict[str, bytes]:
+    ramp = (np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20).astype(np.uint16)
+    frames = [Image.new("RGB", (40, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
+    return {
+        "16-bit.png": encoded(Image.fromarray(ramp), "PNG"),
+        "cmyk.jpg": encoded(Image.new("CMYK", (50, 40), (0, 200, 200, 0)), "JPEG"),
+        "animated.gif": encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "transparent.png": encoded(Image.new("RGBA", (30, 30), (0, 255, 0, 100)), "PNG"),
+    }
+
+
+def bad_images() -> dict[str, tuple[bytes, str]]:
+    """File name → (content, what the refusal must say)."""
+    photo = encoded(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG")
+    bomb = encoded(Image.new("1", (9000, 9000)), "PNG")  # 81 Mpixel in 10 kB
+    return {
+        "not-an-image.png": (b"plain text, not pixels", "cannot identify image file"),
+        "empty.jpg": (b"", "empty (0 bytes)"),
+        "truncated.jpg": (photo[: len(photo) // 3], "cannot be used as an image"),
+        "bomb.png": (bomb, "pixels exceeds"),
+    }
+
+
+def refusal(call) -> str:
+    with pytest.raises(AppError) as error:
+        call()
+    return str(error.value)
+
+
+# ---------------------------------------------------------------- endpoints
+def test_info_names_the_model_the_device_and_every_level(client, before):
+    info = client.predict(api_name="/info")
+    assert info["model"] == "hat-tiny" and info["device"] in ("cpu", "cuda")
+    assert [level["image_layer"] for level in info["levels"]] == [
+        "layers.1",
+        "layers.2",
+        "layers.3",
+    ]
+    assert info["gallery_images"] == 5 and info["gallery_captions"] == 10
+
+
+def test_text_to_image_returns_top_k_with_per_level_scores(client):
+    images, table, status = client.predict(
+        "a square of colour 2", 3, "built-in", api_name="/search_text"
+    )
+    assert len(images) == 3 and all(Path(item["image"]).is_file() for item in images)
+    assert table["headers"] == ["rank", "image", "score", "level 1", "level 2", "level 3"]
+    totals = [row[2] for row in table["data"]]
+    assert totals == sorted(totals, reverse=True)
+    assert all(abs(row[2] - sum(row[3:])) < 1e-3 for row in table["data"])
+    assert "re-ranked exactly on cpu" in status
+
+
+def test_image_to_text_ranks_the_caption_bank(client, server):
+    query = handle_file(str(server.gallery / "images" / "1.png"))
+    table, status = client.predict(query, 4, "built-in", api_name="/search_image")
+    assert table["headers"][:4] == ["rank", "caption", "image", "score"]
+    assert len(table["data"]) == 4 and "10 captions" in status
+
+
+def test_alignment_maps_have_a_row_per_level_and_a_column_per_word(client, server):
+    query = handle_file(str(server.gallery / "images" / "2.png"))
+    picture, legend, details = client.predict(query, "a red square", api_name="/alignment_maps")
+    assert details["words"] == ["[CLS]", "a", "red", "square", "[SEP]"]
+    assert [level["grid"] for level in details["levels"]] == [[8, 8], [4, 4], [2, 2]]
+    with Image.open(picture) as grid:
+        assert grid.width == 190 + 8 + (len(details["words"]) + 1) * 128
+    assert "level 1" in legend and "layers.1" in legend and "layer 1" in legend
+
+
+@pytest.mark.parametrize("name", sorted(odd_but_valid_images()))
+def test_odd_but_valid_images_work(client, server, name):
+    path = image_file(server.inputs, name, odd_but_valid_images()[name])
+    table, _ = client.predict(handle_file(path), 2, "built-in", api_name="/search_image")
+    assert len(table["data"]) == 2
+    _, _, details = client.predict(handle_file(path), "a square", api_name="/alignment_maps")
+    assert len(details["levels"]) == 3
+
+
+# ---------------------------------------------------------------- bad captions
+@pytest.mark.parametrize(
+    "caption", ["", "   \t\n ", "\x00\x07\x1b"], ids=["empty", "blank", "ctrl"]
+)
+def test_empty_captions_get_a_clear_message(client, caption, before):
+    message = refusal(lambda: client.predict(caption, 3, "built-in", api_name="/search_text"))
+    assert "The caption is empty" in message
+
+
+def test_a_100k_character_caption_is_searched_by_its_first_word_pieces(client):
+    _, table, status = client.predict("red " * 25_000, 2, "built-in", api_name="/search_text")
+    assert len(table["data"]) == 2 and "The model read the first 30 of" in status
+
+
+def test_html_and_control_characters_in_a_caption_stay_plain_text(client, server):
+    query = handle_file(str(server.gallery / "images" / "0.png"))
+    caption = "<img src=x onerror=alert(1)>\x00 red"
+    _, _, details = client.predict(query, caption, api_name="/alignment_maps")
+    assert details["words"][-2:] == ["red", "[SEP]"] and "\x00" not in "".join(details["words"])
+    _, table, _ = client.predict(caption, 2, "built-in", api_name="/search_text")
+    assert len(table["data"]) == 2
+
+
+def test_a_gallery_that_does_not_exist_is_refused(client):
+    message = refusal(lambda: client.predict("red", 3, "mine", api_name="/search_text"))
+    assert "no gallery yet" in message
+
+
+# ---------------------------------------------------------------- bad images
+@pytest.mark.parametrize("name", sorted(bad_images()))
+@pytest.mark.parametrize("endpoint", ["/search_image", "/alignment_maps"])
+def test_bad_query_images_get_a_clear_message(client, server, name, endpoint, before):
+    data, expected = bad_images()[name]
+    query = handle_file(image_file(server.inputs, name, data))
+    second = 3 if endpoint == "/search_image" else "a red square"
+    args = (query, second, "built-in") if endpoint == "/search_image" else (query, second)
+    message = refusal(lambda: client.predict(*args, api_name=endpoint))
+    assert expected in message and name in message and str(server.root) not in message
+
+
+# ---------------------------------------------------------------- your own gallery
+def test_an_uploaded_gallery_is_built_and_searched(server, before):
+    client = server.client()  # a fresh session
+    bad = {name: data for name, (data, _) in bad_images().items()}
+    upload = make_zip(
+        server.inputs / "mine.zip",
+        {
+            "photos/red.png": png_bytes((220, 20, 20)),
+            "photos/blue.png": png_bytes((20, 20, 220)),
+            "../../../escaped.png": png_bytes(),
+            "/absolute.png": png_bytes(),
+            "bomb-member.png": bytes(40 << 20),  # 40 MB of zeros in ~40 kB
+            "readme.txt": b"not an image",
+            **bad,
+        },
+    )
+    loose = image_file(server.inputs, "green.png", png_bytes((20, 220, 20)))
+    captions = server.inputs / "captions.json"
+    captions.write_text(json.dumps({"red.png": ["a red <b>square</b>"], "green.png": "green"}))
+    status = client.predict(
+        [handle_file(str(upload)), handle_file(loose)],
+        handle_file(str(captions)),
+        api_name="/build_gallery",
+    )
+    assert status.startswith("Your gallery: 3 images, 2 captions")
+    reasons = dict(line.strip().split(": ", 1) for line in status.splitlines()[1:])
+    assert reasons == {
+        "../../../escaped.png": "unsafe path: it would be written outside the upload folder",
+        "/absolute.png": "unsafe path: it would be written outside the upload folder",
+        "bomb-member.png": "over the limit of 32 MB per image",
+        "readme.txt": "not an image file type",
+        "not-an-image.png": "cannot identify image file 'not-an-image.png'",
+        "empty.jpg": "cannot identify image file 'empty.jpg'",
+        "truncated.jpg": reasons["truncated.jpg"],
+        "bomb.png": "9000x9000 pixels exceeds 64000000",
+    }
+    images, _, _ = client.predict("a red square", 3, "mine", api_name="/search_text")
+    assert len(images) == 3
+    table, _ = client.predict(handle_file(loose), 5, "mine", api_name="/search_image")
+    assert sorted(row[1] for row in table["data"]) == ["a red <b>square</b>", "green"]
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({f"{i}.png": b"" for i in range(20_000)}, "holds 20,000 files"),
+        ({f"{i}.png": bytes(30 << 20) for i in range(9)}, "MB are accepted"),
+        ({"readme.txt": b"hello"}, "None of the uploaded files is an image"),
+    ],
+    ids=["20000-files", "zip-bomb", "no-image"],
+)
+def test_zips_that_break_a_limit_are_refused(server, client, members, message, before):
+    upload = make_zip(server.inputs / "refused.zip", members)
+    files = [handle_file(str(upload))]
+    assert message in refusal(lambda: client.predict(files, None, api_name="/build_gallery"))
+
+
+def test_a_non_zip_and_a_bad_captions_file_are_refused(server, client, before):
+    fake = image_file(server.inputs, "fake.zip", b"not a zip at all")
+    message = refusal(lambda: client.predict([handle_file(fake)], None, api_name="/build_gallery"))
+    assert "fake.zip is not a readable zip file" in message
+    good = image_file(server.inputs, "ok.png", png_bytes())
+    captions = image_file(server.inputs, "captions.json", b"{broken")
+    message = refusal(
+        lambda: client.predict(
+            [handle_file(good)], handle_file(captions), api_name="/build_gallery"
+        )
+    )
+    assert "captions file could not be read" in message
+
+
+# ---------------------------------------------------------------- load
+def test_twenty_simultaneous_users_are_all_served(server):
+    def one_user(n: int):
+        return server.client().predict(
+            f"a square of colour {n % 5}", 3, "built-in", api_name="/search_text"
+        )
+
+    with ThreadPoolExecutor(USERS) as pool:
+        answers = list(pool.map(one_user, range(USERS)))
+    assert all(len(images) == 3 and len(table["data"]) == 3 for images, table, _ in answers)
+
+
+# ---------------------------------------------------------------- browser
+def browser():
+    """Playwright driving Debian's chromium (never a downloaded browser)."""
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: `make test` installs it")
+        pytest.skip(f"{CHROMIUM} is missing (make test installs it)")
+    return playwright.sync_playwright()
+
+
+def test_a_person_searches_and_sees_the_alignment_maps(server):
+    ARTIFACTS.mkdir(exist_ok=True)
+    with browser() as p:
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = chromium.new_page(viewport={"width": 1280, "height": 1000})
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if server.url not in r.url else None)
+        page.goto(server.url)
+        page.get_by_label("Caption").first.fill("<b>bold</b> a square of colour 2")
+        page.get_by_role("button", name="Search images").click()
+        thumbnails = page.locator("#hits img")
+        thumbnails.first.wait_for(timeout=60_000)
+        assert thumbnails.count() == 5
+        page.screenshot(path=ARTIFACTS / "app-text-to-image.png", full_page=True)
+        thumbnails.first.click()
+        grid = page.locator("#maps-grid img")
+        grid.wait_for(timeout=60_000)
+        page.wait_for_function(
+            "img => img.complete && img.naturalWidth > 1000", arg=grid.element_handle()
+        )
+        page.screenshot(path=ARTIFACTS / "app-alignment-maps.png", full_page=True)
+
+        page.get_by_role("tab", name="Image → Text").click()
+        page.locator("#i2t-examples img").first.click()
+        page.get_by_role("button", name="Search captions").click()
+        shown = "document.querySelector('#caption-table').innerText.includes('<b>picture</b>')"
+        page.wait_for_function(shown, timeout=60_000)  # the caption shows as typed
+        assert page.locator("#caption-table b").count() == 0  # the caption stayed text
+        page.screenshot(path=ARTIFACTS / "app-image-to-text.png", full_page=True)
+        first = page.locator("#caption-table").get_by_test_id("cell-0-1")  # row 1, caption
+        chosen = first.inner_text()
+        first.click()  # opens the maps of that pair
+        caption = page.locator("#map-caption textarea").element_handle()
+        page.wait_for_function("([t, want]) => t.value === want", arg=[caption, chosen])
+        chromium.close()
+    assert outside == []  # nothing fetched from anywhere but the app
+
+
+def test_the_server_stayed_up_and_wrote_only_to_its_own_folders(server, before):
+    assert server.process.poll() is None
+    files, repository = before
+    assert server.files_outside_app_dirs() == files
+    assert set(os.listdir(ROOT)) - repository <= {"test-artifacts"}
+    assert not list(server.root.rglob("escaped.png")) and not list(
+        server.root.rglob("absolute.png")
+    )
+
+
+def test_a_missing_checkpoint_stops_the_app_with_a_message(tmp_path, capsys):
+    import app
+
+    with pytest.raises(SystemExit) as stop:
+        app.main(["--checkpoint", str(tmp_path), "--gallery", str(tmp_path)])
+    assert stop.value.code == 1
+    assert "cannot start" in capsys.readouterr().err

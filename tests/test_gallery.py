@@ -1,0 +1,222 @@
+"""Gallery cache: what is stored, when it is reused, invalidated, rebuilt, and extended."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hat import create_model
+from hat.encode import encode_images
+from hat.gallery import (
+    BuildSettings,
+    CacheError,
+    build_gallery,
+    build_index,
+    dequantize,
+    folder_collection,
+    image_embedding,
+    karpathy_collection,
+    open_gallery,
+    quantize,
+    search_index,
+    text_embedding,
+)
+from hat.pooling import pool_regions, pool_words
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
+
+
+def write_image(path, colour, seed=0):
+    """A small image: a coloured square on a noisy background (any content works)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 80, (40, 48, 3), dtype=np.uint8)
+    pixels[8:28, 10:30] = colour
+    Image.fromarray(pixels).save(path)
+
+
+def write_folder(root, count=5):
+    """Images ``img{i}.png`` (one in a subfolder) and a JSON captions file with two per image."""
+    (root / "sub").mkdir(parents=True)
+    captions = {}
+    for i in range(count):
+        name = f"img{i}.png" if i else "sub/img0.png"
+        write_image(root / name, COLOURS[i % len(COLOURS)], seed=i)
+        captions[name] = [f"a square of colour {i}", f"picture number {i}"]
+    captions_file = root.parent / f"{root.name}-captions.json"
+    captions_file.write_text(json.dumps(captions))
+    return captions_file
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model, tokenizer = create_model("hat-tiny")
+    return model.eval().save_pretrained(tmp_path_factory.mktemp("ckpt") / "m", tokenizer)
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    captions = write_folder(tmp_path / "images")
+    return tmp_path / "images", captions
+
+
+def build(checkpoint, folder, cache, **kwargs):
+    return build_gallery(checkpoint, folder_collection(*folder), cache, **kwargs)
+
+
+def test_stored_features_match_direct_encoding(checkpoint, folder, tmp_path):
+    from hat import load_model
+
+    gallery = build(checkpoint, folder, tmp_path / "cache", settings=BuildSettings("fp32"))
+    assert gallery.num_images == 5 and gallery.num_captions == 10 and not gallery.skipped
+    assert gallery.paths[0] == "img1.png" and "sub/img0.png" in gallery.paths
+    model, _ = load_model(checkpoint)
+    direct, _ = encode_images(model, [gallery.image_path(i) for i in range(5)])
+    stored = gallery.image_features(range(5))
+    for a, b in zip(direct.levels, stored.levels, strict=True):
+        torch.testing.assert_close(a, b)
+    assert gallery.captions[:2] == ["a square of colour 1", "picture number 1"]
+    assert gallery.caption_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    texts = gallery.text_features([3, 0])
+    assert texts.mask.shape[0] == 2 and texts.levels[0].shape[1] == texts.mask.shape[1]
+
+
+def test_int8_storage_keeps_every_vector_within_one_percent():
+    x = torch.randn(7, 5, 32) * torch.rand(7, 5, 1) * 10
+    values, scales = quantize(x, "int8")
+    assert values.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (7, 5)
+    back = dequantize(values, scales)
+    error = torch.linalg.vector_norm(back - x, dim=-1) / torch.linalg.vector_norm(x, dim=-1)
+    assert error.max() < 1e-2
+    assert (
+        quantize(x, "fp16")[1] is None and dequantize(*quantize(x, "fp16")).dtype == torch.float32
+    )
+
+
+def test_first_stage_embedding_is_the_mean_of_pooled_level_cosines():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randn(3, k, 8, generator=g) for k in (16, 4)]
+    words = [torch.randn(2, 6, 8, generator=g) for _ in range(2)]
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    got = image_embedding(images) @ text_embedding(words, mask).T
+    want = (
+        sum(pool_regions(v) @ pool_words(t, mask).T for v, t in zip(images, words, strict=True)) / 2
+    )
+    torch.testing.assert_close(got, want)
+
+
+def test_hnsw_index_above_the_flat_limit_finds_the_nearest_vectors():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    flat, hnsw = build_index(vectors, flat_max=1000), build_index(vectors, flat_max=100)
+    assert type(flat).__name__ == "IndexFlatIP" and "HNSW" in type(hnsw).__name__
+    want, got = search_index(flat, vectors[:20], 10), search_index(hnsw, vectors[:20], 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
+    assert recall >= 0.95
+    assert search_index(flat, vectors[:1], 1000).shape == (1, 300)
+
+
+def test_unchanged_gallery_is_a_cache_hit_without_encoding(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    assert not first.report.cache_hit and first.report.encoded_images == 5
+    manifest = first.directory / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    again = build(checkpoint, folder, tmp_path / "cache")
+    assert again.report.cache_hit and again.report.encoded_images == 0
+    assert again.directory == first.directory and manifest.stat().st_mtime_ns == stamp
+    assert again.bytes_per_image() > 0
+
+
+def test_changed_checkpoint_invalidates_the_cache(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    torch.manual_seed(1)
+    model, tokenizer = create_model("hat-tiny")
+    other = model.save_pretrained(tmp_path / "other", tokenizer)
+    second = build(other, folder, tmp_path / "cache")
+    assert second.directory != first.directory
+    assert second.report.encoded_images == 5 and not second.report.cache_hit
+    assert first.directory.exists()  # another checkpoint's gallery is not superseded
+
+
+def test_changed_image_is_encoded_again_and_the_old_gallery_removed(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    write_image(folder[0] / "img3.png", (0, 0, 0), seed=99)
+    os.utime(folder[0] / "img3.png", ns=(1, 1))  # a different mtime even on coarse clocks
+    second = build(checkpoint, folder, tmp_path / "cache")
+    assert second.directory != first.directory and not first.directory.exists()
+    assert (second.report.encoded_images, second.report.reused_images) == (1, 4)
+
+
+def test_truncated_cache_file_is_detected_and_rebuilt(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    before = first.image_features(range(5))
+    victim = next((first.directory / "segments").glob("*/image.1.npy"))
+    with victim.open("r+b") as fh:
+        fh.truncate(victim.stat().st_size - 100)
+    with pytest.raises(CacheError, match="bytes"):
+        open_gallery(first.directory)
+    rebuilt = build(checkpoint, folder, tmp_path / "cache")
+    assert rebuilt.directory == first.directory
+    assert "image.1.npy" in rebuilt.report.rebuilt_because
+    assert rebuilt.report.encoded_images == 5  # the damaged gallery is never a donor
+    for a, b in zip(before.levels, rebuilt.image_features(range(5)).levels, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_corrupted_file_of_the_right_size_fails_verification(checkpoint, folder, tmp_path):
+    gallery = build(checkpoint, folder, tmp_path / "cache")
+    victim = next((gallery.directory / "segments").glob("*/image.embedding.npy"))
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    open_gallery(gallery.directory)  # sizes still match
+    with pytest.raises(CacheError, match="sha256"):
+        open_gallery(gallery.directory, verify=True)
+    assert build(checkpoint, folder, tmp_path / "cache", verify=True).report.encoded_images == 5
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(checkpoint, folder, tmp_path):
+    (folder[0] / "empty.jpg").write_bytes(b"")
+    (folder[0] / "notes.jpg").write_text("not an image at all")
+    gallery = build(checkpoint, folder, tmp_path / "cache")
+    assert gallery.num_images == 5
+    assert sorted(s["path"] for s in gallery.skipped) == ["empty.jpg", "notes.jpg"]
+    assert all(s["reason"] for s in gallery.skipped)
+    assert gallery.image_index.ntotal == 5 and gallery.text_index.ntotal == 10
+
+
+def test_added_images_are_encoded_and_old_features_untouched(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    old_files = {p.name: p.stat().st_ino for p in (first.directory / "segments").glob("*/*")}
+    old = first.image_features(range(5))
+    write_image(folder[0] / "zz_new1.png", (10, 10, 10), seed=7)
+    write_image(folder[0] / "sub" / "new2.png", (250, 250, 250), seed=8)
+    second = build(checkpoint, folder, tmp_path / "cache")
+    assert (second.report.encoded_images, second.report.reused_images) == (2, 5)
+    assert second.num_images == 7 and len(second.segments) == 2
+    old_segment = second.directory / "segments" / first.manifest["segments"][0]
+    assert {p.name: p.stat().st_ino for p in old_segment.iterdir()} == old_files  # hard links
+    ids = [second.paths.index(p) for p in first.paths]
+    for a, b in zip(old.levels, second.image_features(ids).levels, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert second.image_index.ntotal == 7 and second.num_captions == 10  # new ones uncaptioned
+
+
+def test_karpathy_collection_builds_a_gallery(checkpoint, folder, tmp_path):
+    root, _ = folder
+    entries = [
+        {"filename": name, "split": "test", "sentences": [{"raw": f"caption {i}"}]}
+        for i, name in enumerate(["img1.png", "img2.png", "missing.png"])
+    ]
+    data = tmp_path / "dataset.json"
+    data.write_text(json.dumps({"images": entries}))
+    gallery = build_gallery(checkpoint, karpathy_collection(data, root, "test"), tmp_path / "c")
+    assert gallery.paths == ["img1.png", "img2.png"] and gallery.captions == [
+        "caption 0",
+        "caption 1",
+    ]
+    assert [s["path"] for s in gallery.skipped] == ["missing.png"]

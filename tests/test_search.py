@@ -1,0 +1,117 @@
+"""Two-stage search equals exact scoring when it should, adapts its blocks, and works end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hat import cli, load_model
+from hat import search as search_module
+from hat.gallery import CacheError, build_gallery, folder_collection, run_in_pieces
+from hat.search import Searcher, top_hits
+from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (fixtures)
+
+
+@pytest.fixture()
+def searcher(checkpoint, folder, tmp_path):  # noqa: F811
+    gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
+    model, tokenizer = load_model(checkpoint)
+    return Searcher(gallery, model, tokenizer)
+
+
+def same_hits(a, b):
+    assert [h.index for h in a.hits] == [h.index for h in b.hits]
+    np.testing.assert_allclose([h.score for h in a.hits], [h.score for h in b.hits], atol=1e-6)
+
+
+def test_two_stage_equals_exact_when_candidates_cover_the_gallery(searcher):
+    for query in ("a square of colour 2", "picture number 4", "something else"):
+        two_stage = searcher.text_to_image(query, k=5, candidates=100)
+        exact = searcher.text_to_image(query, k=5, exact=True)
+        assert two_stage.scored == exact.scored == 5
+        same_hits(two_stage, exact)
+    image = searcher.gallery.image_path(1)
+    same_hits(searcher.image_to_text(image, k=10), searcher.image_to_text(image, k=10, exact=True))
+
+
+def test_scores_are_the_models_hierarchical_scores(searcher):
+    result = searcher.text_to_image("a square of colour 3", k=3)
+    text = searcher.encode_text("a square of colour 3")
+    ids = [h.index for h in result.hits]
+    want = searcher.model.level_scores(searcher.gallery.image_features(ids), text)[:, :, 0]
+    got = torch.tensor([h.level_scores for h in result.hits]).T
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
+    assert all(abs(h.score - sum(h.level_scores)) < 1e-5 for h in result.hits)
+
+
+def test_fewer_candidates_rerank_only_those(searcher):
+    result = searcher.text_to_image("a square of colour 1", k=2, candidates=3)
+    assert result.scored == 3 and len(result.hits) == 2
+    assert set(result.seconds) == {"encode", "candidates", "rerank"}
+
+
+def test_blocks_shrink_with_memory_and_scores_do_not_change(searcher, monkeypatch):
+    reference = searcher.text_to_image("picture number 2", k=5, exact=True)
+    monkeypatch.setattr(search_module, "free_memory", lambda device: 4 * 4096)
+    assert search_module.block_size(4096, torch.device("cpu")) == 1
+    same_hits(searcher.text_to_image("picture number 2", k=5, exact=True), reference)
+    image = searcher.gallery.image_path(0)
+    same_hits(searcher.image_to_text(image, k=4, exact=True), searcher.image_to_text(image, k=4))
+
+
+def test_pieces_halve_when_the_gpu_runs_out_of_memory():
+    seen = []
+
+    def fn(piece):
+        seen.append(len(piece))
+        if len(piece) > 2:
+            raise torch.OutOfMemoryError("out of memory")
+        return piece.sum()
+
+    pieces = list(run_in_pieces(fn, torch.arange(7), 8))
+    assert seen[:3] == [7, 4, 2] and sum(int(r) for _, r in pieces) == 21
+    assert [s.stop - s.start for s, _ in pieces] == [2, 2, 2, 1]
+
+
+def test_top_hits_breaks_ties_by_candidate_order():
+    scores = torch.tensor([[1.0, 2.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    hits = top_hits(scores, np.array([10, 11, 12, 13]), 3)
+    assert [h[0] for h in hits] == [11, 12, 10] and hits[0][2] == [2.0, 0.0]
+
+
+def test_searcher_refuses_a_gallery_whose_checkpoint_changed(checkpoint, folder, tmp_path):  # noqa: F811
+    model, tokenizer = load_model(checkpoint)
+    ckpt = model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache")
+    assert Searcher.open(gallery.directory).gallery.num_images == 5
+    model.image_proj[0].bias.data.add_(1.0)
+    model.save_pretrained(ckpt, tokenizer)
+    with pytest.raises(CacheError, match="index build"):
+        Searcher.open(gallery.directory)
+
+
+def test_cli_index_build_then_search(checkpoint, folder, tmp_path, capsys):  # noqa: F811
+    images, captions = folder
+    write_image(images / "broken.jpg", (0, 0, 0))
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    build = ["index", "build", "--checkpoint", str(checkpoint), "--images", str(images)]
+    build += ["--captions", str(captions), "--cache", str(tmp_path / "cache"), "--quiet"]
+    assert cli.main([*build, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["images"], info["captions"], info["encoded_images"]) == (5, 10, 5)
+    assert [s["path"] for s in info["skipped"]] == ["broken.jpg"]
+    assert cli.main(build) == 0
+    assert "cache hit: 5 images (0 encoded, 5 reused)" in capsys.readouterr().out
+
+    query = ["search", "--gallery", info["gallery"], "-k", "3", "--json"]
+    assert cli.main([*query, "--text", "a square of colour 2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["hits"]) == 3 and result["scored"] == 5
+    assert all(len(h["level_scores"]) == 3 and h["caption"] is None for h in result["hits"])
+    assert cli.main([*query, "--image", str(images / "img2.png")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["hits"]) == 3 and all(h["caption"] for h in result["hits"])
+    assert cli.main(["search", "--gallery", info["gallery"], "--text", "x", "--exact"]) == 0
+    assert "scored 5 exactly" in capsys.readouterr().out
