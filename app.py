@@ -177,7 +177,12 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
                         map_caption = gr.Textbox(label="Caption", elem_id="map-caption")
                         draw = gr.Button("Show alignment maps", variant="primary")
                 grid = gr.Image(
-                    label="Alignment maps", type="pil", format="webp", elem_id="maps-grid"
+                    label="Alignment maps",
+                    show_label=False,  # the picture's own header names the columns
+                    buttons=["fullscreen", "download"],
+                    type="pil",
+                    format="webp",
+                    elem_id="maps-grid",
                 )
                 legend = gr.Markdown(label="Legend")
                 with gr.Accordion("Scores and word pieces", open=False):

@@ -1,20 +1,20 @@
-"""Retrieval quality of the engine on a captioned split: first-stage candidate recall, and R@K
-of exact scoring from features stored at each precision (fp32 is the reference).
+"""Retrieval quality of the engine on a captioned split: first-stage candidate recall, and R@K of
+exact scoring from features stored at each precision (fp32 is the reference).
 
-Candidate recall = the fraction of the exact top-10 (full HAT score over the whole gallery) that
-the first stage puts in its top-K; the re-ranked two-stage top-10 equals the exact one exactly
-when recall is 1. Both directions: text → image against the images, image → text against the
-caption bank.
+Candidate recall = the fraction of the exact top-10 (full HAT score over the whole split) that the
+first stage puts in its top-K: the re-ranked two-stage top-10 equals the exact one when it is 1.
+Text → image searches the images, image → text the caption bank. The split is encoded once at
+fp32; the other precisions are that gallery's features stored and read back through the same
+``quantize`` / ``dequantize`` a gallery uses.
 
-    nice -n 10 python benchmarks/retrieval_quality.py --checkpoint runs/x/best \\
-        --data dataset.json --image-root images --split test
+    nice -n 10 python benchmarks/retrieval_quality.py --checkpoint checkpoints/hat-tuxpaint \\
+        --data dataset_tuxpaint_scenes.json --image-root images --split test [--captions 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,37 +23,41 @@ from common import write_report
 from hat.encode import score_matrix
 from hat.factory import load_model
 from hat.gallery import (
-    PRECISIONS,
     BuildSettings,
-    Gallery,
     build_gallery,
+    build_index,
+    dequantize,
     karpathy_collection,
+    quantize,
     search_index,
 )
 from hat.metrics import retrieval_metrics
+from hat.model import ImageFeatures, TextFeatures
 
 TOP = 10
 CANDIDATES = [10, 20, 50, 100, 200]
 
 
-def candidate_recall(exact: np.ndarray, index, queries: np.ndarray) -> dict[str, float]:
+def candidate_recall(exact: np.ndarray, queries: np.ndarray, keys: np.ndarray) -> dict:
     """Mean fraction of each query's exact top-10 (rows of ``exact``) in the first-stage top-K."""
     truth = np.argsort(-exact, axis=1, kind="stable")[:, :TOP]
+    index = build_index(keys)
     out = {}
-    for k in CANDIDATES:
-        if k > exact.shape[1]:
-            break
+    for k in (k for k in CANDIDATES if k <= exact.shape[1]):
         found = search_index(index, queries, k)
         hits = [len(set(t) & set(f)) / TOP for t, f in zip(truth, found, strict=True)]
         out[f"K={k}"] = round(float(np.mean(hits)), 4)
     return out
 
 
-def exact_scores(model, gallery: Gallery) -> np.ndarray:
-    """Full score matrix ``(images, captions)`` from the gallery's stored features."""
-    images = gallery.image_features(range(gallery.num_images))
-    texts = gallery.text_features(range(gallery.num_captions))
-    return score_matrix(model, images, texts).sum(0).numpy()
+def first_captions(caption_image: np.ndarray, per_image: int) -> np.ndarray:
+    """Ids of the first ``per_image`` captions of every image (a gallery groups them by image)."""
+    rank = np.arange(len(caption_image)) - np.searchsorted(caption_image, caption_image)
+    return np.flatnonzero(rank < per_image)
+
+
+def stored(levels: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
+    return [dequantize(*quantize(x, precision)) for x in levels]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -62,51 +66,57 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", required=True, help="Karpathy-split JSON")
     parser.add_argument("--image-root", required=True)
     parser.add_argument("--split", default="test")
-    parser.add_argument("--cache", help="gallery cache (default: a temp dir)")
+    parser.add_argument("--captions", type=int, default=5, help="captions per image to use")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "fp16", "int8"])
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.checkpoint)
     collection = karpathy_collection(args.data, args.image_root, args.split)
-    cache = Path(args.cache or tempfile.mkdtemp(prefix="hat-quality-"))
-    report: dict = {"checkpoint": args.checkpoint, "split": args.split, "precisions": {}}
-    reference = None
-    for precision in PRECISIONS:  # fp32 first: the reference
-        gallery = build_gallery(
-            args.checkpoint,
-            collection,
-            cache,
-            BuildSettings(precision),
-            model=model,
-            tokenizer=tokenizer,
-        )
+    gallery = build_gallery(
+        args.checkpoint,
+        collection,
+        tempfile.mkdtemp(prefix="hat-quality-"),
+        BuildSettings("fp32"),
+        model=model,
+        tokenizer=tokenizer,
+    )
+    ids = first_captions(gallery.caption_image, args.captions)
+    owners = gallery.caption_image[ids]
+    images = gallery.image_features(range(gallery.num_images))
+    texts = gallery.text_features(ids)
+    report: dict = {
+        "checkpoint": args.checkpoint,
+        "split": args.split,
+        "images": gallery.num_images,
+        "captions": len(ids),
+        "precisions": {},
+    }
+    sims = {}
+    for precision in args.precisions:
         with torch.inference_mode():
-            sims = exact_scores(model, gallery)
-        metrics = retrieval_metrics(sims, gallery.caption_image)
-        reference = reference or metrics
-        entry = {
-            "bytes_per_image": round(gallery.bytes_per_image()),
+            quantized_images = ImageFeatures(stored(images.levels, precision))
+            quantized_texts = TextFeatures(stored(texts.levels, precision), texts.mask)
+            sims[precision] = score_matrix(model, quantized_images, quantized_texts).sum(0).numpy()
+        metrics = retrieval_metrics(sims[precision], owners)
+        reference = report["precisions"].get(args.precisions[0], {}).get("metrics", metrics)
+        report["precisions"][precision] = {
             "metrics": metrics,
-            "r1_change_vs_fp32": {
+            "change_vs_" + args.precisions[0]: {
                 k: round(metrics[k] - reference[k], 2) for k in ("i2t_r1", "t2i_r1", "rsum")
             },
         }
-        report["precisions"][precision] = entry
-        print(f"{precision}: {entry}")
-        if precision == "int8":
-            report["images"], report["captions"] = gallery.num_images, gallery.num_captions
-            report["candidate_recall_of_exact_top10"] = {
-                "text_to_image": candidate_recall(
-                    sims.T, gallery.image_index, gallery.embeddings("text")
-                ),
-                "image_to_text": candidate_recall(
-                    sims, gallery.text_index, gallery.embeddings("image")
-                ),
-            }
-            pooled = gallery.embeddings("image") @ gallery.embeddings("text").T
-            report["first_stage_alone_metrics"] = retrieval_metrics(pooled, gallery.caption_image)
-            print(f"candidate recall: {report['candidate_recall_of_exact_top10']}")
-            print(f"first stage alone: {report['first_stage_alone_metrics']}")
+        print(f"{precision}: {report['precisions'][precision]}")
+    chosen = sims[args.precisions[-1]]
+    image_vectors, text_vectors = gallery.embeddings("image"), gallery.embeddings("text")[ids]
+    report["candidate_recall_of_exact_top10"] = {
+        "text_to_image": candidate_recall(chosen.T, text_vectors, image_vectors),
+        "image_to_text": candidate_recall(chosen, image_vectors, text_vectors),
+    }
+    pooled = image_vectors @ text_vectors.T
+    report["first_stage_alone_metrics"] = retrieval_metrics(pooled, owners)
+    print(f"candidate recall: {report['candidate_recall_of_exact_top10']}")
+    print(f"first stage alone: {report['first_stage_alone_metrics']}")
     write_report("retrieval_quality", report, args.out)
     return report
 

@@ -13,7 +13,7 @@ from hat import create_model
 from hat.demo import InputError
 from hat.demo.captions import MAX_CAPTION_CHARS, clean_caption
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
-from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, colormap, model_view, upsample
+from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
     MAX_IMAGE_BYTES,
     MAX_ZIP_MEMBERS,
@@ -213,7 +213,7 @@ def test_maps_of_a_result_come_from_the_computation_that_scored_it(engine):
     assert maps.details["score"] == pytest.approx(hit.score, abs=1e-5)
     words = maps.details["words"]
     assert words[0] == "[CLS]" and words[-1] == "[SEP]"
-    assert maps.picture.size == (LABEL_WIDTH + GAP + (len(words) + 1) * CELL, maps.picture.size[1])
+    assert maps.picture.width == LABEL_WIDTH + GAP + MARGIN + (len(words) + 1) * CELL
     assert "level 3" in maps.legend and "layers.3" in maps.legend
 
 

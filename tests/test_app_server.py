@@ -196,7 +196,7 @@ def test_alignment_maps_have_a_row_per_level_and_a_column_per_word(client, serve
     assert details["words"] == ["[CLS]", "a", "red", "square", "[SEP]"]
     assert [level["grid"] for level in details["levels"]] == [[8, 8], [4, 4], [2, 2]]
     with Image.open(picture) as grid:
-        assert grid.width == 190 + 8 + (len(details["words"]) + 1) * 128
+        assert grid.width == 190 + 8 + 64 + (len(details["words"]) + 1) * 128
     assert "level 1" in legend and "layers.1" in legend and "layer 1" in legend
 
 

@@ -35,6 +35,7 @@ LABEL_WIDTH = 190  # left column with the level names
 HEADER = 30  # top row with the words
 FOOTER = 34  # colour bar
 GAP = 8  # between the whole-caption column and the word columns
+MARGIN = 64  # right of the last column, under the image viewer's buttons
 FONT_SIZE = 13
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
@@ -117,7 +118,7 @@ def render_grid(
     """
     view = np.asarray(model_view(image, crop, cell))
     columns = 1 + len(words)
-    width = LABEL_WIDTH + columns * cell + GAP
+    width = LABEL_WIDTH + columns * cell + GAP + MARGIN
     height = HEADER + len(levels) * cell + FOOTER
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)

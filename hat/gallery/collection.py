@@ -1,10 +1,10 @@
 """What a gallery is built from (a collection of images and captions) and its cache key.
 
 The collection is fingerprinted by path, size and mtime, not by content: a stat costs ~2 µs per
-file, hashing a 46 KB JPEG ~80 µs even from the page cache (0.2 s vs 8 s for 100k photos, and
-hashing grows with file size and disk reads; benchmarks/gallery_encoding.py). Any edit through
-the file system changes the mtime. Checkpoints are hashed by content (weights, config,
-tokenizer): ~0.1 s for the demo checkpoint.
+file, hashing a 46 KB JPEG ~40 µs even from the page cache (0.2 s vs 4 s per 100k images, and
+hashing grows with file size and with disk reads when the cache is cold;
+benchmarks/gallery_encoding.py). Any edit through the file system changes the mtime.
+Checkpoints are hashed by content (weights, config, tokenizer).
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from hat.pooling import pool_regions, pool_words
+from hat.pooling import pool_words
 
 # First-stage embedding: bump the name when its definition changes (it is part of the cache key).
-EMBEDDING = "mean-pooled-levels-v1"
+EMBEDDING = "unit-mean-regions-mean-words-v2"
 # Up to this many vectors a first-stage index is exact (IndexFlatIP): a scan of 100k 768-d
 # vectors takes ~50 ms on one core, 200k ~100 ms. HNSW answers in a few ms but, measured on
 # unstructured 768-d vectors, found only 64 % of the exact top-100 at 20k (41 % at 100k) with
@@ -27,13 +28,18 @@ HNSW_EF_CONSTRUCTION = 80
 
 
 def image_embedding(levels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """First-stage vector of images ``(N, levels * D)``: the levels' pooled unit vectors, scaled.
+    """First-stage vector of images ``(N, levels * D)``: per level, the unit-length mean of the
+    regions' unit vectors; levels concatenated and scaled so the vector has unit length.
 
-    The inner product of two such vectors is the mean over levels of the pooled cosines, which
-    mirrors the HAT score (a sum over levels). Replace this pair of functions by a trained global
-    head to raise candidate recall; the final ranking is always the HAT score.
+    Its inner product with :func:`text_embedding` is the mean over levels of one cosine per
+    level, mirroring the HAT score (mean over regions of a cosine, summed over levels).
+    Averaging unit region vectors, as that per-region cosine weighs every region alike, kept
+    more of the exact top-10 than a plain mean (K=100 on the demo's val split: text → image
+    0.992 vs 0.966, image → text 0.896 vs 0.813). Replace this pair of functions by a trained
+    global head to raise recall further; the final ranking is always the HAT score.
     """
-    return torch.cat([pool_regions(x) for x in levels], dim=1) / math.sqrt(len(levels))
+    pooled = [F.normalize(F.normalize(x.float(), dim=-1).mean(dim=1), dim=-1) for x in levels]
+    return torch.cat(pooled, dim=1) / math.sqrt(len(levels))
 
 
 def text_embedding(levels: Sequence[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
