@@ -18,10 +18,10 @@ from hat.pooling import pool_words
 
 # First-stage embedding: bump the name when its definition changes (it is part of the cache key).
 EMBEDDING = "unit-mean-regions-mean-words-v2"
-# Up to this many vectors a first-stage index is exact (IndexFlatIP): a scan of 100k 768-d
-# vectors takes ~50 ms on one core, 200k ~100 ms. HNSW answers in a few ms but, measured on
-# unstructured 768-d vectors, found only 64 % of the exact top-100 at 20k (41 % at 100k) with
-# efSearch 200; it needs efSearch ~8K for ~97 % (benchmarks/query_latency.py).
+# Up to this many vectors a first-stage index is exact (IndexFlatIP): a scan of 768-d vectors
+# takes ~23 ms per 100k on one core (~42 ms at 200k). HNSW (M=32) answers in a few ms but, on
+# unstructured 768-d vectors, found only 64 % of the exact top-100 at 20k with efSearch 200 and
+# 82 % at 100k with efSearch 800, after a 3-minute build (benchmarks/query_latency.py).
 FLAT_INDEX_MAX = 200_000
 HNSW_NEIGHBOURS = 32
 HNSW_EF_CONSTRUCTION = 80
