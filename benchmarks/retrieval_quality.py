@@ -73,18 +73,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer = load_model(args.checkpoint)
     collection = karpathy_collection(args.data, args.image_root, args.split)
-    gallery = build_gallery(
-        args.checkpoint,
-        collection,
-        tempfile.mkdtemp(prefix="hat-quality-"),
-        BuildSettings("fp32"),
-        model=model,
-        tokenizer=tokenizer,
-    )
-    ids = first_captions(gallery.caption_image, args.captions)
-    owners = gallery.caption_image[ids]
-    images = gallery.image_features(range(gallery.num_images))
-    texts = gallery.text_features(ids)
+    with tempfile.TemporaryDirectory(prefix="hat-quality-") as cache:
+        gallery = build_gallery(
+            args.checkpoint,
+            collection,
+            cache,
+            BuildSettings("fp32"),
+            model=model,
+            tokenizer=tokenizer,
+        )
+        ids = first_captions(gallery.caption_image, args.captions)
+        owners = gallery.caption_image[ids]
+        images = gallery.image_features(range(gallery.num_images))
+        texts = gallery.text_features(ids)
+        image_vectors = gallery.embeddings("image")
+        text_vectors = gallery.embeddings("text")[ids]
     report: dict = {
         "checkpoint": args.checkpoint,
         "split": args.split,
@@ -108,7 +111,6 @@ def main(argv: list[str] | None = None) -> dict:
         }
         print(f"{precision}: {report['precisions'][precision]}")
     chosen = sims[args.precisions[-1]]
-    image_vectors, text_vectors = gallery.embeddings("image"), gallery.embeddings("text")[ids]
     report["candidate_recall_of_exact_top10"] = {
         "text_to_image": candidate_recall(chosen.T, text_vectors, image_vectors),
         "image_to_text": candidate_recall(chosen, image_vectors, text_vectors),
