@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from common import interleaved, save_demo_architecture_model, stats_ms, timed, write_report
 
-from hat.config import HATConfig
 from hat.fileio import atomic_directory
 from hat.gallery import (
     BuildSettings,
@@ -35,10 +34,9 @@ from hat.gallery import (
     checkpoint_fingerprint,
     gallery_header,
     search_index,
-    text_embedding,
     write_gallery,
 )
-from hat.model import ImageFeatures
+from hat.model import HATModel, ImageFeatures
 from hat.search import Searcher
 
 COLOURS = ["red", "brown", "yellow", "green", "blue", "white", "black", "pink"]
@@ -56,26 +54,33 @@ def queries(count: int) -> list[str]:
     return out
 
 
+@torch.inference_mode()
 def query_vectors(searcher: Searcher, captions: list[str]) -> np.ndarray:
     texts = [searcher.encode_text(c) for c in captions]
-    return torch.cat([text_embedding(t.levels, t.mask) for t in texts]).float().numpy()
+    return torch.cat([searcher.model.text_embedding(t) for t in texts]).float().numpy()
 
 
 POOL = 256  # distinct synthetic images; every gallery row is one of them plus its own offset
 
 
-def synthetic_encoder(shapes: list[tuple[int, int]], precision: str, seed: int = 0):
-    """An ``encode`` for write_gallery that stores synthetic features instead of running a model."""
+def synthetic_encoder(model: HATModel, shapes: list[tuple[int, int]], precision: str, seed=0):
+    """An ``encode`` for write_gallery that stores synthetic features instead of running the
+    towers (the model's global head still makes the first-stage vectors)."""
     g = torch.Generator().manual_seed(seed)
     pool = [torch.randn(POOL, regions, dim, generator=g) for regions, dim in shapes]
 
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
-        writer = SegmentWriter(directory, precision, len(entries), shapes, np.zeros(0, np.int64))
+        no_captions = np.zeros(0, np.int64)
+        writer = SegmentWriter(
+            directory, precision, len(entries), shapes, no_captions, model.first_stage_dim
+        )
         for start in range(0, len(entries), POOL):
             rows = np.arange(start, min(start + POOL, len(entries)))
             offset = torch.randn(len(rows), 1, shapes[0][1], generator=g)
             levels = [x[: len(rows)] + offset for x in pool]
-            writer.put_images(rows, ImageFeatures(levels))
+            features = ImageFeatures(levels)
+            with torch.inference_mode():
+                writer.put_images(rows, features, model.image_embedding(features))
         writer.close()
         return list(range(len(entries)))
 
@@ -83,7 +88,8 @@ def synthetic_encoder(shapes: list[tuple[int, int]], precision: str, seed: int =
 
 
 def synthetic_gallery(directory: Path, checkpoint: Path, size: int) -> Path:
-    config = HATConfig.load(checkpoint / "config.json")
+    model = HATModel.from_pretrained(checkpoint)
+    config = model.config
     entries = [ImageEntry(f"synthetic/{i:06d}.jpg", 0, 0) for i in range(size)]
     collection = Collection(directory, entries, {"kind": "synthetic", "size": str(size)})
     settings = BuildSettings()
@@ -92,7 +98,7 @@ def synthetic_gallery(directory: Path, checkpoint: Path, size: int) -> Path:
     shapes = [(16 * 16, config.embed_dim)] * config.num_levels  # ViT-S/14 at 224 px
     target = directory / f"gallery-{size}"
     with atomic_directory(target) as staging:
-        write_gallery(staging, collection, {}, synthetic_encoder(shapes, "int8"), header, {})
+        write_gallery(staging, collection, {}, synthetic_encoder(model, shapes, "int8"), header, {})
     return target
 
 

@@ -46,6 +46,11 @@ class HATConfig:
     # "hat": SCAN-style cross-attention per level; "pooled": cosine of mean-pooled features per
     # level, the no-cross-attention baseline.
     scoring: str = "hat"
+    # First-stage global head (hat.global_head): width of its unit vectors, 0 for none (search
+    # then pools features without parameters). It learns by distillation from the HAT score;
+    # ``global_sharpness`` sets how peaked the teacher's ranking targets are.
+    global_dim: int = 0
+    global_sharpness: float = 3.0
 
     name: str = "hat-b"
     notes: str = ""
@@ -61,6 +66,8 @@ class HATConfig:
             raise ValueError(f"direction must be 'i2t' or 't2i', got {self.direction!r}")
         if self.scoring not in ("hat", "pooled"):
             raise ValueError(f"scoring must be 'hat' or 'pooled', got {self.scoring!r}")
+        if self.global_dim < 0:
+            raise ValueError(f"global_dim must be 0 (no head) or positive, got {self.global_dim}")
         if self.max_text_len < 3:
             raise ValueError("max_text_len must leave room for [CLS], [SEP] and one word")
 

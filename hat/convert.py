@@ -31,7 +31,7 @@ import re
 import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -298,8 +298,11 @@ def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
 
 
 def converted_config(checkpoint: Path) -> HATConfig:
-    """The ``hat-b`` preset, checked against the level order the rules assume."""
-    config = get_preset(PRESET)
+    """The ``hat-b`` preset, checked against the level order the rules assume.
+
+    Official checkpoints have no first-stage global head: search pools their features instead.
+    """
+    config = replace(get_preset(PRESET), global_dim=0)
     if (config.image_levels, config.text_levels) != OFFICIAL_LEVELS:
         raise ValueError(f"preset {PRESET} no longer has the official levels {OFFICIAL_LEVELS}")
     config.notes += (

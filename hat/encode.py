@@ -97,3 +97,20 @@ def score_matrix(
         block = images[start : start + image_block].to(device)
         rows.append(model.level_scores(block, texts_on_device).float().cpu())
     return torch.cat(rows, dim=1)
+
+
+@torch.inference_mode()
+def first_stage_matrix(
+    model: HATModel, images: ImageFeatures, texts: TextFeatures, block: int = 256
+) -> torch.Tensor:
+    """Inner products ``(num_images, num_texts)`` of the first-stage vectors of stored features."""
+    device = model.device
+
+    def vectors(embed, features) -> torch.Tensor:
+        parts = [
+            embed(features[s : s + block].to(device)).float().cpu()
+            for s in range(0, len(features), block)
+        ]
+        return torch.cat(parts)
+
+    return vectors(model.image_embedding, images) @ vectors(model.text_embedding, texts).T

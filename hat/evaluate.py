@@ -1,4 +1,5 @@
-"""Evaluate a HAT checkpoint: exact full-matrix scoring, R@1/5/10 both ways, RSUM, ranks.
+"""Evaluate a HAT checkpoint: exact full-matrix scoring, R@1/5/10 both ways, RSUM, ranks, and
+how much of the exact top-10 a search's first stage keeps among its K candidates.
 
 hat eval --checkpoint runs/x/best --data dataset_flickr30k.json --image-root flickr30k-images
 hat eval ... --data dataset_coco.json --split test --folds 5      # MSCOCO 5K and 1K (5 folds)
@@ -15,10 +16,12 @@ import numpy as np
 import torch
 
 from hat.data.captions import CaptionedImages, read_karpathy
-from hat.encode import encode_captions, encode_images, score_matrix
+from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
 from hat.factory import load_model
-from hat.metrics import fold_metrics, format_table, retrieval_metrics
+from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
+
+FIRST_STAGE_RECALL = "first-stage recall of top-10"
 
 
 def default_device() -> str:
@@ -50,7 +53,8 @@ def evaluate_features(
     folds: int = 1,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on already encoded features (whole split first, then folds, then levels)."""
+    """:func:`evaluate` on already encoded features (whole split first, then folds, then levels,
+    then the first stage's candidate recall of the exact top-10 in both directions)."""
     per_level = score_matrix(model, images, texts, progress=progress).numpy()
     sims = per_level.sum(axis=0)
     n = images.levels[0].shape[0]
@@ -60,6 +64,10 @@ def evaluate_features(
     if len(per_level) > 1:
         for i, name in enumerate(model.config.level_names):
             results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
+    first = first_stage_matrix(model, images, texts).numpy()
+    recall = {f"t2i_{k}": v for k, v in candidate_recall(sims.T, first.T).items()}
+    recall.update({f"i2t_{k}": v for k, v in candidate_recall(sims, first).items()})
+    results[FIRST_STAGE_RECALL] = recall
     return results
 
 

@@ -64,9 +64,33 @@ def fold_metrics(
     return {key: float(np.mean([m[key] for m in folds])) for key in folds[0]}
 
 
+def candidate_recall(
+    exact: np.ndarray, first_stage: np.ndarray, ks: tuple[int, ...] = (50, 100), top: int = 10
+) -> dict[str, float]:
+    """Mean fraction of each query's exact top-``top`` found in its first-stage top-K.
+
+    Rows are queries and columns the searched items, in both matrices. When it is 1, re-ranking
+    K first-stage candidates with the exact score returns exactly the exact top-``top``.
+    """
+    truth = np.argsort(-exact, axis=1, kind="stable")[:, :top]
+    order = np.argsort(-first_stage, axis=1, kind="stable")
+    out = {}
+    for k in ks:
+        if k > exact.shape[1]:
+            continue
+        found = (order[:, :k, None] == truth[:, None, :]).any(axis=1)
+        out[f"K={k}"] = float(found.mean())
+    return out
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """A fixed-width table: one row per named result."""
+    """A fixed-width table: one row per named result; other entries as ``name: key value``."""
     cols = [f"{d}_r{k}" for d in ("i2t", "t2i") for k in RECALL_AT] + ["rsum"]
     head = f"{'':<16}" + "".join(f"{c:>9}" for c in cols)
-    rows = [f"{name:<16}" + "".join(f"{m[c]:>9.2f}" for c in cols) for name, m in results.items()]
-    return "\n".join([head, *rows])
+    rows, extra = [], []
+    for name, m in results.items():
+        if all(c in m for c in cols):
+            rows.append(f"{name:<16}" + "".join(f"{m[c]:>9.2f}" for c in cols))
+        else:
+            extra.append(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    return "\n".join([head, *rows, *extra])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from torch import nn
 from hat.alignment import hierarchical_scores
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
+from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.image_tower import ImageTower
 from hat.pooling import pooled_level_scores
 from hat.text_tower import TextTower
@@ -57,6 +59,16 @@ class TextFeatures:
         return self.mask.sum(dim=1)
 
 
+@dataclass
+class BatchScores:
+    """What a training batch needs from ``forward``: HAT scores and the global head's logits."""
+
+    hat: torch.Tensor
+    """``(I, T)`` HAT scores, image i paired with caption i."""
+    first_stage: torch.Tensor | None
+    """``(I, T)`` scaled inner products of the global vectors; None for a model without head."""
+
+
 def _projection(in_features: int, out_features: int) -> nn.Linear:
     """A level projection as in the paper: linear, N(0, 0.02) weights, zero bias, no activation."""
     layer = nn.Linear(in_features, out_features)
@@ -89,6 +101,11 @@ class HATModel(nn.Module):
         self.text_proj = nn.ModuleList(
             _projection(c, config.embed_dim) for c in self.text_tower.channels
         )
+        self.image_global = self.text_global = self.global_logit_scale = None
+        if config.global_dim:
+            self.image_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
+            self.text_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
+            self.global_logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         # Checkpoints must rebuild the text tower offline: record its architecture.
         self.config.text_backbone_config = self.text_tower.backbone.config.to_diff_dict()
         self.config.text_backbone_config["model_type"] = self.text_tower.backbone.config.model_type
@@ -134,11 +151,50 @@ class HATModel(nn.Module):
         """HAT pair scores ``(num_images, num_texts)``: the sum of the level scores."""
         return self.level_scores(images, texts, **kwargs).sum(dim=0)
 
+    @property
+    def first_stage_dim(self) -> int:
+        """Width of :meth:`image_embedding` / :meth:`text_embedding` vectors."""
+        return self.config.global_dim or self.config.embed_dim * self.config.num_levels
+
+    def image_embedding(self, images: ImageFeatures) -> torch.Tensor:
+        """First-stage unit vectors ``(N, dim)`` of images, for a faiss index."""
+        if self.image_global is None:
+            return pooled_image_embedding(images.levels)
+        return self.image_global(images.levels)
+
+    def text_embedding(self, texts: TextFeatures) -> torch.Tensor:
+        """First-stage unit vectors ``(N, dim)`` of captions, for a faiss index."""
+        if self.text_global is None:
+            return pooled_text_embedding(texts.levels, texts.mask)
+        return self.text_global(texts.levels, texts.mask)
+
+    def first_stage_logits(self, images: ImageFeatures, texts: TextFeatures) -> torch.Tensor:
+        """Scaled inner products of the global head's vectors, for training it.
+
+        The head sees detached features: it learns to rank like HAT without changing what HAT
+        learns (with Adam, adding its loss leaves every other parameter's update as it was).
+        """
+        if self.global_logit_scale is None:
+            raise ValueError(f"{self.config.name} has no global head (global_dim is 0)")
+        image = self.image_embedding(ImageFeatures([x.detach() for x in images.levels]))
+        text = self.text_embedding(TextFeatures([x.detach() for x in texts.levels], texts.mask))
+        return self.global_logit_scale.exp() * image @ text.T
+
+    def batch_scores(self, images: ImageFeatures, texts: TextFeatures) -> BatchScores:
+        """HAT scores and, with a global head, its logits for the same pairs."""
+        first_stage = None
+        if self.global_logit_scale is not None:
+            first_stage = self.first_stage_logits(images, texts)
+        return BatchScores(self.score(images, texts), first_stage)
+
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Score matrix of a training batch (image i is paired with caption i)."""
-        return self.score(
+    ) -> BatchScores:
+        """Scores of a training batch (image i is paired with caption i).
+
+        Everything that trains runs here, so DistributedDataParallel synchronises all of it.
+        """
+        return self.batch_scores(
             self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
         )
 

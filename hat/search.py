@@ -33,11 +33,9 @@ from hat.gallery import (
     Gallery,
     checkpoint_fingerprint,
     default_device,
-    image_embedding,
     open_gallery,
     run_in_pieces,
     search_index,
-    text_embedding,
 )
 from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.tokenization import tokenize
@@ -209,6 +207,7 @@ class Searcher:
         timings["rerank"] = time.perf_counter() - start
         return hits, len(ids)
 
+    @torch.inference_mode()
     def text_to_image(
         self, caption: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES, exact: bool = False
     ) -> SearchResult:
@@ -216,7 +215,7 @@ class Searcher:
         start = time.perf_counter()
         text = self.encode_text(caption)
         timings = {"encode": time.perf_counter() - start}
-        embedding = text_embedding(text.levels, text.mask)
+        embedding = self.model.text_embedding(text)
         hits, scored = self._search(
             embedding,
             self.gallery.image_index,
@@ -230,6 +229,7 @@ class Searcher:
         paths = self.gallery.paths
         return SearchResult([Hit(i, s, lv, paths[i]) for i, s, lv in hits], scored, timings)
 
+    @torch.inference_mode()
     def image_to_text(
         self,
         image: str | Path | Image.Image,
@@ -242,7 +242,7 @@ class Searcher:
         features = self.encode_image(image)
         timings = {"encode": time.perf_counter() - start}
         hits, scored = self._search(
-            image_embedding(features.levels),
+            self.model.image_embedding(features),
             self.gallery.text_index,
             self.gallery.num_captions,
             lambda ids: self.score_captions(ids, features),

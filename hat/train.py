@@ -1,5 +1,8 @@
 """Train HAT with the reference recipe: hardest-negative hinge loss, Adam, StepLR, frozen warm-up.
 
+A model with a first-stage global head (``global_dim > 0``) trains it jointly, by distillation
+from the batch's HAT scores on detached features: HAT itself learns exactly as without it.
+
     hat train --data dataset_flickr30k.json --image-root flickr30k-images --out runs/f30k \\
         --pretrained-image hub --pretrained-text hub
     torchrun --nproc_per_node 8 -m hat.train ...        # DistributedDataParallel
@@ -28,9 +31,9 @@ from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
-from hat.evaluate import default_device, evaluate
+from hat.evaluate import FIRST_STAGE_RECALL, default_device, evaluate
 from hat.factory import create_model
-from hat.loss import hardest_negative_triplet_loss
+from hat.loss import training_loss
 from hat.model import HATModel
 from hat.transforms import train_transform
 
@@ -167,7 +170,9 @@ class Trainer:
                     batch.input_ids.to(self.device),
                     batch.attention_mask.to(self.device),
                 )
-            loss = hardest_negative_triplet_loss(scores.float(), self.config.margin)
+            loss = training_loss(
+                scores.hat, scores.first_stage, self.config.margin, self.config.global_sharpness
+            )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
@@ -182,11 +187,12 @@ class Trainer:
                 )
         return float(np.mean(losses)) if losses else float("nan")
 
-    def validate(self) -> dict[str, float]:
+    def validate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Headline metrics of the val split, and the first stage's candidate recall."""
         results = evaluate(
             self.model, self.tokenizer, self.val_data, batch_size=self.args.batch_size
         )
-        return next(iter(results.values()))
+        return next(iter(results.values())), results[FIRST_STAGE_RECALL]
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -210,7 +216,7 @@ class Trainer:
 
     def _end_of_epoch(self, summary: dict) -> None:
         if self.val_data is not None:
-            metrics = self.validate()
+            metrics, summary["val_first_stage"] = self.validate()
             summary["val"] = metrics
             selection = metrics["i2t_r1"] + metrics["t2i_r1"]
             if selection > self.progress["best"]:

@@ -172,10 +172,12 @@ def test_converted_model_has_the_official_level_shapes(official, converted):
     text_levels, text_hooks = _record(model.text_proj, inputs=True)
     stage1, stage_hooks = _record([model.image_tower.backbone.layers[1]], inputs=False)
     with torch.no_grad():
-        scores = model(pixels, batch["input_ids"], batch["attention_mask"])
+        out = model(pixels, batch["input_ids"], batch["attention_mask"])
+    scores = out.hat
     for hook in image_hooks + text_hooks + stage_hooks:
         hook.remove()
     assert scores.shape == (1, 1) and torch.isfinite(scores).all()
+    assert out.first_stage is None  # official checkpoints have no global head: search pools
     # Before projection: the official image_embeds_all[1], [2], [-1] and BERT layers 4, 10, 12.
     assert [tuple(x.shape) for x in image_levels] == [(1, 784, 256), (1, 196, 512), (1, 49, 1024)]
     assert [tuple(x.shape) for x in text_levels] == [(1, 8, 768)] * 3

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from hat import create_model
@@ -18,14 +17,11 @@ from hat.gallery import (
     build_index,
     dequantize,
     folder_collection,
-    image_embedding,
     karpathy_collection,
     open_gallery,
     quantize,
     search_index,
-    text_embedding,
 )
-from hat.pooling import pool_words
 
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
 
@@ -95,20 +91,6 @@ def test_int8_storage_keeps_every_vector_within_one_percent():
     assert (
         quantize(x, "fp16")[1] is None and dequantize(*quantize(x, "fp16")).dtype == torch.float32
     )
-
-
-def test_first_stage_embedding_is_the_mean_of_pooled_level_cosines():
-    g = torch.Generator().manual_seed(0)
-    images = [torch.randn(3, k, 8, generator=g) for k in (16, 4)]
-    words = [torch.randn(2, 6, 8, generator=g) for _ in range(2)]
-    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
-    got = image_embedding(images) @ text_embedding(words, mask).T
-    cosines = [
-        F.cosine_similarity(F.normalize(v, dim=-1).mean(1)[:, None], pool_words(t, mask)[None], -1)
-        for v, t in zip(images, words, strict=True)
-    ]
-    torch.testing.assert_close(got, sum(cosines) / 2)
-    torch.testing.assert_close(image_embedding(images).norm(dim=1), torch.ones(3))
 
 
 def test_hnsw_index_above_the_flat_limit_finds_the_nearest_vectors():
@@ -207,6 +189,21 @@ def test_added_images_are_encoded_and_old_features_untouched(checkpoint, folder,
     for a, b in zip(old.levels, second.image_features(ids).levels, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert second.image_index.ntotal == 7 and second.num_captions == 10  # new ones uncaptioned
+
+
+def test_moved_folder_gets_its_own_gallery_without_encoding_again(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    moved = tmp_path / "elsewhere"
+    folder[0].rename(moved)  # mtimes survive a move: the fingerprints (relative paths) match
+    second = build(checkpoint, (moved, folder[1]), tmp_path / "cache")
+    assert (second.report.encoded_images, second.report.reused_images) == (0, 5)
+    assert second.directory != first.directory
+    assert all(second.image_path(i).parent.is_relative_to(moved) for i in range(5))
+    assert all(second.image_path(i).is_file() for i in range(5))
+    for a, b in zip(
+        first.image_features(range(5)).levels, second.image_features(range(5)).levels, strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_karpathy_collection_builds_a_gallery(checkpoint, folder, tmp_path):

@@ -68,10 +68,14 @@ def test_pointing_game_counts_hits_and_baselines(tiny_model, tmp_path):
     assert result["random"] == pytest.approx(0.5)
     assert result["centre"] == 1.0  # (32, 32) lies on the box's edge
     maps = alignment_maps(model, image, text)
+    grounded = [
+        t for t, _ in grounded_tokens(tokenizer, caption, [{"object": 0, "span": [0, 12]}], 32)
+    ]
+    assert grounded == [2, 3]  # [CLS] a red circle [SEP]
     for level, value in zip(maps, result["levels"].values(), strict=True):
         peaks = [
             np.unravel_index(level.word_maps[t].argmax(), level.word_maps[t].shape)[0]
-            for t in (1, 2)
+            for t in grounded
         ]
         rows = level.word_maps.shape[1]
         assert value == pytest.approx(np.mean([r < rows / 2 for r in peaks]))

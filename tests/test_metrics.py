@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from hat.metrics import fold_metrics, format_table, retrieval_metrics
+from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
 
 
 def test_hand_made_similarity_matrix_gives_exact_recalls_and_ranks():
@@ -71,3 +71,19 @@ def test_shape_mismatch_and_table():
     c2i = np.array([0, 1])
     table = format_table({"all 2": retrieval_metrics(np.eye(2), c2i)})
     assert "rsum" in table and "600.00" in table
+
+
+def test_candidate_recall_counts_the_exact_top_items_among_the_first_k():
+    exact = np.array([[5.0, 4, 3, 2, 1], [1, 2, 3, 4, 5]])
+    first = np.array([[5.0, 1, 4, 2, 3], [5, 4, 3, 2, 1]])
+    # query 0: exact top-2 {0, 1}; first-stage top-2 {0, 2}, top-4 {0, 2, 4, 3}
+    # query 1: exact top-2 {4, 3}; first-stage top-2 {0, 1}, top-4 {0, 1, 2, 3}
+    got = candidate_recall(exact, first, ks=(2, 4, 6), top=2)
+    assert got == {"K=2": 0.25, "K=4": 0.5}  # K=6 is more than there are items: left out
+    assert candidate_recall(exact, exact, ks=(2,), top=2) == {"K=2": 1.0}
+
+
+def test_format_table_lists_non_recall_entries_below_the_table():
+    row = {f"{d}_r{k}": 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10)} | {"rsum": 6.0}
+    text = format_table({"all 5": row, "first stage": {"t2i_K=50": 0.5}})
+    assert text.splitlines()[-1] == "first stage: t2i_K=50 0.5000"

@@ -59,9 +59,12 @@ def test_independent_encoders_give_the_forward_scores(tiny_model):
     model, tokenizer = tiny_model
     images = torch.randn(3, 3, 64, 64)
     batch = tokenize(tokenizer, CAPTIONS, 32)
-    full = model(images, **batch)
-    parts = model.score(model.encode_image(images), model.encode_text(**batch))
-    torch.testing.assert_close(full, parts)
+    out = model(images, **batch)
+    full = out.hat
+    image, text = model.encode_image(images), model.encode_text(**batch)
+    torch.testing.assert_close(full, model.score(image, text))
+    global_sims = model.image_embedding(image) @ model.text_embedding(text).T
+    torch.testing.assert_close(out.first_stage, model.global_logit_scale.exp() * global_sims)
     per_level = model.level_scores(model.encode_image(images), model.encode_text(**batch))
     torch.testing.assert_close(per_level.sum(0), full)
 

@@ -10,7 +10,7 @@ import torch
 from hat.data.captions import read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.evaluate import evaluate
-from hat.loss import hardest_negative_triplet_loss
+from hat.loss import training_loss
 from hat.train import main as train_main
 from hat.train import set_backbones_trainable, trainable_parameters
 from hat.transforms import eval_transform
@@ -33,7 +33,8 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     losses = []
     for _ in range(40):
         scores = model(batch.pixel_values, batch.input_ids, batch.attention_mask)
-        loss = hardest_negative_triplet_loss(scores, model.config.margin)
+        cfg = model.config
+        loss = training_loss(scores.hat, scores.first_stage, cfg.margin, cfg.global_sharpness)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -43,13 +44,13 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     assert after > before + 30
 
 
-def test_pooler_never_trains_and_freezing_keeps_projections_and_new_norms(tiny_model):
+def test_pooler_never_trains_and_freezing_keeps_projections_norms_and_global_head(tiny_model):
     model, _ = tiny_model
     set_backbones_trainable(model, False)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(
-        n.startswith(("image_proj", "text_proj", "image_tower.level_norms")) for n in trainable
-    )
+    heads = ("image_proj", "text_proj", "image_tower.level_norms", "image_global", "text_global")
+    assert trainable and all(n.startswith((*heads, "global_logit_scale")) for n in trainable)
+    assert {"global_logit_scale", "image_global.queries"} <= trainable
     set_backbones_trainable(model, True)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters() if ".pooler." in n}
@@ -105,6 +106,8 @@ def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 7))
     assert all("val" in r for r in records if "train_loss" in r)
+    # the jointly trained global head's candidate recall is logged every epoch
+    assert all(0 < r["val_first_stage"]["i2t_K=50"] <= 1 for r in records if "train_loss" in r)
     report = tmp_path / "report.json"
     subprocess.run(
         [
@@ -136,8 +139,12 @@ def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
         "all 16",
         "2-fold 8",
         *(f"level {i} (image {i + 1} ↔ text {i + 1})" for i in range(3)),
+        "first-stage recall of top-10",
     }
     assert 0 <= results["all 16"]["rsum"] <= 600
+    # 16 images are fewer than K = 50 candidates: only image → text (80 captions) is measured
+    recall = results["first-stage recall of top-10"]
+    assert set(recall) == {"i2t_K=50"} and 0 < recall["i2t_K=50"] <= 1
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ build settings (:func:`gallery_key` hashes all three)::
     items.json                 image paths and fingerprints, captions, skipped images and why
     image_rows.npy             image i -> (segment, row); caption_rows.npy likewise
     caption_image.npy          caption j -> image i
-    image.faiss, text.faiss    first-stage indexes over the pooled embeddings
+    image.faiss, text.faiss    first-stage indexes over the global vectors
     segments/<name>/           immutable .npy arrays of one encoding run (memory-mapped):
         image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8
         text.<level>.npy       (tokens, D) real tokens of all captions back to back, + scales
@@ -20,7 +20,7 @@ cache is rebuilt, never used. A rebuild reuses the segments of earlier galleries
 checkpoint and settings (hard links): images whose path, size, mtime and captions are unchanged
 are never encoded again.
 
-Modules: ``collection`` (inputs, cache keys), ``first_stage`` (pooled embeddings, faiss),
+Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global vectors),
 ``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``.
 """
 
@@ -46,9 +46,7 @@ from hat.gallery.first_stage import (
     EMBEDDING,
     FLAT_INDEX_MAX,
     build_index,
-    image_embedding,
     search_index,
-    text_embedding,
 )
 from hat.gallery.reader import BuildReport, CacheError, Gallery, open_gallery
 from hat.gallery.storage import PRECISIONS, Segment, SegmentWriter, dequantize, quantize
@@ -75,12 +73,10 @@ __all__ = [
     "folder_collection",
     "gallery_header",
     "gallery_key",
-    "image_embedding",
     "karpathy_collection",
     "open_gallery",
     "quantize",
     "run_in_pieces",
     "search_index",
-    "text_embedding",
     "write_gallery",
 ]

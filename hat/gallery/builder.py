@@ -45,7 +45,7 @@ from hat.gallery.reader import (
     read_manifest,
 )
 from hat.gallery.storage import SegmentWriter
-from hat.model import CONFIG_NAME, HATModel
+from hat.model import CONFIG_NAME, HATModel, ImageFeatures
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
@@ -170,20 +170,25 @@ def encode_segment(
     tokens = tokenize(tokenizer, flat or ["-"], model.config.max_text_len)
     lengths = tokens["attention_mask"].sum(dim=1).numpy()[: len(flat)]
     shapes = [tuple(x.shape[1:]) for x in probe.levels]
-    writer = SegmentWriter(directory, precision, len(paths), shapes, lengths)
+    writer = SegmentWriter(directory, precision, len(paths), shapes, lengths, model.first_stage_dim)
     loader = DataLoader(
         ImageDataset(paths, eval_transform(model.config), skip_bad=True),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_images,
     )
+
+    def encode_images(pixels: torch.Tensor) -> tuple[ImageFeatures, torch.Tensor]:
+        features = model.encode_image(pixels.to(device))
+        return features.to("cpu"), model.image_embedding(features).cpu()
+
     kept: list[int] = []
     for batch in tqdm(loader, desc="images", disable=not progress):
         rows = batch.image_index.numpy()
-        for piece, features in run_in_pieces(
-            lambda x: model.encode_image(x.to(device)).to("cpu"), batch.pixel_values, batch_size
+        for piece, (features, embedding) in run_in_pieces(
+            encode_images, batch.pixel_values, batch_size
         ):
-            writer.put_images(rows[piece], features)
+            writer.put_images(rows[piece], features, embedding)
         kept.extend(rows.tolist())
     for start in tqdm(
         range(0, len(flat), TEXT_BATCH), desc="captions", disable=not (progress and flat)
@@ -192,7 +197,7 @@ def encode_segment(
         width = int(mask.sum(dim=1).max())
         ids = tokens["input_ids"][start : start + TEXT_BATCH, :width]
         features = model.encode_text(ids.to(device), mask[:, :width].to(device))
-        writer.put_texts(start, features.to("cpu"))
+        writer.put_texts(start, features.to("cpu"), model.text_embedding(features).cpu())
     writer.close()
     return kept
 

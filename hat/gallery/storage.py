@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hat.gallery.first_stage import image_embedding, text_embedding
 from hat.model import ImageFeatures, TextFeatures
 
 PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
@@ -98,6 +97,7 @@ class SegmentWriter:
         num_images: int,
         image_shapes: Sequence[tuple[int, int]],
         caption_lengths: np.ndarray,
+        embedding_dim: int,
     ):
         directory.mkdir(parents=True)
         self.directory = directory
@@ -110,7 +110,6 @@ class SegmentWriter:
         for level, shape in enumerate(image_shapes):
             self._create_level(f"image.{level}", (num_images, *shape))
             self._create_level(f"text.{level}", (num_tokens, dim))
-        embedding_dim = dim * len(image_shapes)
         self._create("image.embedding", np.float32, (num_images, embedding_dim))
         self._create("text.embedding", np.float32, (len(caption_lengths), embedding_dim))
 
@@ -129,17 +128,16 @@ class SegmentWriter:
         if scales is not None:
             self.arrays[f"{name}.scale"][index] = scales
 
-    def put_images(self, rows: np.ndarray, features: ImageFeatures) -> None:
+    def put_images(self, rows: np.ndarray, features: ImageFeatures, embedding: torch.Tensor):
         for level, x in enumerate(features.levels):
             self._put(f"image.{level}", rows, x)
-        self.arrays["image.embedding"][rows] = image_embedding(features.levels).numpy()
+        self.arrays["image.embedding"][rows] = embedding.float().numpy()
 
-    def put_texts(self, start: int, features: TextFeatures) -> None:
+    def put_texts(self, start: int, features: TextFeatures, embedding: torch.Tensor) -> None:
         tokens = slice(self.offsets[start], self.offsets[start + len(features)])
         for level, x in enumerate(features.levels):
             self._put(f"text.{level}", tokens, x[features.mask])
-        embedding = text_embedding(features.levels, features.mask).numpy()
-        self.arrays["text.embedding"][start : start + len(features)] = embedding
+        self.arrays["text.embedding"][start : start + len(features)] = embedding.float().numpy()
 
     def close(self) -> None:
         for array in self.arrays.values():
