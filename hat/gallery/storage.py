@@ -128,7 +128,9 @@ class SegmentWriter:
         if scales is not None:
             self.arrays[f"{name}.scale"][index] = scales
 
-    def put_images(self, rows: np.ndarray, features: ImageFeatures, embedding: torch.Tensor):
+    def put_images(
+        self, rows: np.ndarray, features: ImageFeatures, embedding: torch.Tensor
+    ) -> None:
         for level, x in enumerate(features.levels):
             self._put(f"image.{level}", rows, x)
         self.arrays["image.embedding"][rows] = embedding.float().numpy()
