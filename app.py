@@ -3,24 +3,36 @@
     python app.py [--checkpoint DIR] [--gallery DIR] [--cache DIR] [--host H] [--port N]
 
 Defaults come from HAT_CHECKPOINT, HAT_GALLERY and HAT_CACHE, else checkpoints/hat-tuxpaint,
-assets/gallery and the retrieval engine's cache. The logic lives in hat/demo/; this file wires it
-to components and names the API endpoints (see README, "The demo app").
+assets/gallery and the retrieval engine's cache. The checkpoint may be official-f30k or
+official-coco (the paper's models, fetched and converted on first use: `hat fetch`); the gallery
+may be karpathy:JSON:IMAGE_ROOT:SPLIT (a Karpathy split with its captions). The logic lives in
+hat/demo/; this file wires it to components and names the API endpoints (see README, "The demo
+app").
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextvars
 import functools
 import html
 import os
+import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import faiss
 import gradio as gr
+import torch
+from gradio import route_utils
+from gradio_client.utils import encode_file_path
 
 from hat.demo import InputError
 from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, SessionGallery, payload_path
+from hat.fetch import FetchError, resolve_checkpoint
 
 try:  # Hugging Face ZeroGPU: model work runs under @spaces.GPU; elsewhere it is a no-op.
     import spaces
@@ -35,6 +47,10 @@ except ImportError:
 ROOT = Path(__file__).resolve().parent
 SESSION_SECONDS = 2 * 3600  # an uploaded gallery is removed this long after its last change
 CONCURRENCY = 2  # model calls at once; more only split the same cores
+MODEL_THREADS = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="model")
+# Requests in progress: twice the model calls, so that one's pre- and post-processing in the event
+# loop overlaps another's model call.
+IN_PROGRESS = 2 * CONCURRENCY
 QUEUE_SIZE = 64  # waiting requests before new ones are turned away with "queue full"
 MAX_UPLOAD = "300mb"
 EXAMPLES = 6
@@ -67,33 +83,91 @@ def remove_session(mine: SessionGallery | None) -> None:
         mine.remove()
 
 
+def on_model_threads(fn: Callable) -> Callable:
+    """Run ``fn`` on one of :data:`MODEL_THREADS`, handed over by the event loop directly.
+
+    Gradio would run it on any of its ~40 worker threads, and glibc may keep the freed memory of
+    a query's large tensors in an arena per thread that ran one; two long-lived threads keep it
+    twice at most.
+    """
+
+    @functools.wraps(fn)
+    async def on_a_model_thread(*args, **kwargs):
+        call = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(MODEL_THREADS, call)
+
+    return on_a_model_thread
+
+
+def root_url(request: gr.Request, demo: gr.Blocks) -> str:
+    """The app's public URL, worked out as Gradio does for its own file links (proxies too)."""
+    http = request.request
+    return route_utils.get_root_url(http, route_utils.get_api_call_path(http), demo.root_path)
+
+
 def build_ui(engine: DemoEngine) -> gr.Blocks:
-    """The four tabs and the named API endpoints over ``engine``."""
+    """The four tabs and the named API endpoints over ``engine``.
+
+    The page's searches fill a gallery and tables; API clients get lean twins of them that answer
+    JSON, with links to the result images instead of files their client would download one by
+    one.
+    """
     builtin = engine.gallery
-    examples = builtin.captions[:: max(1, builtin.num_captions // EXAMPLES)][:EXAMPLES]
-    every = max(1, builtin.num_images // EXAMPLES)
-    example_images = [str(builtin.image_path(i)) for i in range(0, builtin.num_images, every)]
+    examples, example_images = engine.examples(EXAMPLES)
+    # Built-in images are served where they lie (no hashing and copying per answer). Nothing else
+    # of this server is: a person's gallery only as copies in Gradio's cache of the images that an
+    # answer to that person names.
+    gr.set_static_paths([engine.gallery_root])
 
     @gpu
     @user_errors
-    def search_text(caption, k, gallery, mine):
-        results = engine.search_text(caption, k, gallery, mine)
+    def images_for(caption, k, gallery, mine):
+        return engine.search_text(caption, k, gallery, mine)
+
+    @gpu
+    @user_errors
+    def captions_for(image, k, gallery, mine):
+        return engine.search_image(image, k, gallery, mine)
+
+    def link(path: Path, root: str) -> str:
+        """A URL of a result image: a built-in one where it lies (a static path), one of a
+        person's gallery through a copy in Gradio's cache (their folder is never served)."""
+        if not path.is_relative_to(engine.gallery_root):
+            path = Path(hits.move_resource_to_block_cache(path))
+        return f"{root}{route_utils.API_PREFIX}/file={encode_file_path(path)}"
+
+    @on_model_threads
+    def page_search_text(caption, k, gallery, mine):
+        results = images_for(caption, k, gallery, mine)
         last = {"gallery": gallery, "ids": [h.index for h in results.hits], "caption": caption}
         return results.pictures, table(results), results.status, last
 
-    @gpu
-    @user_errors
-    def search_image(image, k, gallery, mine):
-        results = engine.search_image(image, k, gallery, mine)
+    @on_model_threads
+    def search_text(caption, k, gallery, mine, request: gr.Request):
+        results = images_for(caption, k, gallery, mine)
+        root = root_url(request, demo)
+        images = [{"image": link(path, root), "caption": text} for path, text in results.pictures]
+        return images, table(results), results.status
+
+    @on_model_threads
+    def page_search_image(image, k, gallery, mine):
+        results = captions_for(image, k, gallery, mine)
         last = {"image": payload_path(image), "captions": [h.caption for h in results.hits]}
         return table(results), results.status, last
 
+    @on_model_threads
+    def search_image(image, k, gallery, mine):
+        results = captions_for(image, k, gallery, mine)
+        return table(results), results.status
+
+    @on_model_threads
     @gpu
     @user_errors
     def show_maps(image, caption):
         maps = engine.maps_for_image(image, caption)
         return maps.picture, maps.legend, maps.details
 
+    @on_model_threads
     @gpu
     @user_errors
     def maps_of_result(last, mine, evt: gr.SelectData):
@@ -115,8 +189,11 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
     @gpu
     @user_errors
     def build_gallery(files, captions, mine, progress=TRACK_PROGRESS):
+        """``files`` and ``captions`` come as uploaded (not preprocessed): any file is accepted
+        here, and what is no image or zip is left out and listed with why."""
         progress(0, desc="copying the upload")
-        mine, status = engine.build_session_gallery(files, captions, previous=mine)
+        uploads = [payload_path(f) for f in files or []]
+        mine, status = engine.build_session_gallery(uploads, payload_path(captions), mine)
         return status, mine, None  # results shown so far may point into the old gallery
 
     with gr.Blocks(
@@ -188,11 +265,7 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
                 with gr.Accordion("Scores and word pieces", open=False):
                     details = gr.JSON(label="Scores and word pieces")
             with gr.Tab("Your gallery", id="mine"):
-                files = gr.File(
-                    label="Images, or a zip of images",
-                    file_count="multiple",
-                    file_types=["image", ".zip"],
-                )
+                files = gr.File(label="Images, or a zip of images", file_count="multiple")
                 captions_file = gr.File(
                     label="Captions (optional): JSON {image: [captions]} or CSV image,caption",
                     file_types=[".json", ".csv"],
@@ -200,18 +273,23 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
                 build = gr.Button("Build my gallery", variant="primary")
                 build_status = gr.Textbox(label="Status", interactive=False, lines=4)
 
-        t2i = dict(fn=search_text, inputs=[caption, k_images, choice, mine])
+        # Inputs reach the handlers as sent (no per-component preprocessing thread hops); images
+        # unprocessed also let load_image give every refusal its reason. The page's events are
+        # private; the named API endpoints are their JSON twins on hidden triggers.
+        lean = dict(preprocess=False, api_visibility="private")
+        t2i_in = [caption, k_images, choice, mine]
         t2i_out = [hits, image_scores, t2i_status, last]
-        find_images.click(**t2i, outputs=t2i_out, api_name="search_text")
-        caption.submit(**t2i, outputs=t2i_out, api_visibility="private")
-        # Images go to the handlers unprocessed, so that load_image gives every refusal its reason.
-        find_captions.click(
-            search_image,
-            [query, k_captions, choice, mine],
-            [caption_scores, i2t_status, last],
-            api_name="search_image",
-            preprocess=False,
-        )
+        find_images.click(page_search_text, t2i_in, t2i_out, **lean)
+        caption.submit(page_search_text, t2i_in, t2i_out, **lean)
+        i2t_in = [query, k_captions, choice, mine]
+        find_captions.click(page_search_image, i2t_in, [caption_scores, i2t_status, last], **lean)
+        with gr.Group(visible=False):
+            api_images, api_table, api_status = gr.JSON(), gr.JSON(), gr.Textbox()
+            api_t2i, api_i2t = gr.Button(), gr.Button()
+        api = dict(preprocess=False, postprocess=False)
+        outputs = [api_images, api_table, api_status]
+        api_t2i.click(search_text, t2i_in, outputs, api_name="search_text", **api)
+        api_i2t.click(search_image, i2t_in, outputs[1:], api_name="search_image", **api)
         draw.click(
             show_maps,
             [map_image, map_caption],
@@ -229,6 +307,7 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
             api_name="build_gallery",
             concurrency_limit=1,
             concurrency_id="build",
+            preprocess=False,
         )
         gr.api(engine.describe, api_name="info")
     return demo
@@ -238,23 +317,41 @@ def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--checkpoint", default=env("HAT_CHECKPOINT", str(ROOT / "checkpoints" / "hat-tuxpaint"))
+        "--checkpoint",
+        default=env("HAT_CHECKPOINT", str(ROOT / "checkpoints" / "hat-tuxpaint")),
+        help="checkpoint folder, or official-f30k / official-coco",
     )
-    parser.add_argument("--gallery", default=env("HAT_GALLERY", str(ROOT / "assets" / "gallery")))
+    parser.add_argument(
+        "--gallery",
+        default=env("HAT_GALLERY", str(ROOT / "assets" / "gallery")),
+        help="folder (images/ and captions.json or .csv), or karpathy:JSON:IMAGE_ROOT:SPLIT",
+    )
     parser.add_argument("--cache", default=env("HAT_CACHE"), help="gallery cache directory")
     parser.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")))
     return parser
 
 
+def share_the_cores() -> None:
+    """Split the CPU cores between the :data:`CONCURRENCY` model calls (unless OMP_NUM_THREADS
+    says otherwise): each with every core, their threads would spin against each other."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // CONCURRENCY)
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
+    # systemd, Docker, Kubernetes and Spaces stop a process with SIGTERM: clean up as for Ctrl-C.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli = parser()
     args = cli.parse_args(argv)
     try:
-        engine = DemoEngine(args.checkpoint, args.gallery, args.cache)
-    except (OSError, ValueError) as exc:  # no checkpoint, no gallery, unreadable captions
+        engine = DemoEngine(resolve_checkpoint(args.checkpoint), args.gallery, args.cache)
+    except (OSError, ValueError, FetchError) as exc:  # no checkpoint or gallery, bad captions
         cli.exit(1, f"app.py: cannot start: {exc}\n")
+    share_the_cores()  # after start-up, whose gallery build may use every core
     demo = build_ui(engine)
     info = engine.describe()
     print(
@@ -264,10 +361,9 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     try:
-        demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE).launch(
+        demo.queue(default_concurrency_limit=IN_PROGRESS, max_size=QUEUE_SIZE).launch(
             server_name=args.host,
             server_port=args.port,
-            allowed_paths=[str(engine.gallery_root), str(engine.temp_dir)],
             max_file_size=MAX_UPLOAD,
             theme=THEME,
         )

@@ -13,6 +13,7 @@ COMMANDS = {
     "index": ("hat.index_cli", "build a search gallery: cached features + faiss index"),
     "search": ("hat.search", "text -> image / image -> text search in a built gallery"),
     "convert": ("hat.convert", "official LuminosityX/HAT .ckpt -> a hat-b checkpoint folder"),
+    "fetch": ("hat.fetch", "download, check, convert and cache official-f30k / official-coco"),
     "build-demo": ("hat.demo_recipe", "rebuild the offline demo checkpoint and its reports (CPU)"),
 }
 

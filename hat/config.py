@@ -76,6 +76,12 @@ class HATConfig:
         return len(self.image_levels)
 
     @property
+    def first_stage_dim(self) -> int:
+        """Width of the first-stage vectors: the global head's, else the levels' pooled vectors
+        side by side (a search index and a gallery's stored vectors have this width)."""
+        return self.global_dim or self.embed_dim * self.num_levels
+
+    @property
     def level_names(self) -> list[str]:
         """Human-readable name per level, e.g. ``stage 1 ↔ layer 4``, for logs and heatmaps."""
         return [

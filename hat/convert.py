@@ -19,16 +19,15 @@ stated reason; every tensor of ours must be covered. Key rules, first match wins
 - other ``vit_model.*`` → ``image_tower.backbone.*``; ``text_transformer.*`` (HF ``BertModel``
   names) → ``text_tower.backbone.*``.
 
-Reading is pickle-safe by default (``torch.load(weights_only=True)``); a file that needs more
-than tensors and plain containers is refused unless ``--trust-checkpoint`` is given.
+Reading never runs code from the file (:mod:`hat.safe_load`: tensors, plain containers and the
+Lightning callback classes that key a Lightning 1.3 checkpoint's callback states); a file that
+needs more is refused unless ``--trust-checkpoint`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
-import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -42,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 from hat.config import HATConfig, get_preset
 from hat.hub import PretrainedUnavailableError
 from hat.model import HATModel
+from hat.safe_load import CheckpointReadError, read_checkpoint
 from hat.tokenization import load_tokenizer
 
 PRESET = "hat-b"
@@ -53,10 +53,6 @@ MAX_LISTED = 25
 
 class ConversionError(ValueError):
     """The state_dict is not the official HAT-B one: lists missing, unexpected, mismatched keys."""
-
-
-class CheckpointReadError(RuntimeError):
-    """The checkpoint file cannot be read safely (or at all) as asked."""
 
 
 class Rule(NamedTuple):
@@ -251,41 +247,6 @@ def convert_state_dict(
     return converted, report
 
 
-def _unsafe_globals(path: Path) -> str:
-    """What the file would import, found without unpickling it (zip checkpoints only)."""
-    if not zipfile.is_zipfile(path):
-        return "it is a legacy (non-zip) pickle that refers to Python objects"
-    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    return "it refers to " + ", ".join(names)
-
-
-def read_checkpoint(path: str | Path, trust: bool = False) -> Any:
-    """``torch.load`` without running code from the file unless ``trust`` (``--trust-checkpoint``).
-
-    Zip checkpoints are memory-mapped, so optimizer states that are never used stay on disk.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    mmap = zipfile.is_zipfile(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        if not trust:
-            raise CheckpointReadError(
-                f"{path} holds more than tensors and plain containers ({_unsafe_globals(path)}). "
-                "Reading it would run code stored in the file. Only if you trust its source, "
-                "pass --trust-checkpoint."
-            ) from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except ModuleNotFoundError as err:
-        raise CheckpointReadError(
-            f"{path} needs the Python module {err.name!r} to be unpickled: install it "
-            "(pytorch-lightning for Lightning callbacks), or re-save only its state_dict"
-        ) from err
-
-
 def extract_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning checkpoint, or the checkpoint itself when it is one."""
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
@@ -311,13 +272,12 @@ def converted_config(checkpoint: Path) -> HATConfig:
     return config
 
 
-def resolve_tokenizer(config: HATConfig, path: str | None) -> PreTrainedTokenizerBase:
-    """A local bert-base-uncased folder, else the hub (fails at once when it is unreachable)."""
-    if path is None:
-        return load_tokenizer(config)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"--tokenizer {path}: no such folder")
-    return load_tokenizer(config, path)
+def resolve_tokenizer(config: HATConfig, source: str | None) -> PreTrainedTokenizerBase:
+    """The bundled bert-base-uncased vocabulary by default (no hub needed); else a local tokenizer
+    folder, or a hub name (which fails at once when the hub is unreachable)."""
+    if source is not None and Path(source).is_dir():
+        return load_tokenizer(config, source)
+    return load_tokenizer(replace(config, tokenizer=source) if source else config)
 
 
 def convert_checkpoint(
@@ -343,7 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="official .ckpt (or a bare state_dict file)")
     parser.add_argument("out", help="checkpoint folder to write (replaced atomically)")
     parser.add_argument(
-        "--tokenizer", metavar="PATH", help="local bert-base-uncased folder (default: the hub)"
+        "--tokenizer",
+        metavar="SOURCE",
+        help="tokenizer folder or hub name (default: the bundled bert-base-uncased vocabulary)",
     )
     parser.add_argument(
         "--trust-checkpoint",

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hat.data.captions import CaptionedImages, read_karpathy
+from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
 from hat.factory import load_model
+from hat.fetch import resolve_or_exit
 from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
 
@@ -36,13 +37,15 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = False,
+    groups: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average."""
+    """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average;
+    ``groups`` as in :func:`evaluate_features`."""
     images, _ = encode_images(
         model, data.image_paths, batch_size, num_workers, skip_bad=False, progress=progress
     )
     texts = encode_captions(model, tokenizer, data.captions, progress=progress)
-    return evaluate_features(model, images, texts, data.caption_to_image, folds, progress)
+    return evaluate_features(model, images, texts, data.caption_to_image, folds, progress, groups)
 
 
 def evaluate_features(
@@ -52,15 +55,19 @@ def evaluate_features(
     caption_to_image: np.ndarray,
     folds: int = 1,
     progress: bool = False,
+    groups: dict[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on already encoded features (whole split first, then folds, then levels,
-    then the first stage's candidate recall of the exact top-10 in both directions)."""
+    """:func:`evaluate` on already encoded features (whole split first, then folds, then query
+    ``groups`` (name -> image mask, searched against the whole split), then levels, then the
+    first stage's candidate recall of the exact top-10 in both directions)."""
     per_level = score_matrix(model, images, texts, progress=progress).numpy()
     sims = per_level.sum(axis=0)
     n = images.levels[0].shape[0]
     results = {f"all {n}": retrieval_metrics(sims, caption_to_image)}
     if folds > 1:
         results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
+    for name, mask in (groups or {}).items():
+        results[f"{name} ({int(np.sum(mask))})"] = retrieval_metrics(sims, caption_to_image, mask)
     if len(per_level) > 1:
         for i, name in enumerate(model.config.level_names):
             results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
@@ -73,11 +80,18 @@ def evaluate_features(
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="hat eval", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="HAT checkpoint folder")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, or official-f30k / official-coco"
+    )
     parser.add_argument("--data", required=True, help="Karpathy-split JSON")
     parser.add_argument("--image-root", required=True, help="folder the JSON's paths start from")
     parser.add_argument("--split", default="test")
     parser.add_argument("--folds", type=int, default=1, help="also average over N image folds")
+    parser.add_argument(
+        "--group-by",
+        metavar="KEY",
+        help="also report the queries of each value of this image field (e.g. seen_concept)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--device", default=default_device())
@@ -88,9 +102,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.checkpoint, args.device)
+    model, tokenizer = load_model(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
     data = read_karpathy(args.data, args.image_root, args.split)
-    results = evaluate(model, tokenizer, data, args.folds, args.batch_size, args.workers, True)
+    groups = karpathy_groups(args.data, args.split, args.group_by) if args.group_by else None
+    results = evaluate(
+        model, tokenizer, data, args.folds, args.batch_size, args.workers, True, groups
+    )
     report = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),

@@ -1,7 +1,9 @@
-"""Atomic writes: readers see the old file or folder or the new one, never half of one."""
+"""Files: atomic writes (readers see the old file or folder or the new one, never half of one),
+content hashes and the cache folder."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -9,13 +11,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from hat.owners import Owner, sweep
+
 
 @contextmanager
 def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield a staging folder next to ``directory``; on success it replaces ``directory``."""
+    """Yield a staging folder next to ``directory``; on success it replaces ``directory``.
+
+    The staging folder is owned (:mod:`hat.owners`): one that a killed process left behind is
+    removed by the next ``atomic_directory`` of the same target.
+    """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    sweep(directory.parent, f".{directory.name}.")
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    owner = Owner(staging)
     try:
         yield staging
         backup = directory.with_name(f".{directory.name}.old")
@@ -27,6 +37,8 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        owner.release()
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,3 +53,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cache_home() -> Path:
+    """``$XDG_CACHE_HOME/hat`` (default ``~/.cache/hat``): galleries and fetched checkpoints."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "hat"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from hat.fetch import resolve_or_exit
 from hat.gallery import (
     PRECISIONS,
     BuildSettings,
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="build (or reopen) the gallery of an image collection")
-    build.add_argument("--checkpoint", required=True, help="HAT checkpoint folder")
+    build.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, or official-f30k / official-coco"
+    )
     build.add_argument("--images", help="image folder (searched recursively)")
     build.add_argument("--captions", help="JSON or CSV captions file for --images (optional)")
     build.add_argument("--karpathy", help="Karpathy-split JSON instead of --images")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> Gallery:
     else:
         collection = folder_collection(args.images, args.captions)
     gallery = build_gallery(
-        args.checkpoint,
+        resolve_or_exit(args.checkpoint, "hat index build"),
         collection,
         args.cache,
         BuildSettings(precision=args.precision),

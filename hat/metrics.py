@@ -30,17 +30,29 @@ def text_to_image_ranks(sims: np.ndarray, caption_to_image: np.ndarray) -> np.nd
     return (order == caption_to_image[:, None]).argmax(axis=1)
 
 
-def retrieval_metrics(sims: np.ndarray, caption_to_image: np.ndarray) -> dict[str, float]:
+def retrieval_metrics(
+    sims: np.ndarray, caption_to_image: np.ndarray, queries: np.ndarray | None = None
+) -> dict[str, float]:
     """R@1/5/10 both directions, RSUM, median and mean rank.
 
     ``sims`` is ``(num_images, num_captions)``; ``caption_to_image[j]`` is caption j's image index.
+    ``queries`` (a boolean mask over images) keeps only the queries that concern those images:
+    they as image queries, their captions as text queries. The searched gallery stays whole, so
+    the figures of a subset (e.g. held-out concepts) are comparable with the whole set's.
     """
     sims = np.asarray(sims, dtype=np.float64)
     caption_to_image = np.asarray(caption_to_image, dtype=np.int64)
     if sims.shape != (sims.shape[0], caption_to_image.shape[0]):
         raise ValueError(f"sims {sims.shape} do not match {caption_to_image.shape[0]} captions")
-    out = _recalls(image_to_text_ranks(sims, caption_to_image), "i2t")
-    out.update(_recalls(text_to_image_ranks(sims, caption_to_image), "t2i"))
+    i2t = image_to_text_ranks(sims, caption_to_image)
+    t2i = text_to_image_ranks(sims, caption_to_image)
+    if queries is not None:
+        queries = np.asarray(queries, dtype=bool)
+        if not queries.any():
+            raise ValueError("the query subset is empty")
+        i2t, t2i = i2t[queries], t2i[queries[caption_to_image]]
+    out = _recalls(i2t, "i2t")
+    out.update(_recalls(t2i, "t2i"))
     out["rsum"] = sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_AT)
     return out
 

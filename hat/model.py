@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hat.alignment import hierarchical_scores
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
+from hat.filekind import describe
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.image_tower import ImageTower
 from hat.pooling import pooled_level_scores
@@ -21,6 +23,18 @@ from hat.text_tower import TextTower
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint folder's weights file is not a safetensors file."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(
+            f"{path} is not a safetensors file: it is {describe(path)} (safetensors: {reason}). "
+            f"A checkpoint folder holds {CONFIG_NAME}, {WEIGHTS_NAME} (the weights in safetensors "
+            "format) and the tokenizer files, as save_pretrained and `hat train` write them; an "
+            "official .ckpt becomes one with `hat convert` or `hat fetch`."
+        )
 
 
 @dataclass
@@ -154,7 +168,7 @@ class HATModel(nn.Module):
     @property
     def first_stage_dim(self) -> int:
         """Width of :meth:`image_embedding` / :meth:`text_embedding` vectors."""
-        return self.config.global_dim or self.config.embed_dim * self.config.num_levels
+        return self.config.first_stage_dim
 
     def image_embedding(self, images: ImageFeatures) -> torch.Tensor:
         """First-stage unit vectors ``(N, dim)`` of images, for a faiss index."""
@@ -228,7 +242,10 @@ class HATModel(nn.Module):
                 raise FileNotFoundError(f"{path} not found: is {directory} a HAT checkpoint?")
         config = HATConfig.from_dict(json.loads(config_path.read_text()))
         model = cls(config)
-        state = load_file(str(weights_path), device=str(map_location))
+        try:
+            state = load_file(str(weights_path), device=str(map_location))
+        except SafetensorError as exc:
+            raise CheckpointFormatError(weights_path, str(exc)) from None
         reference = model.state_dict()
         state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
         model.load_state_dict(state, strict=True)

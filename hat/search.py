@@ -7,6 +7,8 @@ gallery instead (small galleries, evaluation). The final ranking is always the H
 
     hat search --gallery ~/.cache/hat/galleries/<key> --text "a red circle on the left" -k 5
     hat search --gallery ... --image query.jpg --json
+    hat search --checkpoint official-f30k --text "two dogs run through the snow" \
+               --gallery karpathy:dataset_flickr30k.json:flickr30k-images:test  # built first
 """
 
 from __future__ import annotations
@@ -28,15 +30,20 @@ from PIL import Image
 from hat.alignment import DEFAULT_BLOCK_ELEMENTS
 from hat.data.images import load_image
 from hat.factory import load_model
+from hat.fetch import resolve_or_exit
 from hat.gallery import (
     CacheError,
     Gallery,
+    build_gallery,
     checkpoint_fingerprint,
+    collection_from_spec,
+    default_cache_dir,
     default_device,
     open_gallery,
     run_in_pieces,
     search_index,
 )
+from hat.gallery.reader import MANIFEST
 from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
@@ -123,6 +130,19 @@ class Searcher:
                 f"{checkpoint} changed since {directory} was built: run `hat index build` again"
             )
         model, tokenizer = load_model(checkpoint, device or default_device())
+        return cls(gallery, model, tokenizer)
+
+    @classmethod
+    def build(
+        cls, checkpoint: str | Path, spec: str, cache_dir: str | Path, device: str | None = None
+    ) -> Searcher:
+        """Load ``checkpoint`` and open the gallery of ``spec`` (:func:`collection_from_spec`),
+        building it in ``cache_dir`` first unless the cache already holds it."""
+        model, tokenizer = load_model(checkpoint, device or default_device())
+        collection = collection_from_spec(spec)
+        gallery = build_gallery(
+            checkpoint, collection, cache_dir, model=model, tokenizer=tokenizer, progress=True
+        )
         return cls(gallery, model, tokenizer)
 
     @property
@@ -263,7 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--gallery", required=True, help="directory printed by hat index build")
+    parser.add_argument(
+        "--gallery",
+        required=True,
+        help="directory printed by hat index build; with --checkpoint, the images instead: a "
+        "folder (images/ and captions.json or .csv) or karpathy:JSON:IMAGE_ROOT:SPLIT",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        help="checkpoint folder, or official-f30k / official-coco: build (or reopen) the gallery "
+        "of --gallery's images with it",
+    )
+    parser.add_argument(
+        "--cache", default=str(default_cache_dir()), help="gallery cache (with --checkpoint)"
+    )
     query = parser.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption: find images")
     query.add_argument("--image", help="image file: find captions of the caption bank")
@@ -289,8 +322,15 @@ def format_hits(result: SearchResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> SearchResult:
-    args = build_parser().parse_args(argv)
-    searcher = Searcher.open(args.gallery, args.device)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.checkpoint and (Path(args.gallery) / MANIFEST).is_file():
+        parser.error(f"{args.gallery} is a built gallery: search it without --checkpoint")
+    if args.checkpoint:
+        checkpoint = resolve_or_exit(args.checkpoint, "hat search")
+        searcher = Searcher.build(checkpoint, args.gallery, args.cache, args.device)
+    else:
+        searcher = Searcher.open(args.gallery, args.device)
     if args.text is not None:
         result = searcher.text_to_image(args.text, args.k, args.candidates, args.exact)
     else:

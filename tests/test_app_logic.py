@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from hat import create_model
 from hat.demo import InputError
 from hat.demo.captions import MAX_CAPTION_CHARS, clean_caption
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
+from hat.demo.examples import choose_examples, spread
 from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
     MAX_IMAGE_BYTES,
@@ -232,3 +236,92 @@ def test_the_session_gallery_is_searched_and_removed(engine, tmp_path):
     assert engine.search_image(query, 5, MINE, mine).hits[0].caption == "a red picture"
     mine.remove()
     assert not mine.directory.exists()
+
+
+def test_examples_come_from_the_gallery_list_or_spread_over_it(engine):
+    captions, images = engine.examples(3)
+    assert len(captions) == 3 and len(set(captions)) == 3
+    assert all(c in engine.gallery.captions for c in captions)
+    assert len(images) == 3 and all(Path(p).is_file() for p in images)
+    listed = engine.gallery_dir / "examples.json"
+    listed.write_text(json.dumps({"captions": ["a square of colour 4"], "images": ["1.png"]}))
+    try:
+        assert engine.examples(3) == (
+            ["a square of colour 4"],
+            [str(engine.gallery_dir / "images" / "1.png")],
+        )
+    finally:
+        listed.unlink()
+
+
+def test_chosen_examples_are_answered_correctly(engine):
+    chosen, counts = choose_examples(engine.searcher, per_kind=2, kinds=("",))
+    gallery = engine.gallery
+    assert counts[""]["images"] == gallery.num_images
+    assert len(chosen["captions"]) == min(2, counts[""]["text_to_image"])
+    for caption in chosen["captions"]:
+        best = engine.searcher.text_to_image(caption, 1).hits[0].index
+        owners = {
+            int(gallery.caption_image[j]) for j, c in enumerate(gallery.captions) if c == caption
+        }
+        assert best in owners
+    for path in chosen["images"]:
+        index = gallery.paths.index(path)
+        hit = engine.searcher.image_to_text(gallery.image_path(index), 1).hits[0]
+        assert gallery.caption_image[hit.index] == index
+
+
+def test_spread_takes_evenly_spaced_items():
+    assert spread(list(range(10)), 3) == [0, 3, 6]
+    assert spread([1, 2], 3) == [1, 2]
+
+
+# ---------------------------------------------------------------- damaged built-in gallery
+def invert_middle(path) -> None:
+    """Eight bytes in the middle of ``path`` inverted, its size and mtime kept."""
+    stat = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(stat.st_size // 2)
+        data = fh.read(8)
+        fh.seek(stat.st_size // 2)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def wait_for(condition, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_damaged_builtin_gallery_is_never_served_but_rebuilt(tmp_path):
+    checkpoint, gallery = write_demo_assets(tmp_path)
+
+    def start():
+        return DemoEngine(checkpoint, gallery, tmp_path / "cache", tmp_path / "tmp", progress=False)
+
+    first = start()
+    caption = "a square of colour 2"
+    expected = first.search_text(caption, 5, BUILTIN).rows
+    victim = next((first.gallery.directory / "segments").glob("*/image.2.npy"))
+    first.close()
+    invert_middle(victim)
+    engine = start()  # a cache hit: opening checks sizes only
+    try:
+        assert engine.startup["cache_hit"]
+        try:  # the query's own row checks, or the check of every file after start-up, find it
+            assert engine.search_text(caption, 5, BUILTIN).rows == expected  # already rebuilt
+        except InputError as refusal:
+            assert "damaged" in str(refusal) and "being rebuilt" in str(refusal)
+        wait_for(lambda: engine.describe()["gallery_status"].startswith("rebuilt"))
+        status = engine.describe()["gallery_status"]  # public (/info): no server paths
+        assert "changed after it was built" in status and str(tmp_path) not in status
+        assert engine.search_text(caption, 5, BUILTIN).rows == expected
+    finally:
+        engine.close()
+
+
+def test_every_file_is_checked_in_the_background_after_start_up(engine):
+    wait_for(lambda: engine.describe()["gallery_status"] != "checking its files")
+    assert engine.describe()["gallery_status"] == "files verified"

@@ -4,10 +4,12 @@ through gradio_client, the bad inputs of issue 5, 20 users at once, and a headle
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -75,11 +78,8 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
     pytest.fail(f"the app did not answer within {timeout} s:\n{log.read_text()}")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("app")
-    checkpoint, gallery = write_demo_assets(root)
-    (root / "inputs").mkdir()
+def launch(root: Path, checkpoint: Path, gallery: Path) -> Server:
+    """``python app.py`` on a free port, writing only below ``root`` (cache, tmp, gradio)."""
     env = {
         **os.environ,
         "HAT_CACHE": str(root / "cache"),
@@ -89,21 +89,33 @@ def server(tmp_path_factory):
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
     }
-    (root / "tmp").mkdir()
+    (root / "tmp").mkdir(exist_ok=True)
+    (root / "inputs").mkdir(exist_ok=True)
     port = free_port()
     log = root / "server.log"
     command = [sys.executable, "app.py", "--checkpoint", str(checkpoint), "--gallery", str(gallery)]
-    with log.open("w") as out:
+    with log.open("a") as out:
         process = subprocess.Popen(
             [*command, "--port", str(port)], cwd=ROOT, env=env, stdout=out, stderr=out
         )
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_up(url, process, log)
-        yield Server(url, root, process, gallery, root / "inputs")
+    except BaseException:
+        process.kill()
+        raise
+    return Server(url, root, process, gallery, root / "inputs")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    app = launch(root, *write_demo_assets(root))
+    try:
+        yield app
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        app.process.terminate()
+        app.process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +165,14 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
     }
 
 
+def http_get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, b""
+
+
 def refusal(call) -> str:
     with pytest.raises(AppError) as error:
         call()
@@ -171,11 +191,14 @@ def test_info_names_the_model_the_device_and_every_level(client, before):
     assert info["gallery_images"] == 5 and info["gallery_captions"] == 10
 
 
-def test_text_to_image_returns_top_k_with_per_level_scores(client):
+def test_text_to_image_returns_top_k_with_per_level_scores(client, server):
     images, table, status = client.predict(
         "a square of colour 2", 3, "built-in", api_name="/search_text"
     )
-    assert len(images) == 3 and all(Path(item["image"]).is_file() for item in images)
+    assert len(images) == 3 and [item["caption"][:3] for item in images] == ["#1 ", "#2 ", "#3 "]
+    for item, row in zip(images, table["data"], strict=True):  # links, not files to download
+        code, data = http_get(item["image"])
+        assert code == 200 and data == (server.gallery / "images" / row[1]).read_bytes()
     assert table["headers"] == ["rank", "image", "score", "level 1", "level 2", "level 3"]
     totals = [row[2] for row in table["data"]]
     assert totals == sorted(totals, reverse=True)
@@ -320,6 +343,34 @@ def test_a_non_zip_and_a_bad_captions_file_are_refused(server, client, before):
     assert "captions file could not be read" in message
 
 
+def test_files_that_are_no_images_are_left_out_and_named(server, before):
+    client = server.client()
+    good = image_file(server.inputs, "good.png", png_bytes())
+    weights = image_file(server.inputs, "model.ckpt", b"\x80\x02 a pickle, not pixels")
+    notes = image_file(server.inputs, "notes.json", b"{}")
+    files = [handle_file(good), handle_file(weights), handle_file(notes)]
+    status = client.predict(files, None, api_name="/build_gallery")
+    assert status.startswith("Your gallery: 1 images")
+    assert "model.ckpt: not an image file type" in status
+    assert "notes.json: not an image file type" in status
+    captions = image_file(server.inputs, "captions.txt", b"good.png,a caption")
+    upload = [handle_file(good)], handle_file(captions)
+    message = refusal(lambda: client.predict(*upload, api_name="/build_gallery"))
+    assert "The captions file must be .json or .csv" in message
+
+
+def test_session_files_are_served_only_as_handed_out(server, before):
+    client = server.client()
+    upload = image_file(server.inputs, "private-7f3a.png", png_bytes((10, 200, 10)))
+    client.predict([handle_file(upload)], None, api_name="/build_gallery")
+    (stored,) = (server.root / "tmp").glob("hat-demo-*/session-*/images/private-7f3a.png")
+    assert http_get(f"{server.url}gradio_api/file={stored}")[0] == 403
+    images, _, _ = client.predict("green", 1, "mine", api_name="/search_text")
+    assert http_get(images[0]["image"]) == (200, stored.read_bytes())  # a copy in Gradio's cache
+    info = client.predict(api_name="/info")
+    assert info["checkpoint"] == "checkpoint" and str(server.root) not in json.dumps(info)
+
+
 # ---------------------------------------------------------------- load
 def test_twenty_simultaneous_users_are_all_served(server):
     def one_user(n: int):
@@ -391,6 +442,29 @@ def test_the_server_stayed_up_and_wrote_only_to_its_own_folders(server, before):
     )
 
 
+# ---------------------------------------------------------------- stopping
+def test_uploads_are_removed_on_sigterm_and_after_a_kill_at_the_next_start(tmp_path):
+    """SIGTERM (systemd, Docker, Kubernetes, Spaces) cleans up like Ctrl-C; what a SIGKILLed app
+    could not remove, the next start of the app does."""
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    upload = image_file(tmp_path, "mine.png", png_bytes())
+    temp = tmp_path / "tmp"
+    left_by_killed: list[Path] = []
+    for stop in (signal.SIGKILL, signal.SIGTERM):
+        app = launch(tmp_path, checkpoint, gallery)
+        try:
+            assert not any(p.exists() for p in left_by_killed)  # removed at start-up
+            app.client().predict([handle_file(upload)], None, api_name="/build_gallery")
+            left_by_killed = list(temp.glob("hat-demo-*/session-*"))
+            assert len(left_by_killed) == 1
+            app.process.send_signal(stop)
+            app.process.wait(timeout=60)
+        finally:
+            app.process.kill()
+    assert app.process.returncode == 0
+    assert list(temp.iterdir()) == []
+
+
 def test_a_missing_checkpoint_stops_the_app_with_a_message(tmp_path, capsys):
     import app
 
@@ -398,3 +472,16 @@ def test_a_missing_checkpoint_stops_the_app_with_a_message(tmp_path, capsys):
         app.main(["--checkpoint", str(tmp_path), "--gallery", str(tmp_path)])
     assert stop.value.code == 1
     assert "cannot start" in capsys.readouterr().err
+
+
+def test_weights_that_are_no_safetensors_stop_the_app_with_what_they_are(tmp_path, capsys):
+    import app
+
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    torch.save({"weight": torch.zeros(2)}, checkpoint / "model.safetensors")  # a renamed .pt
+    with pytest.raises(SystemExit) as stop:
+        app.main(["--checkpoint", str(checkpoint), "--gallery", str(gallery)])
+    assert stop.value.code == 1
+    message = capsys.readouterr().err
+    assert "model.safetensors is not a safetensors file: it is a zip archive" in message
+    assert "config.json" in message and "Traceback" not in message

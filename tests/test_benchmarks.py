@@ -2,6 +2,7 @@
 benchmarks are scripts, never timed tests)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,14 @@ def tiny_checkpoint(tmp_path_factory):
     return model.eval().save_pretrained(tmp_path_factory.mktemp("ckpt") / "tiny", tokenizer)
 
 
-def run_benchmark(name: str, *args) -> dict:
+def run_benchmark(name: str, *args, env: dict | None = None) -> dict:
     out = Path(args[args.index("--out") + 1])
     subprocess.run(
         [sys.executable, str(BENCHMARKS / f"{name}.py"), *map(str, args)],
         check=True,
         capture_output=True,
         text=True,
+        env=env,
     )
     return json.loads(out.read_text())
 
@@ -79,3 +81,54 @@ def test_exact_scoring_matches_the_reference_loop(tmp_path):
     )
     assert report["max_abs_diff_vs_reference"] < 1e-4
     assert report["runs"][0]["speedup"] > 0
+
+
+def test_paper_model_cost_times_every_part_of_a_query(tmp_path):
+    report = run_benchmark(
+        "paper_model_cost",
+        *("--preset", "hat-tiny", "--repeats", 1, "--candidates", 5, "--batch", 2),
+        *("--out", tmp_path / "c.json"),
+    )
+    (run,) = report["runs"]
+    assert report["regions_per_level"] == [64, 16, 4] and run["threads"] == 1
+    assert run["text_to_image_query_ms"] > 0 and run["gallery_images_per_s"] > 0
+    assert set(run["parts"]) >= {"encode_text", "encode_image", "read_images", "rerank_t2i"}
+
+
+def test_row_checks_time_checked_and_unchecked_reads(tiny_checkpoint, tmp_path):
+    report = run_benchmark(
+        "row_checks",
+        *("--checkpoint", tiny_checkpoint, "--images", 40, "--candidates", 10, "--repeats", 2),
+        *("--work", tmp_path / "work", "--out", tmp_path / "r.json"),
+    )
+    assert (report["images"], report["captions"], report["k"]) == (40, 200, 10)
+    for kind in ("image_rows", "text_rows"):
+        assert report[kind]["checked"]["n"] == report[kind]["unchecked"]["n"] == 2
+    assert report["verify"]["bytes"] > 0 and report["text_to_image_query"]["p50_ms"] > 0
+
+
+def test_app_load_serves_every_request_and_samples_memory(tmp_path):
+    from tests.test_app_logic import write_demo_assets
+
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    env = {
+        **os.environ,
+        "HAT_CACHE": str(tmp_path / "cache"),
+        "TMPDIR": str(tmp_path / "tmp"),
+        "GRADIO_TEMP_DIR": str(tmp_path / "gradio"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    (tmp_path / "tmp").mkdir()
+    report = run_benchmark(
+        "app_load",
+        *("--app-args", f"--checkpoint {checkpoint} --gallery {gallery}"),
+        *("--images", gallery / "images", "--clients", 2, "--requests", 3, "--single", 2),
+        *("--out", tmp_path / "a.json"),
+        env=env,
+    )
+    load = report["load"]
+    assert (load["requests"], load["errors"]) == (6, 0) and load["requests_per_s"] > 0
+    single = report["single_visitor"]["no_tls_contexts"]
+    assert single["text_to_image"]["server_p50_ms"] > 0
+    assert single["image_to_text"]["server_cpu_ms_per_request"] > 0
+    assert report["server_rss_mb"]["before_load"] > 0

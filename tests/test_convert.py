@@ -1,6 +1,6 @@
 """``hat convert`` on a Lightning checkpoint built from the official HAT-B state_dict manifest."""
 
-import argparse
+import datetime
 import itertools
 import json
 import math
@@ -227,10 +227,10 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, tokenizer_dir):
 
 
 def test_trust_checkpoint_allows_python_objects(tmp_path):
-    path = tmp_path / "namespace.ckpt"
+    path = tmp_path / "dated.ckpt"
     state = {"w": torch.arange(3.0)}
-    torch.save({"state_dict": state, "hyper_parameters": argparse.Namespace(lr=1e-4)}, path)
-    with pytest.raises(CheckpointReadError, match="--trust-checkpoint"):
+    torch.save({"state_dict": state, "hyper_parameters": {"day": datetime.date(2021, 5, 1)}}, path)
+    with pytest.raises(CheckpointReadError, match=r"datetime\.date.*--trust-checkpoint"):
         read_checkpoint(path)
     loaded = extract_state_dict(read_checkpoint(path, trust=True))
     assert torch.equal(loaded["w"], state["w"])
@@ -246,7 +246,7 @@ def test_bare_state_dict_and_bad_envelopes():
         extract_state_dict({"w": torch.ones(1), "epoch": 3})
 
 
-def test_offline_without_tokenizer_fails_at_once(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_offline_tokenizer_from_the_hub_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default, the bundled vocabulary, needs no hub
     with pytest.raises(SystemExit, match="--tokenizer"):
-        main([str(tmp_path / "never_read.ckpt"), str(tmp_path / "out")])
+        main([str(tmp_path / "x.ckpt"), str(tmp_path / "out"), "--tokenizer", "bert-base-uncased"])

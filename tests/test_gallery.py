@@ -1,7 +1,11 @@
 """Gallery cache: what is stored, when it is reused, invalidated, rebuilt, and extended."""
 
+import io
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from hat.gallery import (
     search_index,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
 
 
@@ -159,9 +164,156 @@ def test_corrupted_file_of_the_right_size_fails_verification(checkpoint, folder,
     data[-1] ^= 0xFF
     victim.write_bytes(bytes(data))
     open_gallery(gallery.directory)  # sizes still match
-    with pytest.raises(CacheError, match="sha256"):
+    with pytest.raises(CacheError, match="does not match its checksum"):
         open_gallery(gallery.directory, verify=True)
     assert build(checkpoint, folder, tmp_path / "cache", verify=True).report.encoded_images == 5
+
+
+def overwrite(path, offset: int, data: bytes) -> None:
+    """Bytes written inside ``path``, its size and mtime kept (what a size check cannot see)."""
+    stat = path.stat()
+    with path.open("r+b") as fh:
+        fh.seek(offset)
+        fh.write(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def invert(path, offset: int, count: int) -> None:
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        data = fh.read(count)
+    overwrite(path, offset, bytes(b ^ 0xFF for b in data))
+
+
+def all_images(gallery):
+    return gallery.image_features(range(gallery.num_images))
+
+
+def all_captions(gallery):
+    return gallery.text_features(range(gallery.num_captions))
+
+
+@pytest.mark.parametrize(
+    ("victim", "read"),
+    [
+        ("image.1.npy", all_images),
+        ("image.2.scale.npy", all_images),
+        ("text.0.npy", all_captions),
+        ("text.1.scale.npy", all_captions),
+        ("image.embedding.npy", lambda gallery: gallery.embeddings("image")),
+    ],
+)
+def test_same_size_damage_to_features_is_never_served(checkpoint, folder, tmp_path, victim, read):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    reference = all_images(first)
+    path = next((first.directory / "segments").glob(f"*/{victim}"))
+    invert(path, path.stat().st_size - 6, 4)  # inside the file's last row
+    again = build(checkpoint, folder, tmp_path / "cache")
+    assert again.report.cache_hit  # opening checks sizes only: it stays cheap
+    with pytest.raises(CacheError, match="do not match their checksums"):
+        read(again)
+    if read is all_images:  # the other rows are still served, and right
+        last = int(np.flatnonzero(again.image_rows[:, 1] == again.num_images - 1)[0])
+        others = [i for i in range(again.num_images) if i != last]
+        for a, b in zip(again.image_features(others).levels, reference.levels, strict=True):
+            torch.testing.assert_close(a, b[others], rtol=0, atol=0)
+
+
+def swap_rows(path) -> None:
+    """Two rows of an .npy array swapped: a valid array that maps items to the wrong features."""
+    array = np.load(path)
+    array[[0, 1]] = array[[1, 0]]
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    overwrite(path, 0, buffer.getvalue())
+
+
+def swap_names(path) -> None:
+    text = path.read_text()
+    overwrite(
+        path,
+        0,
+        text.replace("img1", "tmp#").replace("img2", "img1").replace("tmp#", "img2").encode(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("victim", "tamper"),
+    [
+        ("image_rows.npy", swap_rows),
+        ("items.json", swap_names),
+        ("segments/*/text.offsets.npy", swap_rows),
+    ],
+)
+def test_same_size_damage_to_what_opening_reads_is_rebuilt(
+    checkpoint, folder, tmp_path, victim, tamper
+):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    path = next(first.directory.glob(victim))
+    tamper(path)
+    with pytest.raises(CacheError, match=f"{path.name} does not match its checksum"):
+        open_gallery(first.directory)
+    rebuilt = build(checkpoint, folder, tmp_path / "cache")
+    assert path.name in rebuilt.report.rebuilt_because and rebuilt.paths == first.paths
+
+
+def test_same_size_damage_to_an_index_is_never_served(checkpoint, folder, tmp_path):
+    gallery = build(checkpoint, folder, tmp_path / "cache")
+    path = gallery.directory / "image.faiss"
+    invert(path, path.stat().st_size - 24, 16)  # a vector of the last image
+    with pytest.raises(CacheError, match=r"image\.faiss does not match its checksum"):
+        _ = open_gallery(gallery.directory).image_index
+
+
+KILLED_BUILD = """
+import sys, time
+import hat.gallery.builder as builder
+from hat.gallery import folder_collection
+
+encode = builder.encode_segment
+
+def encode_then_hang(*args, **kwargs):
+    rows = encode(*args, **kwargs)
+    print("staged", flush=True)
+    time.sleep(600)
+    return rows
+
+builder.encode_segment = encode_then_hang
+checkpoint, images, captions, cache = sys.argv[1:]
+builder.build_gallery(checkpoint, folder_collection(images, captions), cache)
+"""
+
+
+def test_a_killed_build_leaves_nothing_once_its_process_is_gone(checkpoint, folder, tmp_path):
+    cache = tmp_path / "cache"
+    arguments = [str(checkpoint), *map(str, folder), str(cache)]
+    child = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, *arguments],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline() == "staged\n"
+        (staging,) = (p for p in cache.iterdir() if p.is_dir())
+        built = build(checkpoint, folder, cache)  # while the other build still runs
+        assert staging.is_dir()  # in use: left alone
+    finally:
+        child.kill()  # SIGKILL: no clean-up of its own runs
+        child.wait()
+    assert build(checkpoint, folder, cache).report.cache_hit
+    assert list(cache.iterdir()) == [built.directory]
+
+
+def test_a_gallery_of_an_older_storage_format_is_replaced(checkpoint, folder, tmp_path):
+    first = build(checkpoint, folder, tmp_path / "cache")
+    manifest = json.loads((first.directory / "manifest.json").read_text())
+    manifest["format"] = 1  # as written before the rows had digests
+    old = first.directory.rename(first.directory.with_name("0" * 32))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    rebuilt = build(checkpoint, folder, tmp_path / "cache")
+    assert rebuilt.report.encoded_images == 5  # its segments are not reused
+    assert not old.exists()
 
 
 def test_unreadable_images_are_skipped_counted_and_listed(checkpoint, folder, tmp_path):

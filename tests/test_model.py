@@ -1,4 +1,5 @@
 import json
+import pickle
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from hat import HATConfig, HATModel, create_model, get_preset, list_presets, load_model
 from hat.encode import concat_text_features, encode_captions, score_matrix
 from hat.hub import PretrainedUnavailableError
+from hat.model import CheckpointFormatError
 from hat.tokenization import tokenize
 
 CAPTIONS = ["a red circle on the left", "one blue square", "a green triangle at the top of a box"]
@@ -116,6 +118,41 @@ def test_saving_replaces_a_checkpoint_atomically(tiny_model, tmp_path):
 def test_loading_a_non_checkpoint_names_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a HAT checkpoint"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "kind"),
+    [
+        (None, "a zip archive"),  # torch.save's format
+        (pickle.dumps({"weight": [0.0]}, protocol=2), "a pickle"),
+        (b"version https://git-lfs.github.com/spec/v1\nsize 1\n", "a Git LFS pointer"),
+        (b"<!DOCTYPE html><html>Quota exceeded</html>", "an HTML page"),
+        (b"", "empty"),
+    ],
+    ids=["torch-save", "pickle", "lfs-pointer", "html", "empty"],
+)
+def test_weights_that_are_no_safetensors_are_named_for_what_they_are(
+    tiny_model, tmp_path, content, kind
+):
+    model, tokenizer = tiny_model
+    folder = model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    weights = folder / "model.safetensors"
+    if content is None:
+        torch.save(model.state_dict(), weights)
+    else:
+        weights.write_bytes(content)
+    with pytest.raises(CheckpointFormatError, match=f"not a safetensors file: it is {kind}") as e:
+        load_model(folder)
+    assert "config.json, model.safetensors" in str(e.value)
+
+
+def test_truncated_weights_are_named_as_such(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    folder = model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CheckpointFormatError, match="a damaged or truncated safetensors file"):
+        load_model(folder)
 
 
 @torch.no_grad()

@@ -1,12 +1,13 @@
 """Two-stage search equals exact scoring when it should, adapts its blocks, and works end to end."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from hat import cli, load_model
+from hat import cli, create_model, get_preset, load_model
 from hat import search as search_module
 from hat.gallery import CacheError, build_gallery, folder_collection, run_in_pieces
 from hat.search import Searcher, top_hits
@@ -115,3 +116,21 @@ def test_cli_index_build_then_search(checkpoint, folder, tmp_path, capsys):  # n
     assert len(result["hits"]) == 3 and all(h["caption"] for h in result["hits"])
     assert cli.main(["search", "--gallery", info["gallery"], "--text", "x", "--exact"]) == 0
     assert "scored 5 exactly" in capsys.readouterr().out
+
+
+def test_a_global_head_narrower_than_the_levels_builds_and_searches(folder, tmp_path):  # noqa: F811
+    """hat-b's head is 1024-d, its levels 3 x 768: a gallery stores the head's width."""
+    assert get_preset("hat-b").first_stage_dim == 1024
+    config = replace(get_preset("hat-tiny"), global_dim=40)
+    assert config.first_stage_dim == 40 != config.num_levels * config.embed_dim
+    torch.manual_seed(0)
+    model, tokenizer = create_model(config)
+    ckpt = model.eval().save_pretrained(tmp_path / "ckpt", tokenizer)
+    gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache")
+    assert gallery.manifest["embedding_dim"] == 40 == gallery.image_index.d == gallery.text_index.d
+    assert gallery.embeddings("image").shape == (5, 40)
+    searcher = Searcher.open(gallery.directory)
+    query = "a square of colour 2"
+    same_hits(searcher.text_to_image(query, k=3), searcher.text_to_image(query, k=3, exact=True))
+    image = gallery.image_path(0)
+    same_hits(searcher.image_to_text(image, k=4), searcher.image_to_text(image, k=4, exact=True))

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from hat.data import packages
 from hat.data import tuxpaint_scenes as tps
 
 SIZES = {"train": 30, "val": 6, "test": 6, "test_unseen": 10}
@@ -218,7 +219,7 @@ def test_main_builds_both_sets(package: Path, tmp_path: Path, capsys) -> None:
 
 
 def test_fetch_explains_missing_apt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tps.shutil, "which", lambda _: None)
+    monkeypatch.setattr(packages.shutil, "which", lambda _: None)
     with pytest.raises(RuntimeError, match="apt-get download tuxpaint-stamps-default"):
         tps.fetch_stamps_package(tmp_path)
 

@@ -96,6 +96,23 @@ def read_karpathy(
     return CaptionedImages(paths, captions, np.asarray(owners))
 
 
+def karpathy_groups(
+    json_path: str | Path, splits: str | list[str], key: str
+) -> dict[str, np.ndarray]:
+    """Image masks by the value of an extra field of a Karpathy file's entries, in the order
+    :func:`read_karpathy` reads them: ``{"seen_concept=True": mask, "seen_concept=False": mask}``.
+    Entries without the field are in no group."""
+    wanted = {splits} if isinstance(splits, str) else set(splits)
+    entries = [e for e in _load_json(Path(json_path))["images"] if e.get("split") in wanted]
+    values = [e.get(key) for e in entries]
+    if all(v is None for v in values):
+        raise DatasetFormatError(f"{json_path}: no image of split(s) {sorted(wanted)} has {key!r}")
+    return {
+        f"{key}={value}": np.array([v == value for v in values])
+        for value in sorted({v for v in values if v is not None}, key=str)
+    }
+
+
 def read_captions_file(path: str | Path) -> dict[str, list[str]]:
     """Captions keyed by image path relative to the image folder, from JSON or CSV.
 

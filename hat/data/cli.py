@@ -13,10 +13,15 @@ def _synthetic(args: argparse.Namespace) -> None:
     print(f"wrote {path} and {args.out}/images ({sum(sizes.values())} images)")
 
 
-def _tuxpaint(argv: list[str]) -> None:
-    from hat.data import tuxpaint_scenes
+def _delegate(dataset: str, argv: list[str]) -> None:
+    if dataset == "tuxpaint":
+        from hat.data import tuxpaint_scenes
 
-    tuxpaint_scenes.main(argv)
+        tuxpaint_scenes.main(argv)
+    else:
+        from hat.data import objects
+
+        objects.main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,9 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser(
         "tuxpaint", help="Tux Paint Scenes (see hat data tuxpaint --help)", add_help=False
     )
+    sub.add_parser(
+        "objects",
+        help="named objects to train on and real photos to evaluate on (hat data objects --help)",
+        add_help=False,
+    )
     args, rest = parser.parse_known_args(argv)
-    if args.dataset == "tuxpaint":
-        _tuxpaint(rest)
+    if args.dataset in ("tuxpaint", "objects"):
+        _delegate(args.dataset, rest)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     else:

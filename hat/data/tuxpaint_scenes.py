@@ -27,7 +27,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Collection, Iterator, Sequence
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from hat.data.packages import fetch_deb
 
 PACKAGE = "tuxpaint-stamps-default"
 LICENSE = "GPL-2+"
@@ -157,42 +158,9 @@ class Scene:
 
 
 def fetch_stamps_package(cache_dir: Path) -> Path:
-    """Download and unpack the Debian package once; return its stamps root.
-
-    Uses ``apt-get download`` and ``dpkg-deb -x`` so no root rights are needed.
-    """
-    cache_dir = Path(cache_dir)
-    unpacked = cache_dir / "unpacked"
-    if (unpacked / STAMPS_SUBDIR).is_dir():
-        return unpacked / STAMPS_SUBDIR
-    manual = (
-        f"apt-get update && cd {cache_dir} && apt-get download {PACKAGE} && "
-        f"dpkg-deb -x {PACKAGE}_*.deb unpacked/  (then pass --stamps-root "
-        f"{unpacked / STAMPS_SUBDIR})"
-    )
-    for tool in ("apt-get", "dpkg-deb"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"{tool} not found; fetch the stamps by hand: {manual}")
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    debs = sorted(cache_dir.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        _run(["apt-get", "download", PACKAGE], cache_dir, manual)
-        debs = sorted(cache_dir.glob(f"{PACKAGE}_*.deb"))
-    if not debs:
-        raise RuntimeError(f"apt-get download produced no .deb; try: {manual}")
-    staging = Path(tempfile.mkdtemp(prefix="unpack-", dir=cache_dir))
-    _run(["dpkg-deb", "-x", str(debs[-1]), str(staging)], cache_dir, manual)
-    os.replace(staging, unpacked)
-    return unpacked / STAMPS_SUBDIR
-
-
-def _run(cmd: list[str], cwd: Path, manual: str) -> None:
-    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}\n"
-            f"Run by hand: {manual}"
-        )
+    """Download and unpack the Debian package once (no root rights needed); return its stamps
+    root."""
+    return fetch_deb(PACKAGE, cache_dir) / STAMPS_SUBDIR
 
 
 def resolve_stamps_root(path: Path) -> Path:

@@ -8,10 +8,12 @@ message says what to change.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,19 +23,22 @@ from PIL import Image
 
 from hat.data.images import ImageLoadError, load_image
 from hat.demo import InputError
+from hat.demo.builtin import REBUILDING, BuiltinGallery
 from hat.demo.captions import clean_caption
 from hat.demo.heatmap import render_grid
 from hat.demo.uploads import collect_uploads, write_captions
 from hat.factory import load_model
 from hat.gallery import (
-    Collection,
+    CacheError,
     Gallery,
     build_gallery,
+    collection_from_spec,
     default_device,
     folder_collection,
 )
 from hat.heatmaps import LevelMaps, alignment_maps
 from hat.model import ImageFeatures
+from hat.owners import Owner, sweep
 from hat.search import Hit, Searcher, SearchResult
 from hat.tokenization import tokenize
 
@@ -41,17 +46,7 @@ BUILTIN = "built-in"
 MINE = "mine"
 MAX_K = 50
 SHOW_SKIPPED = 20
-
-
-def gallery_collection(directory: str | Path) -> Collection:
-    """A gallery folder: images in ``images/`` (or the folder itself) and, optionally,
-    ``captions.json`` or ``captions.csv`` keyed by path below the image folder."""
-    directory = Path(directory)
-    images = directory / "images" if (directory / "images").is_dir() else directory
-    captions = next(
-        (p for p in (directory / "captions.json", directory / "captions.csv") if p.is_file()), None
-    )
-    return folder_collection(images, captions)
+TEMP_PREFIX = "hat-demo-"  # the app's own temp folder, with the session galleries inside
 
 
 @dataclass
@@ -135,29 +130,51 @@ class DemoEngine:
     ):
         start = time.perf_counter()
         self.checkpoint = Path(checkpoint)
+        self.gallery_dir = Path(gallery_dir)
         self.device = device or default_device()
         self.model, self.tokenizer = load_model(self.checkpoint, self.device)
         self.model.eval()
         loaded = time.perf_counter()
-        self.gallery = build_gallery(
-            self.checkpoint,
-            gallery_collection(gallery_dir),
-            cache_dir,
-            model=self.model,
-            tokenizer=self.tokenizer,
-            progress=progress,
-        )
-        # faiss indexes load lazily: load them now so that the first query is as fast as any.
-        _ = self.gallery.image_index, self.gallery.text_index
-        self.searcher = Searcher(self.gallery, self.model, self.tokenizer)
-        if temp_dir is not None:
-            Path(temp_dir).mkdir(parents=True, exist_ok=True)
-        self.temp_dir = Path(tempfile.mkdtemp(prefix="hat-demo-", dir=temp_dir))
+
+        def build() -> Gallery:
+            gallery = build_gallery(
+                self.checkpoint,
+                collection_from_spec(gallery_dir),
+                cache_dir,
+                model=self.model,
+                tokenizer=self.tokenizer,
+                progress=progress,
+            )
+            # faiss indexes load lazily: load them now so that the first query is as fast as any.
+            _ = gallery.image_index, gallery.text_index
+            return gallery
+
+        self.builtin = BuiltinGallery(build, lambda g: Searcher(g, self.model, self.tokenizer))
+        temp_root = Path(temp_dir or tempfile.gettempdir())
+        temp_root.mkdir(parents=True, exist_ok=True)
+        sweep(temp_root, TEMP_PREFIX)  # uploads of demo processes that were killed
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=temp_root))
+        self._owner = Owner(self.temp_dir)
         self.startup = {
             "model_seconds": loaded - start,
             "gallery_seconds": time.perf_counter() - loaded,
             "cache_hit": self.gallery.report.cache_hit,
         }
+
+    def examples(self, count: int) -> tuple[list[str], list[str]]:
+        """Example captions and example image paths for the page: those the gallery's
+        ``examples.json`` (``{"captions": [...], "images": [paths in the gallery]}``) names, else
+        ``count`` of each spread evenly over the gallery."""
+        listed = self.gallery_dir / "examples.json"
+        if listed.is_file():
+            chosen = json.loads(listed.read_text(encoding="utf-8"))
+            images = [str(self.gallery_root / p) for p in chosen.get("images", [])]
+            return list(chosen.get("captions", [])), images
+        gallery = self.gallery
+        captions = gallery.captions[:: max(1, gallery.num_captions // count)][:count]
+        every = max(1, gallery.num_images // count)
+        images = [str(gallery.image_path(i)) for i in range(0, gallery.num_images, every)]
+        return captions, images[:count]
 
     # ---------------------------------------------------------------- descriptions
     def level_layers(self) -> list[tuple[str, str]]:
@@ -190,6 +207,15 @@ class DemoEngine:
         )
 
     @property
+    def gallery(self) -> Gallery:
+        """The built-in gallery (a rebuilt one, once a damaged one has been replaced)."""
+        return self.builtin.gallery
+
+    @property
+    def searcher(self) -> Searcher:
+        return self.builtin.searcher
+
+    @property
     def gallery_root(self) -> Path:
         """The built-in gallery's image folder (the app may serve files from it)."""
         return Path(self.gallery.manifest["root"])
@@ -199,7 +225,7 @@ class DemoEngine:
         cfg = self.model.config
         return {
             "model": cfg.name,
-            "checkpoint": str(self.checkpoint),
+            "checkpoint": self.checkpoint.name,  # not the server's file system
             "device": str(self.device),
             "image_backbone": cfg.image_backbone,
             "text_backbone": cfg.text_backbone,
@@ -209,6 +235,7 @@ class DemoEngine:
             ],
             "gallery_images": self.gallery.num_images,
             "gallery_captions": self.gallery.num_captions,
+            "gallery_status": self.builtin.status,
             "startup": self.startup,
         }
 
@@ -218,10 +245,23 @@ class DemoEngine:
             return self.searcher
         return Searcher(gallery, self.model, self.tokenizer)
 
+    @contextmanager
+    def _reading(self, gallery: Gallery) -> Iterator[None]:
+        """A damaged gallery, found while reading it, as a message (and, built-in, a rebuild)."""
+        try:
+            yield
+        except CacheError as exc:
+            if gallery.directory.is_relative_to(self.temp_dir):
+                raise InputError(
+                    "Your gallery's stored features were found damaged: build it again."
+                ) from None
+            self.builtin.damaged(gallery, exc)
+            raise InputError(REBUILDING) from None
+
     def pick(self, choice: object, mine: SessionGallery | None) -> Gallery:
         """The gallery a request names: ``built-in`` or ``mine`` (the person's upload)."""
         if choice == BUILTIN:
-            return self.gallery
+            return self.builtin.current()
         if choice == MINE:
             if mine is None:
                 raise InputError("You have no gallery yet: build one in the 'Your gallery' tab.")
@@ -296,7 +336,8 @@ class DemoEngine:
         """Images of the chosen gallery ranked by HAT score for ``caption``."""
         gallery = self.pick(choice, mine)
         caption, _, words = self.read_caption(caption)
-        result = self._searcher(gallery).text_to_image(caption, _clamp_k(k))
+        with self._reading(gallery):
+            result = self._searcher(gallery).text_to_image(caption, _clamp_k(k))
         rows = [
             [rank, hit.image, round(hit.score, 4), *(round(s, 4) for s in hit.level_scores)]
             for rank, hit in enumerate(result.hits, start=1)
@@ -319,7 +360,8 @@ class DemoEngine:
         if gallery.num_captions == 0:
             raise InputError("This gallery has no captions: build it with a captions file.")
         picture = query_image(image)
-        result = self._searcher(gallery).image_to_text(picture, _clamp_k(k))
+        with self._reading(gallery):
+            result = self._searcher(gallery).image_to_text(picture, _clamp_k(k))
         rows = [
             [rank, hit.caption, hit.image, round(hit.score, 4)]
             + [round(s, 4) for s in hit.level_scores]
@@ -340,7 +382,8 @@ class DemoEngine:
 
     def maps_for_gallery_image(self, gallery: Gallery, index: int, caption: object) -> Maps:
         """Maps of a gallery image from its stored features: the ones that scored it."""
-        features = gallery.image_features([index]).to(self.device)
+        with self._reading(gallery):
+            features = gallery.image_features([index]).to(self.device)
         return self._maps(load_image(gallery.image_path(index)), features, caption)
 
     def _maps(self, picture: Image.Image, features: ImageFeatures, caption: object) -> Maps:
@@ -379,3 +422,4 @@ class DemoEngine:
     def close(self) -> None:
         """Remove the demo's temporary folder (all session galleries)."""
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        self._owner.release()

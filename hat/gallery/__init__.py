@@ -3,7 +3,7 @@
 A gallery directory ``<cache>/<key>`` belongs to one checkpoint, one collection and one set of
 build settings (:func:`gallery_key` hashes all three)::
 
-    manifest.json              written last: key, settings, counts, size + sha256 of every file
+    manifest.json              written last: key, settings, counts, size + xxh3 of every file
     items.json                 image paths and fingerprints, captions, skipped images and why
     image_rows.npy             image i -> (segment, row); caption_rows.npy likewise
     caption_image.npy          caption j -> image i
@@ -13,12 +13,15 @@ build settings (:func:`gallery_key` hashes all three)::
         text.<level>.npy       (tokens, D) real tokens of all captions back to back, + scales
         text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
         image.embedding.npy, text.embedding.npy   first-stage vectors (fp32)
+        image.xxh3.npy, text.xxh3.npy   per image / caption: digest of its features, of its vector
 
 The whole directory is staged and renamed into place, so a reader never sees half of it; opening
-checks every file's size against the manifest (``verify=True`` also checks the hashes), and a bad
-cache is rebuilt, never used. A rebuild reuses the segments of earlier galleries of the same
-checkpoint and settings (hard links): images whose path, size, mtime and captions are unchanged
-are never encoded again.
+checks every file's size against the manifest and the digest of every file it reads whole, a
+query the digests of exactly the rows it gathers (``verify=True`` checks every byte up front);
+a bad cache is rebuilt, never used. A build killed half-way leaves a staging folder that the next
+build removes once its process is gone (:mod:`hat.owners`). A rebuild reuses the segments of
+earlier galleries of the same checkpoint and settings (hard links): images whose path, size,
+mtime and captions are unchanged are never encoded again.
 
 Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global vectors),
 ``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``.
@@ -28,6 +31,7 @@ from hat.gallery.builder import (
     build_gallery,
     default_cache_dir,
     default_device,
+    discard,
     encode_segment,
     gallery_header,
     run_in_pieces,
@@ -38,17 +42,19 @@ from hat.gallery.collection import (
     Collection,
     ImageEntry,
     checkpoint_fingerprint,
+    collection_from_spec,
     folder_collection,
     gallery_key,
     karpathy_collection,
 )
+from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.first_stage import (
     EMBEDDING,
     FLAT_INDEX_MAX,
     build_index,
     search_index,
 )
-from hat.gallery.reader import BuildReport, CacheError, Gallery, open_gallery
+from hat.gallery.reader import BuildReport, Gallery, open_gallery
 from hat.gallery.storage import PRECISIONS, Segment, SegmentWriter, dequantize, quantize
 
 __all__ = [
@@ -59,6 +65,7 @@ __all__ = [
     "BuildSettings",
     "CacheError",
     "Collection",
+    "CorruptionError",
     "Gallery",
     "ImageEntry",
     "Segment",
@@ -66,9 +73,11 @@ __all__ = [
     "build_gallery",
     "build_index",
     "checkpoint_fingerprint",
+    "collection_from_spec",
     "default_cache_dir",
     "default_device",
     "dequantize",
+    "discard",
     "encode_segment",
     "folder_collection",
     "gallery_header",

@@ -22,7 +22,7 @@ from hat.config import HATConfig
 from hat.data.images import ImageLoadError, load_image
 from hat.data.loader import ImageDataset, collate_images
 from hat.factory import load_model
-from hat.fileio import atomic_directory, atomic_write_text
+from hat.fileio import atomic_directory, atomic_write_text, cache_home
 from hat.gallery.collection import (
     FORMAT_VERSION,
     BuildSettings,
@@ -30,22 +30,25 @@ from hat.gallery.collection import (
     ImageEntry,
     checkpoint_fingerprint,
     gallery_key,
-    sha256_file,
 )
+from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.first_stage import build_index
 from hat.gallery.reader import (
     ITEMS,
     MANIFEST,
     BuildReport,
-    CacheError,
     Gallery,
     check_files,
+    file_digest,
+    load_array,
     load_gallery,
+    load_json,
     open_gallery,
     read_manifest,
 )
 from hat.gallery.storage import SegmentWriter
 from hat.model import CONFIG_NAME, HATModel, ImageFeatures
+from hat.owners import sweep
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
@@ -53,8 +56,7 @@ TEXT_BATCH = 128
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "hat" / "galleries"
+    return cache_home() / "galleries"
 
 
 def default_device() -> str:
@@ -118,10 +120,10 @@ def _donors(
             if manifest["model_key"] != model_key or manifest["settings"] != asdict(settings):
                 continue
             check_files(directory, manifest, verify=False)
-            items = json.loads((directory / ITEMS).read_text())
-            image_rows = np.load(directory / "image_rows.npy")
-            caption_rows = np.load(directory / "caption_rows.npy")
-            owners = np.load(directory / "caption_image.npy")
+            items = load_json(directory, manifest, ITEMS)
+            image_rows = load_array(directory, manifest, "image_rows.npy")
+            caption_rows = load_array(directory, manifest, "caption_rows.npy")
+            owners = load_array(directory, manifest, "caption_image.npy")
         except (CacheError, OSError, ValueError, KeyError):
             continue
         manifests.append(manifest)
@@ -134,6 +136,35 @@ def _donors(
             segment = manifest["segments"][seg]
             found[_as_key(fingerprint)] = _Location(directory, segment, row, by_image.get(i, []))
     return found, files, manifests
+
+
+def _superseded(cache_dir: Path, header: dict[str, Any]) -> list[Path]:
+    """Other galleries of ``header``'s source, checkpoint and settings, of any storage format
+    (staging folders, hidden, are left to their builds)."""
+    same = ("source", "model_key", "settings")
+    found = []
+    for directory in cache_dir.iterdir():
+        if directory.name == header["key"] or directory.name.startswith("."):
+            continue
+        try:
+            manifest = json.loads((directory / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue
+        if all(manifest.get(f) == header[f] for f in same):
+            found.append(directory)
+    return found
+
+
+def discard(error: CorruptionError) -> list[Path]:
+    """Remove the damaged gallery and, when the damage is in a segment, every gallery beside it
+    that holds the segment (hard links share the damage), so that no build reuses it."""
+    doomed = {error.gallery}
+    if error.segment and error.gallery.parent.is_dir():
+        cache = error.gallery.parent
+        doomed.update(d for d in cache.iterdir() if (d / "segments" / error.segment).is_dir())
+    for directory in doomed:
+        shutil.rmtree(directory, ignore_errors=True)
+    return sorted(doomed)
 
 
 def _link_segment(source: Path, target: Path) -> None:
@@ -203,14 +234,15 @@ def encode_segment(
 
 
 def _file_table(directory: Path, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file below ``directory`` (hashes of linked files are reused)."""
+    """Size and xxh3 digest of every file below ``directory`` (those of linked files are reused:
+    a linked file's damage is still found, by its rows' digests or a verify)."""
     table = {}
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = path.relative_to(directory).as_posix()
         size = path.stat().st_size
         info = known.get(name)
-        digest = info["sha256"] if info and info["size"] == size else sha256_file(path)
-        table[name] = {"size": size, "sha256": digest}
+        digest = info["xxh3"] if info and info["size"] == size else file_digest(path)
+        table[name] = {"size": size, "xxh3": digest}
     return table
 
 
@@ -270,12 +302,13 @@ def write_gallery(
     np.save(staging / "caption_image.npy", np.asarray(owners, dtype=np.int64))
     manifest = {**header, "segments": list(segments)}
     manifest.update(num_images=len(image_rows), num_captions=len(caption_rows))
-    gallery = load_gallery(staging, manifest)
+    manifest["files"] = _file_table(staging, known_files)
+    gallery = load_gallery(staging, manifest)  # checked: a damaged donor segment stops here
     flat_max = header["settings"]["flat_index_max"]
     for kind in ("image", "text"):
         index = build_index(gallery.embeddings(kind), flat_max)
         faiss.write_index(index, str(staging / f"{kind}.faiss"))
-    manifest["files"] = _file_table(staging, known_files)
+    manifest["files"] = _file_table(staging, manifest["files"])
     atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
     return len(encoded)
 
@@ -299,7 +332,7 @@ def gallery_header(
         "root": str(collection.root),
         "num_levels": config.num_levels,
         "dim": config.embed_dim,
-        "embedding_dim": config.num_levels * config.embed_dim,
+        "embedding_dim": config.first_stage_dim,
     }
 
 
@@ -321,11 +354,14 @@ def build_gallery(
     else built, encoding only images that no earlier gallery of this checkpoint holds.
 
     ``model``/``tokenizer`` (already loaded from ``checkpoint``) save loading them again. A
-    successful build removes the galleries it supersedes (same source, checkpoint and settings).
+    successful build removes the galleries it supersedes (same source, checkpoint and settings,
+    any storage format); one that finds an earlier gallery's segment damaged discards it
+    (:func:`discard`) and encodes those images again.
     """
     start = time.perf_counter()
     settings = settings or BuildSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    sweep(cache_dir, ".")  # staging folders of builds that were killed
     model_key = checkpoint_fingerprint(checkpoint)
     key = gallery_key(model_key, collection, settings)
     directory = cache_dir / key
@@ -363,11 +399,19 @@ def build_gallery(
 
     config = HATConfig.load(Path(checkpoint) / CONFIG_NAME)
     header = gallery_header(key, checkpoint, model_key, settings, collection, config)
-    with atomic_directory(directory) as staging:
-        encoded = write_gallery(staging, collection, located, encode, header, known_files)
-    for manifest in donors:
-        if manifest["source"] == collection.source and manifest["key"] != key:
-            shutil.rmtree(cache_dir / manifest["key"], ignore_errors=True)
+    while True:
+        try:
+            with atomic_directory(directory) as staging:
+                encoded = write_gallery(staging, collection, located, encode, header, known_files)
+            break
+        except CorruptionError as exc:
+            removed = {d.name for d in discard(exc)}
+            if not removed & {m["key"] for m in donors}:
+                raise  # not damage that an earlier gallery brought in
+            reason = f"{reason}; {exc}" if reason else str(exc)
+            located, known_files, donors = _donors(cache_dir, model_key, settings)
+    for superseded in _superseded(cache_dir, header):
+        shutil.rmtree(superseded, ignore_errors=True)
     gallery = open_gallery(directory)
     gallery.report = BuildReport(
         cache_hit=False,

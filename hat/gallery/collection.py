@@ -16,10 +16,13 @@ from pathlib import Path
 
 from hat.checkpoint import STATE_NAME, TENSORS_NAME
 from hat.data.captions import CaptionedImages, read_folder, read_karpathy
+from hat.fileio import sha256_file
 from hat.gallery.first_stage import EMBEDDING, FLAT_INDEX_MAX
 from hat.gallery.storage import PRECISIONS
 
-FORMAT_VERSION = 1
+# 2: per-row xxh3 digests of the features; xxh3 instead of sha256 per file.
+FORMAT_VERSION = 2
+KARPATHY_PREFIX = "karpathy:"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}
 
 
@@ -80,12 +83,25 @@ def karpathy_collection(json_path: str | Path, image_root: str | Path, split: st
     return Collection(root, _entries(data, root), source)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+def collection_from_spec(spec: str | Path) -> Collection:
+    """A gallery given on a command line: ``karpathy:JSON:IMAGE_ROOT:SPLIT`` (one split of a
+    Karpathy file, with its captions), else a folder holding ``images/`` (or the images
+    themselves) and, optionally, ``captions.json`` or ``captions.csv`` keyed by image path."""
+    spec = str(spec)
+    if spec.startswith(KARPATHY_PREFIX):
+        fields = spec[len(KARPATHY_PREFIX) :].split(":")
+        if len(fields) != 3 or not all(fields):
+            raise ValueError(
+                f"gallery {spec!r}: write karpathy:JSON:IMAGE_ROOT:SPLIT, e.g. "
+                "karpathy:dataset_flickr30k.json:flickr30k-images:test"
+            )
+        return karpathy_collection(*fields)
+    directory = Path(spec)
+    images = directory / "images" if (directory / "images").is_dir() else directory
+    captions = next(
+        (p for p in (directory / "captions.json", directory / "captions.csv") if p.is_file()), None
+    )
+    return folder_collection(images, captions)
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:

@@ -1,7 +1,13 @@
-"""Reading a built gallery: manifest checks, then features gathered from memory-mapped segments."""
+"""Reading a built gallery: manifest checks, then features gathered from memory-mapped segments.
+
+Opening checks every file's size; the files read whole (metadata, indexes, offsets, row digests)
+are checked against their digests as they are read, and the memory-mapped features row by row
+as a query gathers them (:mod:`hat.gallery.storage`). ``verify`` checks every byte up front.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,17 +18,41 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import xxhash
 
-from hat.gallery.collection import FORMAT_VERSION, sha256_file
-from hat.gallery.storage import Segment, dequantize
+from hat.gallery.collection import FORMAT_VERSION
+from hat.gallery.errors import CacheError, CorruptionError
+from hat.gallery.storage import Segment, Stored, dequantize
 from hat.model import ImageFeatures, TextFeatures
 
 MANIFEST = "manifest.json"
 ITEMS = "items.json"
+CHUNK = 1 << 22
 
 
-class CacheError(RuntimeError):
-    """A gallery directory is incomplete, truncated or does not match its manifest."""
+def file_digest(path: Path) -> str:
+    """xxh3-64 of a file's bytes (hex): ~10 GB/s, so the disk sets the pace."""
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checked(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of ``directory/name``, if their digest is the manifest's."""
+    data = (directory / name).read_bytes()
+    if xxhash.xxh3_64_hexdigest(data) != manifest["files"][name]["xxh3"]:
+        raise CorruptionError(directory, name, "does not match its checksum in the manifest")
+    return data
+
+
+def load_array(directory: Path, manifest: dict[str, Any], name: str) -> np.ndarray:
+    return np.load(io.BytesIO(read_checked(directory, manifest, name)))
+
+
+def load_json(directory: Path, manifest: dict[str, Any], name: str) -> Any:
+    return json.loads(read_checked(directory, manifest, name))
 
 
 def _by_segment(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
@@ -30,11 +60,6 @@ def _by_segment(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     for seg in np.unique(rows[:, 0]).tolist():
         positions = np.flatnonzero(rows[:, 0] == seg)
         yield seg, positions[np.argsort(rows[positions, 1], kind="stable")]
-
-
-def _read(stored: tuple[np.ndarray, np.ndarray | None], rows: np.ndarray) -> torch.Tensor:
-    values, scales = stored
-    return dequantize(values[rows], None if scales is None else scales[rows])
 
 
 def _token_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +94,7 @@ class Gallery:
     caption_rows: np.ndarray
     segments: list[Segment]
     report: BuildReport | None = field(default=None, repr=False)
+    checked: bool = field(default=True, repr=False)  # rows checked as read; off only to time it
 
     @property
     def num_images(self) -> int:
@@ -88,20 +114,21 @@ class Gallery:
     def image_features(self, ids: Sequence[int]) -> ImageFeatures:
         """fp32 region features of images ``ids`` (in that order), one tensor per level."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
-        for seg, positions in _by_segment(rows):
+        by_segment = list(_by_segment(rows))
+        for seg, positions in by_segment:
             self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
+        parts: list[tuple[np.ndarray, Stored]] = [
+            (positions, self.segments[seg].read_images(rows[positions, 1], self.checked))
+            for seg, positions in by_segment
+        ]
         levels = []
         for level, regions in enumerate(self.regions()):
-            parts = [
-                (positions, _read(self.segments[seg].image[level], rows[positions, 1]))
-                for seg, positions in _by_segment(rows)
-            ]
             if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(len(rows))):
-                levels.append(parts[0][1])  # one segment, ids in file order: no extra copy
+                levels.append(dequantize(*parts[0][1][level]))  # ids in file order: no copy
                 continue
             out = torch.empty(len(rows), regions, int(self.manifest["dim"]))
-            for positions, values in parts:
-                out[torch.from_numpy(positions)] = values
+            for positions, stored in parts:
+                out[torch.from_numpy(positions)] = dequantize(*stored[level])
             levels.append(out)
         return ImageFeatures(levels)
 
@@ -117,11 +144,12 @@ class Gallery:
         dim = int(self.manifest["dim"])
         levels = [torch.zeros(len(rows), width, dim) for _ in range(self.num_levels)]
         for seg, positions in _by_segment(rows):
-            segment = self.segments[seg]
-            tokens, within = _token_index(segment.offsets, rows[positions, 1])
+            segment, seg_rows = self.segments[seg], rows[positions, 1]
+            tokens, within = _token_index(segment.offsets, seg_rows)
+            stored = segment.read_captions(seg_rows, tokens, self.checked)
             owner = torch.from_numpy(np.repeat(positions, lengths[positions]))
             for level, out in enumerate(levels):
-                out[owner, torch.from_numpy(within)] = _read(segment.text[level], tokens)
+                out[owner, torch.from_numpy(within)] = dequantize(*stored[level])
         mask = torch.from_numpy(np.arange(width)[None] < lengths[:, None])
         return TextFeatures(levels, mask)
 
@@ -130,8 +158,8 @@ class Gallery:
         rows = self.image_rows if kind == "image" else self.caption_rows
         out = np.empty((len(rows), int(self.manifest["embedding_dim"])), dtype=np.float32)
         for seg, positions in _by_segment(rows):
-            stored = getattr(self.segments[seg], f"{kind}_embedding")
-            out[positions] = stored[rows[positions, 1]]
+            segment = self.segments[seg]
+            out[positions] = segment.read_embeddings(kind, rows[positions, 1], self.checked)
         return out
 
     def regions(self) -> list[int]:
@@ -148,16 +176,26 @@ class Gallery:
         )
         return total / max(self.num_images, 1)
 
+    def _index(self, kind: str) -> faiss.Index:
+        data = read_checked(self.directory, self.manifest, f"{kind}.faiss")
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
     @cached_property
     def image_index(self) -> faiss.Index:
-        return faiss.read_index(str(self.directory / "image.faiss"))
+        return self._index("image")
 
     @cached_property
     def text_index(self) -> faiss.Index:
-        return faiss.read_index(str(self.directory / "text.faiss"))
+        return self._index("text")
+
+    def verify(self) -> None:
+        """Check every byte of every file; raises :class:`CorruptionError`. Reads the whole
+        gallery (tens of seconds for 20 GB): a server runs it in the background."""
+        check_files(self.directory, self.manifest, verify=True)
 
 
 def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None:
+    """Every file of the manifest is there with its size (and, with ``verify``, its digest)."""
     for name, info in manifest["files"].items():
         path = directory / name
         if not path.is_file():
@@ -165,8 +203,8 @@ def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None
         size = path.stat().st_size
         if size != info["size"]:
             raise CacheError(f"{path} has {size} bytes, the manifest says {info['size']}")
-        if verify and sha256_file(path) != info["sha256"]:
-            raise CacheError(f"{path} does not match its sha256 in the manifest")
+        if verify and file_digest(path) != info["xxh3"]:
+            raise CorruptionError(directory, name, "does not match its checksum in the manifest")
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -180,33 +218,41 @@ def read_manifest(directory: Path) -> dict[str, Any]:
 
 
 def load_gallery(directory: Path, manifest: dict[str, Any]) -> Gallery:
-    items = json.loads((directory / ITEMS).read_text())
-    quantized = manifest["settings"]["precision"] == "int8"
+    """The gallery at ``directory`` as ``manifest`` describes it, every file read whole checked
+    against its digest."""
+
+    def load(name: str) -> np.ndarray:
+        return load_array(directory, manifest, name)
+
+    def segment(name: str) -> Segment:
+        return Segment(
+            directory / "segments" / name, name, manifest, lambda f: load(f"segments/{name}/{f}")
+        )
+
     try:
-        segments = [
-            Segment(directory / "segments" / name, manifest["num_levels"], quantized)
-            for name in manifest["segments"]
-        ]
-    except (OSError, ValueError) as exc:
-        raise CacheError(f"{directory}: unreadable feature array ({exc})") from None
+        items = load_json(directory, manifest, ITEMS)
+        segments = [segment(name) for name in manifest["segments"]]
+        arrays = {
+            name: load(f"{name}.npy") for name in ("caption_image", "image_rows", "caption_rows")
+        }
+    except CacheError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        raise CacheError(f"{directory}: unreadable gallery file ({exc})") from None
     return Gallery(
         directory=directory,
         manifest=manifest,
         paths=items["paths"],
         captions=items["captions"],
-        caption_image=np.load(directory / "caption_image.npy"),
         skipped=items["skipped"],
-        image_rows=np.load(directory / "image_rows.npy"),
-        caption_rows=np.load(directory / "caption_rows.npy"),
         segments=segments,
+        **arrays,
     )
 
 
 def open_gallery(directory: str | Path, verify: bool = False) -> Gallery:
-    """Open a built gallery; raises :class:`CacheError` if any file is missing or truncated.
-
-    Sizes are always checked (cheap); ``verify`` also re-hashes every file.
-    """
+    """Open a built gallery; raises :class:`CacheError` if any file is missing, truncated or
+    (for the files read whole) changed. ``verify`` also checks every byte of the others."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     check_files(directory, manifest, verify)
