@@ -49,12 +49,18 @@ def _shifted_window_mask(side: int, window: int) -> torch.Tensor:
     return torch.where(differ, -100.0, 0.0)
 
 
-def _official_tensor(key: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """Random fp16 weights (the converter must cast); the buffers the official model computes."""
+def official_tensor(
+    key: str, shape: list[int], generator: torch.Generator, small: bool = False
+) -> torch.Tensor:
+    """Random fp16 weights (the converter must cast), or with ``small`` one random value
+    broadcast to the shape (stored as one element, so the file is small); the buffers the
+    official model computes."""
     if key.endswith("relative_position_index"):
         return _relative_position_index(WINDOW)
     if key.endswith("attn_mask"):
         return _shifted_window_mask(WINDOW * math.isqrt(shape[0]), WINDOW)
+    if small:
+        return torch.randn(1, generator=generator).expand(shape)
     return torch.empty(shape, dtype=torch.float16).normal_(0, 0.02, generator=generator)
 
 
@@ -87,7 +93,7 @@ def official(tmp_path_factory):
         pytest.skip(f"{MANIFEST} not available")
     manifest = json.loads(MANIFEST.read_text())["state_dict"]
     generator = torch.Generator().manual_seed(0)
-    state = {k: _official_tensor(k, shape, generator) for k, shape in manifest.items()}
+    state = {k: official_tensor(k, shape, generator) for k, shape in manifest.items()}
     path = tmp_path_factory.mktemp("official") / "hat_f30k.ckpt"
     envelope = {
         "state_dict": state,

@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import socket
@@ -26,7 +25,7 @@ from hat.config import HATConfig
 from hat.download import DownloadError, download, partial_files
 from hat.fetch import OFFICIAL, SOURCE_NAME, FetchError, cached, fetch, resolve_checkpoint
 from hat.safe_load import CallbackStandIn, CheckpointReadError, read_checkpoint
-from tests.test_convert import MANIFEST, WINDOW, _relative_position_index, _shifted_window_mask
+from tests.test_convert import MANIFEST, official_tensor
 
 F30K = OFFICIAL["official-f30k"]
 CALLBACK_MODULE, CALLBACK_NAME = "pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint"
@@ -211,16 +210,6 @@ def test_unreachable_host_fails_at_once(tmp_path):
 
 
 # ---------------------------------------------------------------- hat fetch
-def official_tensor(key: str, shape: list[int], generator: torch.Generator) -> torch.Tensor:
-    """One random value broadcast to the official shape (stored as one element, so the file is
-    small) and the exact buffers the converter checks."""
-    if key.endswith("relative_position_index"):
-        return _relative_position_index(WINDOW)
-    if key.endswith("attn_mask"):
-        return _shifted_window_mask(WINDOW * math.isqrt(shape[0]), WINDOW)
-    return torch.randn(1, generator=generator).expand(shape)
-
-
 @pytest.fixture(scope="module")
 def official_bytes(tmp_path_factory):
     """A Lightning 1.3 checkpoint with every official key and shape (~1.7 MB)."""
@@ -228,7 +217,7 @@ def official_bytes(tmp_path_factory):
         pytest.skip(f"{MANIFEST} not available")
     manifest = json.loads(MANIFEST.read_text())["state_dict"]
     generator = torch.Generator().manual_seed(0)
-    state = {k: official_tensor(k, shape, generator) for k, shape in manifest.items()}
+    state = {k: official_tensor(k, shape, generator, small=True) for k, shape in manifest.items()}
     path = tmp_path_factory.mktemp("official") / F30K.filename
     return save_lightning_1_3(path, state).read_bytes()
 
