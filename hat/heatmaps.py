@@ -1,7 +1,14 @@
 """Per-level, per-word alignment maps of one image–caption pair, from the scoring itself.
 
 No saliency method is involved: the maps are the cross-attention weights α that produced the pair's
-HAT score, reshaped to each level's region grid.
+HAT score, reshaped to each level's region grid. α is one matrix per level, regions × words; which
+of its axes sums to 1 depends on the model's direction (see :mod:`hat.alignment`):
+
+* image → text (``i2t``, the shipped model): each region's softmax over the words. A word's map
+  (a column of α) is the share of every region's attention that the word receives; a region's
+  row is a distribution over the words.
+* text → image (``t2i``): each word's softmax over the regions. A word's map is a distribution
+  over the regions; a region's row is the share of every word's attention it receives.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import numpy as np
 import torch
 
 from hat.alignment import align_pair
+from hat.artifacts import outlier_tokens
 from hat.model import HATModel, ImageFeatures, TextFeatures
 
 
@@ -19,15 +27,22 @@ from hat.model import HATModel, ImageFeatures, TextFeatures
 class LevelMaps:
     """One level's alignment of one pair.
 
-    ``word_maps[l]`` is word l's attention over the regions (grid ``(h, w)``), ``caption_map`` the
-    whole caption's map: per-region cosine with its attended caption vector for image → text,
-    mean word attention for text → image.
+    ``word_maps[l]`` is column l of α on the region grid ``(h, w)``, so ``word_maps[:, r, c]`` is
+    region (r, c)'s row; ``caption_map`` the whole caption's map: per-region cosine with its
+    attended caption vector for image → text, mean word attention for text → image.
+    ``outliers`` marks the high-norm regions (:func:`hat.artifacts.outlier_tokens`).
     """
 
     name: str
     score: float
     word_maps: np.ndarray
     caption_map: np.ndarray
+    outliers: np.ndarray
+    direction: str = "i2t"
+
+    def region_words(self, row: int, col: int) -> np.ndarray:
+        """Region (row, col)'s row of α: its weights over the words."""
+        return self.word_maps[:, row, col]
 
 
 @torch.inference_mode()
@@ -51,5 +66,9 @@ def alignment_maps(
             caption_map = detail.local_scores.float().cpu().reshape(h, w).numpy()
         else:
             caption_map = word_maps.mean(axis=0)
-        out.append(LevelMaps(name, float(detail.score), word_maps, caption_map))
+        norms = regions[0].float().norm(dim=-1).cpu().numpy()
+        outliers = outlier_tokens(norms).reshape(h, w)
+        out.append(
+            LevelMaps(name, float(detail.score), word_maps, caption_map, outliers, cfg.direction)
+        )
     return out

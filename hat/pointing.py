@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hat.artifacts import display_peak, modified_z, outlier_tokens
 from hat.heatmaps import alignment_maps
 from hat.model import HATModel, ImageFeatures, TextFeatures
 
@@ -89,6 +90,38 @@ def _inside(box, x: float, y: float) -> bool:
     return box[0] <= x <= box[2] and box[1] <= y <= box[3]
 
 
+def _grounded_maps(model, tokenizer, entries, image_root, images, texts):
+    """``(image size, box, maps of the pair, token)`` for every grounded content word, in order.
+
+    ``images`` and ``texts`` are the encoded split in :func:`read_karpathy` order.
+    """
+    cfg = model.config
+    caption_index = 0
+    for image_index, entry in enumerate(entries):
+        path = Path(image_root) / entry.get("filepath", "") / entry["filename"]
+        with Image.open(path) as im:
+            size = im.size
+        for sentence in entry["sentences"]:
+            tokens = grounded_tokens(
+                tokenizer, sentence["raw"], sentence.get("groundings", []), cfg.max_text_len
+            )
+            if tokens:
+                maps = alignment_maps(
+                    model,
+                    images[image_index : image_index + 1],
+                    texts[caption_index : caption_index + 1],
+                )
+                for token, obj in tokens:
+                    yield size, entry["objects"][obj]["box"], maps, token
+            caption_index += 1
+
+
+def _peak_pixel(row, col, grid, image_size, crop, resize) -> tuple[float, float]:
+    one_hot = np.zeros(grid)
+    one_hot[row, col] = 1.0
+    return peak_to_pixel(one_hot, image_size, crop, resize)
+
+
 def pointing_game(
     model: HATModel,
     tokenizer,
@@ -106,31 +139,16 @@ def pointing_game(
     hits = np.zeros(cfg.num_levels)
     total = 0
     random_hits = centre_hits = 0.0
-    caption_index = 0
-    for image_index, entry in enumerate(entries):
-        path = Path(image_root) / entry.get("filepath", "") / entry["filename"]
-        with Image.open(path) as im:
-            size = im.size
-        for sentence in entry["sentences"]:
-            tokens = grounded_tokens(
-                tokenizer, sentence["raw"], sentence.get("groundings", []), cfg.max_text_len
-            )
-            if tokens:
-                maps = alignment_maps(
-                    model,
-                    images[image_index : image_index + 1],
-                    texts[caption_index : caption_index + 1],
-                )
-                for token, obj in tokens:
-                    box = entry["objects"][obj]["box"]
-                    for level, level_maps in enumerate(maps):
-                        x, y = peak_to_pixel(level_maps.word_maps[token], size, crop, resize)
-                        hits[level] += _inside(box, x, y)
-                    area = (box[2] - box[0]) * (box[3] - box[1])
-                    random_hits += area / (size[0] * size[1])
-                    centre_hits += _inside(box, size[0] / 2, size[1] / 2)
-                    total += 1
-            caption_index += 1
+    for size, box, maps, token in _grounded_maps(
+        model, tokenizer, entries, image_root, images, texts
+    ):
+        for level, level_maps in enumerate(maps):
+            x, y = peak_to_pixel(level_maps.word_maps[token], size, crop, resize)
+            hits[level] += _inside(box, x, y)
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        random_hits += area / (size[0] * size[1])
+        centre_hits += _inside(box, size[0] / 2, size[1] / 2)
+        total += 1
     if total == 0:
         raise ValueError("no grounded words found: does the dataset carry groundings?")
     return {
@@ -139,3 +157,81 @@ def pointing_game(
         "random": random_hits / total,
         "centre": centre_hits / total,
     }
+
+
+def artifact_pointing(
+    model: HATModel,
+    tokenizer,
+    entries: list[dict],
+    image_root: str | Path,
+    images: ImageFeatures,
+    texts: TextFeatures,
+) -> dict:
+    """Per level: how often a grounded word's map peaks on a high-norm outlier region, and the
+    pointing game with the peak taken over all regions (as scored) and over the regions that are
+    no outliers (as the maps display it; :func:`hat.artifacts.display_peak`)."""
+    cfg = model.config
+    crop, resize = cfg.image_size, round(cfg.image_size * 256 / 224)
+    on_outlier, hits_all, hits_shown = (np.zeros(cfg.num_levels) for _ in range(3))
+    total = 0
+    for size, box, maps, token in _grounded_maps(
+        model, tokenizer, entries, image_root, images, texts
+    ):
+        for level, level_maps in enumerate(maps):
+            word_map, outliers = level_maps.word_maps[token], level_maps.outliers
+            grid = word_map.shape
+            peak = display_peak(word_map)
+            shown = display_peak(word_map, outliers)
+            on_outlier[level] += bool(outliers[peak])
+            hits_all[level] += _inside(box, *_peak_pixel(*peak, grid, size, crop, resize))
+            hits_shown[level] += _inside(box, *_peak_pixel(*shown, grid, size, crop, resize))
+        total += 1
+    if total == 0:
+        raise ValueError("no grounded words found: does the dataset carry groundings?")
+    return {
+        "words": total,
+        "levels": {
+            name: {
+                "peak_on_outlier": on_outlier[i] / total,
+                "pointing_all_regions": hits_all[i] / total,
+                "pointing_outliers_excluded": hits_shown[i] / total,
+            }
+            for i, name in enumerate(cfg.level_names)
+        },
+    }
+
+
+def regions_in_boxes(
+    boxes: list, image_size: tuple[int, int], grid: tuple[int, int], crop: int, resize: int
+) -> np.ndarray:
+    """``(h * w,)`` mask of the regions whose centre, in original pixels, lies in any box."""
+    h, w = grid
+    rows, cols = np.divmod(np.arange(h * w), w)
+    width, height = image_size
+    scale = resize / min(width, height)
+    x = ((cols + 0.5) * crop / w + (width * scale - crop) / 2) / scale
+    y = ((rows + 0.5) * crop / h + (height * scale - crop) / 2) / scale
+    inside = np.zeros(h * w, dtype=bool)
+    for box in boxes:
+        inside |= (box[0] <= x) & (x <= box[2]) & (box[1] <= y) & (y <= box[3])
+    return inside
+
+
+def outlier_statistics(norms: np.ndarray, in_boxes: np.ndarray | None = None) -> dict:
+    """Norm outliers of ``(images, regions)`` token norms: the share of regions that are
+    outliers, the share of images with at least one, their mean count there, and (given the
+    regions inside object boxes) the share of outliers on objects beside the boxes' share of all
+    regions: artifacts sit on background, so a share well above the boxes' marks content."""
+    mask = outlier_tokens(norms)
+    per_image = mask.sum(axis=1)
+    affected = per_image > 0
+    out = {
+        "outlier_fraction": float(mask.mean()),
+        "images_with_outliers": float(affected.mean()),
+        "outliers_per_affected_image": float(per_image[affected].mean()) if affected.any() else 0,
+        "max_modified_z": float(modified_z(norms).max()),
+    }
+    if in_boxes is not None:
+        out["regions_in_object_boxes"] = float(in_boxes.mean())
+        out["outliers_in_object_boxes"] = float(in_boxes[mask].mean()) if mask.any() else None
+    return out

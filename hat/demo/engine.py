@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,8 +26,10 @@ from hat.data.images import ImageLoadError, load_image
 from hat.demo import InputError
 from hat.demo.builtin import REBUILDING, BuiltinGallery
 from hat.demo.captions import clean_caption
-from hat.demo.heatmap import render_grid
+from hat.demo.heatmap import model_view, render_grid
+from hat.demo.pairmaps import VIEW, PairMaps
 from hat.demo.uploads import collect_uploads, write_captions
+from hat.demo.words import group_pieces
 from hat.factory import load_model
 from hat.gallery import (
     CacheError,
@@ -73,11 +76,13 @@ class Results:
 
 @dataclass
 class Maps:
-    """Alignment maps of one pair: the grid picture, a markdown legend and the numbers."""
+    """Alignment maps of one pair: the grid picture, a markdown legend, the numbers, and the pair's
+    attention kept for the word and region views."""
 
     picture: Image.Image
     legend: str
     details: dict[str, Any] = field(default_factory=dict)
+    pair: PairMaps | None = None
 
 
 def _clamp_k(k: object) -> int:
@@ -398,18 +403,34 @@ class DemoEngine:
             picture, levels, words, self._row_labels(levels), self.model.config.image_size
         )
         legend = (
-            f"HAT score **{total:.4f}** = sum of the level scores. Rows: levels; columns: the "
-            f"whole caption, then each word piece the model read.\n\n{self.legend()}"
+            f"HAT score **{total:.4f}** = sum of the level scores. Overview: one row per level; "
+            f"columns: the whole caption, then each word piece the model read, each cell on its "
+            f"own colour range.\n\n{self.legend()}"
         )
+        grouped = group_pieces(words)
         details = {
             "score": total,
             "words": words,
+            "whole_words": [
+                {"text": w.text, "pieces": list(w.pieces), "minor": w.minor} for w in grouped
+            ],
             "levels": [
-                {"name": level.name, "score": level.score, "grid": list(level.caption_map.shape)}
+                {
+                    "name": level.name,
+                    "score": level.score,
+                    "grid": list(level.caption_map.shape),
+                    "norm_outliers": np.argwhere(level.outliers).tolist(),
+                }
                 for level in levels
             ],
         }
-        return Maps(grid, legend, details)
+        titles = [
+            (f"level {n + 1}", f"image {image}, text {text}")
+            for n, (image, text) in enumerate(self.level_layers())
+        ]
+        view = model_view(picture, self.model.config.image_size, VIEW)
+        pair = PairMaps(view, levels, grouped, titles, total)
+        return Maps(grid, legend, details, pair)
 
     def _row_labels(self, levels: list[LevelMaps]) -> list[list[str]]:
         return [

@@ -57,11 +57,24 @@ def normalise(grid: np.ndarray) -> np.ndarray:
     return (grid - grid.min()) / span if span > 1e-12 else np.zeros_like(grid)
 
 
-def upsample(grid: np.ndarray, size: int) -> np.ndarray:
-    """A normalised ``(h, w)`` map as a smooth ``(size, size)`` map in [0, 1] (bicubic)."""
-    image = Image.fromarray(normalise(grid), mode="F")
+def scale(grid: np.ndarray, low: float, high: float) -> np.ndarray:
+    """``grid`` mapped linearly from [low, high] to [0, 1] and clipped (a flat range becomes 0)."""
+    grid = np.asarray(grid, dtype=np.float32)
+    if high - low <= 1e-12:
+        return np.zeros_like(grid)
+    return np.clip((grid - low) / (high - low), 0.0, 1.0)
+
+
+def smooth(grid: np.ndarray, size: int) -> np.ndarray:
+    """A ``(h, w)`` map with values in [0, 1] as a smooth ``(size, size)`` map (bicubic)."""
+    image = Image.fromarray(np.asarray(grid, dtype=np.float32), mode="F")
     image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.clip(np.asarray(image), 0.0, 1.0)
+
+
+def upsample(grid: np.ndarray, size: int) -> np.ndarray:
+    """A normalised ``(h, w)`` map as a smooth ``(size, size)`` map in [0, 1] (bicubic)."""
+    return smooth(normalise(grid), size)
 
 
 def model_view(image: Image.Image, crop: int, size: int) -> Image.Image:
