@@ -31,7 +31,8 @@ from gradio import route_utils
 from gradio_client.utils import encode_file_path
 
 from hat.demo import InputError
-from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, SessionGallery, payload_path
+from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, Maps, SessionGallery, payload_path
+from hat.demo.pairmaps import region_view, word_view
 from hat.fetch import FetchError, resolve_checkpoint
 
 try:  # Hugging Face ZeroGPU: model work runs under @spaces.GPU; elsewhere it is a no-op.
@@ -59,6 +60,8 @@ TRACK_PROGRESS = gr.Progress(track_tqdm=True)  # shows the gallery build's tqdm 
 THEME = gr.themes.Default(
     font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
 )
+# Word chips of [CLS], [SEP], punctuation and stop words end in a thin space (pairmaps.MINOR_MARK).
+CSS = '#word-chips label[data-testid$="\\2009-radio-label"] { opacity: 0.55; }'
 
 
 def user_errors(fn: Callable) -> Callable:
@@ -167,10 +170,24 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
         maps = engine.maps_for_image(image, caption)
         return maps.picture, maps.legend, maps.details
 
+    def page_of(maps: Maps, per_level, skip_outliers) -> tuple:
+        """Everything the maps tab shows of a new pair, its first content word chosen."""
+        pair = maps.pair
+        first = pair.first_content_word()
+        picture, note = word_view(pair, first, per_level, skip_outliers)
+        chips = gr.Radio(choices=pair.chips(), value=first)
+        return (maps.picture, maps.legend, maps.details, pair, chips, picture, note, pair.view)
+
     @on_model_threads
     @gpu
     @user_errors
-    def maps_of_result(last, mine, evt: gr.SelectData):
+    def page_show_maps(image, caption, per_level, skip_outliers):
+        return page_of(engine.maps_for_image(image, caption), per_level, skip_outliers)
+
+    @on_model_threads
+    @gpu
+    @user_errors
+    def maps_of_result(last, mine, per_level, skip_outliers, evt: gr.SelectData):
         """A click on a search result: its maps, in the maps tab."""
         if last is None:
             raise InputError("Search first, then click a result.")
@@ -184,7 +201,30 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
             image, caption = last["image"], last["captions"][rank - 1]
             maps = engine.maps_for_image(image, caption)
         selected = gr.Tabs(selected="maps")
-        return image, caption, maps.picture, maps.legend, maps.details, selected
+        return image, caption, *page_of(maps, per_level, skip_outliers), selected
+
+    @user_errors
+    def page_word(pair, word, per_level, skip_outliers):
+        return word_view(pair, word, per_level, skip_outliers)
+
+    @user_errors
+    def page_region(pair, evt: gr.SelectData):
+        marked, picture, note, _ = region_view(pair, *evt.index)
+        return marked, picture, note
+
+    @on_model_threads
+    @gpu
+    @user_errors
+    def api_word_maps(image, caption, word, per_level, skip_outliers):
+        pair = engine.maps_for_image(image, caption).pair
+        return word_view(pair, pair.find(word), bool(per_level), bool(skip_outliers))
+
+    @on_model_threads
+    @gpu
+    @user_errors
+    def api_region_words(image, caption, x, y):
+        _, picture, note, numbers = region_view(engine.maps_for_image(image, caption).pair, x, y)
+        return picture, note, numbers
 
     @gpu
     @user_errors
@@ -253,15 +293,55 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
                     with gr.Column():
                         map_caption = gr.Textbox(label="Caption", elem_id="map-caption")
                         draw = gr.Button("Show alignment maps", variant="primary")
-                grid = gr.Image(
-                    label="Alignment maps",
-                    show_label=False,  # the picture's own header names the columns
+                pair = gr.State(None)
+                word = gr.Radio(
+                    [],
+                    label="Word (grey: [CLS], [SEP], punctuation and stop words)",
+                    elem_id="word-chips",
+                )
+                with gr.Row():
+                    per_level = gr.Checkbox(False, label="Scale each level to its own range")
+                    skip_outliers = gr.Checkbox(
+                        False, label="Leave outlined (outlier-norm) regions out of the colour range"
+                    )
+                word_maps = gr.Image(
+                    label="The word's map at every level",
+                    show_label=False,
                     buttons=["fullscreen", "download"],
                     type="pil",
                     format="webp",
-                    elem_id="maps-grid",
+                    elem_id="word-maps",
                 )
+                word_note = gr.Markdown(elem_id="word-note")
+                with gr.Row():
+                    region_picker = gr.Image(
+                        label="Click a region: which words does it attend to?",
+                        type="pil",
+                        interactive=False,
+                        buttons=[],
+                        elem_id="region-picker",
+                        scale=1,
+                    )
+                    region_words = gr.Image(
+                        label="The region's attention over the words, per level",
+                        show_label=False,  # the picture names its levels
+                        type="pil",
+                        format="webp",
+                        buttons=["fullscreen", "download"],
+                        elem_id="region-words",
+                        scale=2,
+                    )
+                region_note = gr.Markdown()
                 legend = gr.Markdown(label="Legend")
+                with gr.Accordion("Overview: every word piece at every level", open=False):
+                    grid = gr.Image(
+                        label="Alignment maps",
+                        show_label=False,  # the picture's own header names the columns
+                        buttons=["fullscreen", "download"],
+                        type="pil",
+                        format="webp",
+                        elem_id="maps-grid",
+                    )
                 with gr.Accordion("Scores and word pieces", open=False):
                     details = gr.JSON(label="Scores and word pieces")
             with gr.Tab("Your gallery", id="mine"):
@@ -286,20 +366,52 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
         with gr.Group(visible=False):
             api_images, api_table, api_status = gr.JSON(), gr.JSON(), gr.Textbox()
             api_t2i, api_i2t = gr.Button(), gr.Button()
+            api_word, api_x, api_y = gr.Textbox(), gr.Number(), gr.Number()
+            api_maps, api_words_of, api_region_of = gr.Button(), gr.Button(), gr.Button()
+            api_picture, api_note, api_numbers = gr.Image(format="webp"), gr.Markdown(), gr.JSON()
         api = dict(preprocess=False, postprocess=False)
         outputs = [api_images, api_table, api_status]
         api_t2i.click(search_text, t2i_in, outputs, api_name="search_text", **api)
         api_i2t.click(search_image, i2t_in, outputs[1:], api_name="search_image", **api)
+        maps_page = [grid, legend, details, pair, word, word_maps, word_note, region_picker]
         draw.click(
+            page_show_maps, [map_image, map_caption, per_level, skip_outliers], maps_page, **lean
+        )
+        api_maps.click(
             show_maps,
             [map_image, map_caption],
             [grid, legend, details],
             api_name="alignment_maps",
             preprocess=False,
         )
-        to_maps = [map_image, map_caption, grid, legend, details, tabs]
+        api_words_of.click(
+            api_word_maps,
+            [map_image, map_caption, api_word, per_level, skip_outliers],
+            [api_picture, api_note],
+            api_name="word_maps",
+            preprocess=False,
+        )
+        api_region_of.click(
+            api_region_words,
+            [map_image, map_caption, api_x, api_y],
+            [api_picture, api_note, api_numbers],
+            api_name="region_words",
+            preprocess=False,
+        )
+        word_view_in = [pair, word, per_level, skip_outliers]
+        for control in (word, per_level, skip_outliers):
+            control.input(page_word, word_view_in, [word_maps, word_note], **lean)
+        region_picker.select(
+            page_region, [pair], [region_picker, region_words, region_note], **lean
+        )
+        to_maps = [map_image, map_caption, *maps_page, tabs]
         for results in (hits, caption_scores):
-            results.select(maps_of_result, [last, mine], to_maps, api_visibility="private")
+            results.select(
+                maps_of_result,
+                [last, mine, per_level, skip_outliers],
+                to_maps,
+                api_visibility="private",
+            )
         build.click(
             build_gallery,
             [files, captions_file, mine],
@@ -366,6 +478,7 @@ def main(argv: list[str] | None = None) -> None:
             server_port=args.port,
             max_file_size=MAX_UPLOAD,
             theme=THEME,
+            css=CSS,
         )
     finally:
         engine.close()

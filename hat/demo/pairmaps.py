@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 from hat.demo import InputError
-from hat.demo.wordmaps import region_weights, render_region_words, render_word_levels
+from hat.demo.wordmaps import mark_region, region_weights, render_region_words, render_word_levels
 from hat.demo.words import Word
 from hat.heatmaps import LevelMaps
 
@@ -47,6 +46,15 @@ class PairMaps:
             return self.words[int(index)]
         except (TypeError, ValueError, IndexError):
             raise InputError("Pick one of the caption's words.") from None
+
+    def find(self, text: object) -> int:
+        """Index of the first word spelt ``text`` (any case), or a refusal listing the words."""
+        wanted = str(text).strip().lower()
+        for index, word in enumerate(self.words):
+            if word.text.lower() == wanted:
+                return index
+        listed = ", ".join(w.text for w in self.words)
+        raise InputError(f"'{str(text)[:40]}' is not a word of the caption; its words: {listed}.")
 
 
 def word_view(
@@ -86,21 +94,32 @@ def word_view_note(pair: PairMaps, word: Word, per_level: bool, skip_outliers: b
     )
 
 
-def region_view(pair: PairMaps | None, x: object, y: object) -> tuple[Image.Image, str]:
-    """The words that the region under pixel (x, y) of the crop view attends to, per level."""
+def region_view(
+    pair: PairMaps | None, x: object, y: object
+) -> tuple[Image.Image, Image.Image, str, dict]:
+    """The words that the region under pixel (x, y) of the crop view attends to, per level: the
+    view with the region outlined, the bars, a line saying what they show, and the numbers."""
     if pair is None:
         raise InputError("Show the alignment maps of an image and a caption first.")
     try:
         x, y = float(x), float(y)
     except (TypeError, ValueError):
         raise InputError("Click a point of the image.") from None
-    if not (np.isfinite(x) and np.isfinite(y)):
-        raise InputError("Click a point of the image.")
-    weights = region_weights(pair.levels, pair.words, x, y, pair.view.width)
-    grids = [level.word_maps.shape[1:] for level in pair.levels]
     titles = [title for title, _ in pair.titles]
-    picture = render_region_words(pair.view, weights, pair.words, titles, grids)
-    return picture, region_view_note(pair)
+    if not (0 <= x < pair.view.width and 0 <= y < pair.view.height):  # NaN too
+        raise InputError(f"The point must lie in the {pair.view.width}-pixel view of the image.")
+    weights = region_weights(pair.levels, pair.words, x, y, pair.view.width)
+    picture = render_region_words(weights, pair.words, titles)
+    finest = max(range(len(weights)), key=lambda n: pair.levels[n].word_maps[0].size)
+    marked = mark_region(pair.view, weights[finest][0], pair.levels[finest].word_maps.shape[1:])
+    numbers = {
+        level.name: {
+            "region": list(cell),
+            "words": [[w.text, float(v)] for w, v in zip(pair.words, values, strict=True)],
+        }
+        for level, (cell, values) in zip(pair.levels, weights, strict=True)
+    }
+    return marked, picture, region_view_note(pair), numbers
 
 
 def region_view_note(pair: PairMaps) -> str:

@@ -28,7 +28,7 @@ MINOR_INK = (130, 130, 130)
 MARK = (255, 255, 255)
 MARK_EDGE = (0, 0, 0)
 ROW = 22  # one word in the region view
-BAR_WIDTH = 150
+BAR_WIDTH = 130
 
 
 def word_map(level: LevelMaps, word: Word) -> np.ndarray:
@@ -127,37 +127,40 @@ def region_weights(
     return out
 
 
+def mark_region(view: Image.Image, cell: tuple[int, int], grid: tuple[int, int]) -> Image.Image:
+    """``view`` with the region ``cell`` of a ``grid`` over it outlined."""
+    marked = view.convert("RGB")
+    (row, col), (h, w) = cell, grid
+    box = (col * marked.width / w, row * marked.height / h)
+    box += ((col + 1) * marked.width / w - 1, (row + 1) * marked.height / h - 1)
+    draw = ImageDraw.Draw(marked)
+    draw.rectangle(box, outline=MARK_EDGE, width=4)
+    draw.rectangle(box, outline=MARK, width=2)
+    return marked
+
+
 def render_region_words(
-    view: Image.Image,
     weights: Sequence[tuple[tuple[int, int], np.ndarray]],
     words: Sequence[Word],
     titles: Sequence[str],
-    grids: Sequence[tuple[int, int]],
 ) -> Image.Image:
-    """The chosen region outlined on ``view``, then per level a bar per word of its α row."""
-    thumb = 200
-    column = 120 + BAR_WIDTH + 50
-    height = max(thumb + 2 * PAD, TITLE + len(words) * ROW + PAD)
-    canvas = Image.new("RGB", (PAD + thumb + PAD + len(weights) * column, height), BACKGROUND)
-    canvas.paste(view.convert("RGB").resize((thumb, thumb), Image.Resampling.BICUBIC), (PAD, PAD))
+    """Per level, a bar per word of the region's α row; one bar scale for all levels."""
+    column = 105 + BAR_WIDTH + 55
+    height = TITLE + len(words) * ROW + PAD
+    canvas = Image.new("RGB", (PAD + len(weights) * column, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font()
-    (row, col), (h, w) = weights[-1][0], grids[-1]  # the finest outline is the last level's
-    box = (PAD + col * thumb / w, PAD + row * thumb / h)
-    box += (PAD + (col + 1) * thumb / w, PAD + (row + 1) * thumb / h)
-    draw.rectangle(box, outline=MARK_EDGE, width=3)
-    draw.rectangle(box, outline=MARK, width=1)
-    largest = max(float(values.max()) for _, values in weights) or 1.0  # one scale for all bars
+    largest = max(float(values.max()) for _, values in weights) or 1.0
     for n, ((cell, values), title) in enumerate(zip(weights, titles, strict=True)):
-        x = PAD + thumb + PAD + n * column
+        x = PAD + n * column
         draw.text((x, 6), _fit(draw, title, column - 10, font), fill=INK, font=font)
         draw.text((x, 24), f"region row {cell[0] + 1}, col {cell[1] + 1}", fill=INK, font=font)
         for i, (word, value) in enumerate(zip(words, values, strict=True)):
             y = TITLE + i * ROW
             ink = MINOR_INK if word.minor else INK
-            draw.text((x, y + 4), _fit(draw, word.text, 110, font), fill=ink, font=font)
+            draw.text((x, y + 4), _fit(draw, word.text, 95, font), fill=ink, font=font)
             length = round(BAR_WIDTH * float(value) / largest)
             colour = tuple(int(c) for c in colormap(np.float32(value / largest)))
-            draw.rectangle((x + 115, y + 4, x + 115 + max(1, length), y + 16), fill=colour)
-            draw.text((x + 120 + BAR_WIDTH, y + 4), f"{value:.3f}", fill=ink, font=font)
+            draw.rectangle((x + 100, y + 4, x + 100 + max(1, length), y + 16), fill=colour)
+            draw.text((x + 105 + BAR_WIDTH, y + 4), f"{value:.3f}", fill=ink, font=font)
     return canvas
