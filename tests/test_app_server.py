@@ -221,6 +221,47 @@ def test_alignment_maps_have_a_row_per_level_and_a_column_per_word(client, serve
     with Image.open(picture) as grid:
         assert grid.width == 190 + 8 + 64 + (len(details["words"]) + 1) * 128
     assert "level 1" in legend and "layers.1" in legend and "layer 1" in legend
+    assert [w["text"] for w in details["whole_words"] if not w["minor"]] == ["red", "square"]
+    assert all("norm_outliers" in level for level in details["levels"])
+
+
+def test_word_maps_show_one_word_at_every_level_large(client, server):
+    query = handle_file(str(server.gallery / "images" / "2.png"))
+    picture, note = client.predict(
+        query, "a red square", "Square", False, False, api_name="/word_maps"
+    )
+    with Image.open(picture) as maps:
+        assert maps.width >= 3 * 320 and maps.height >= 320
+    assert "**square**" in note and "softmax over the words for every region" in note
+    assert "One colour range for all levels" in note
+    _, note = client.predict(query, "a red square", "red", True, True, api_name="/word_maps")
+    assert "Each level on its own colour range" in note and "left out of the colour range" in note
+
+
+def test_region_words_are_the_regions_attention_over_the_words(client, server):
+    query = handle_file(str(server.gallery / "images" / "2.png"))
+    picture, note, numbers = client.predict(query, "a red square", 447, 0, api_name="/region_words")
+    assert Image.open(picture).width > 0 and "sum to 1" in note
+    assert [entry["region"] for entry in numbers.values()] == [[0, 7], [0, 3], [0, 1]]
+    for entry in numbers.values():
+        assert [w for w, _ in entry["words"]] == ["[CLS]", "a", "red", "square", "[SEP]"]
+        assert sum(v for _, v in entry["words"]) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "args", "message"),
+    [
+        ("/word_maps", ("zebra", False, False), "'zebra' is not a word of the caption"),
+        ("/region_words", (500, 10), "must lie in the 448-pixel view"),
+        ("/region_words", (-1, 10), "must lie in the 448-pixel view"),
+    ],
+    ids=["unknown-word", "outside", "negative"],
+)
+def test_bad_words_and_points_get_a_clear_message(client, server, endpoint, args, message, before):
+    query = handle_file(str(server.gallery / "images" / "2.png"))
+    assert message in refusal(
+        lambda: client.predict(query, "a red square", *args, api_name=endpoint)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(odd_but_valid_images()))
@@ -408,13 +449,40 @@ def test_a_person_searches_and_sees_the_alignment_maps(server):
         thumbnails.first.wait_for(timeout=60_000)
         assert thumbnails.count() == 5
         page.screenshot(path=ARTIFACTS / "app-text-to-image.png", full_page=True)
-        thumbnails.first.click()
+        thumbnails.first.click()  # opens the pair in the maps tab, its first content word shown
+        large = page.locator("#word-maps img")
+        large.wait_for(timeout=60_000)
+        loaded = "([img, width]) => img.complete && img.naturalWidth >= width"
+        page.wait_for_function(loaded, arg=[large.element_handle(), 3 * 320])
+        chips = page.locator("#word-chips label")
+        assert "square" in chips.all_inner_texts()
+        first_src = large.get_attribute("src")
+        chips.filter(has_text="square").click()
+        page.wait_for_function(
+            "([img, old]) => img.src !== old && img.complete && img.naturalWidth >= 960",
+            arg=[large.element_handle(), first_src],
+            timeout=60_000,
+        )
+        assert "**square**" not in page.locator("#word-note").inner_text()  # rendered, not raw
+        assert "square" in page.locator("#word-note strong").inner_text()
+        shown = large.bounding_box()  # three levels at a readable size on the page
+        assert shown["width"] >= 3 * 320 * 0.9
+        page.screenshot(path=ARTIFACTS / "app-alignment-maps.png", full_page=True)
+        picker = page.locator("#region-picker img")
+        box = picker.bounding_box()
+        picker.click(position={"x": box["width"] * 0.9, "y": box["height"] * 0.1})
+        bars = page.locator("#region-words img")
+        bars.wait_for(timeout=60_000)
+        page.wait_for_function(
+            "img => img.complete && img.naturalWidth > 300", arg=bars.element_handle()
+        )
+        page.screenshot(path=ARTIFACTS / "app-region-words.png", full_page=True)
+        page.get_by_text("Overview: every word piece at every level").click()
         grid = page.locator("#maps-grid img")
         grid.wait_for(timeout=60_000)
         page.wait_for_function(
             "img => img.complete && img.naturalWidth > 1000", arg=grid.element_handle()
         )
-        page.screenshot(path=ARTIFACTS / "app-alignment-maps.png", full_page=True)
 
         page.get_by_role("tab", name="Image → Text").click()
         page.locator("#i2t-examples img").first.click()
