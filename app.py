@@ -205,6 +205,8 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
 
     @user_errors
     def page_word(pair, word, per_level, skip_outliers):
+        if pair is None:  # a scale toggled before any maps: nothing to redraw yet
+            return gr.skip(), gr.skip()
         return word_view(pair, word, per_level, skip_outliers)
 
     @user_errors

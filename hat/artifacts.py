@@ -9,8 +9,9 @@ The rule, per image and per level, on the norms of the level features the alignm
 the level norm and projection): a region is an outlier when its modified z-score
 0.6745 · (‖v_k‖ − median) / MAD exceeds :data:`OUTLIER_Z` (Iglewicz and Hoaglin's robust rule;
 median and MAD over the image's regions, so one image's outliers do not depend on other images).
-The score is never changed: outliers are only left out of the colour range of the maps, marked,
-and skipped when a map's peak is named.
+The score is never changed. The maps outline the outliers and, on request, leave them out of the
+colour range; by default they stay in it, because on the demo checkpoint's levels the outliers
+mostly lie on the objects, not the background (figures: README, reports/artifact_tokens.json).
 """
 
 from __future__ import annotations

@@ -219,6 +219,10 @@ def test_maps_of_a_result_come_from_the_computation_that_scored_it(engine):
     assert words[0] == "[CLS]" and words[-1] == "[SEP]"
     assert maps.picture.width == LABEL_WIDTH + GAP + MARGIN + (len(words) + 1) * CELL
     assert "level 3" in maps.legend and "layers.3" in maps.legend
+    pair = maps.pair  # kept for the word and region views: the same levels and score
+    assert pair.score == pytest.approx(hit.score, abs=1e-5) and pair.view.size == (448, 448)
+    assert [w.text for w in pair.words] == [w["text"] for w in maps.details["whole_words"]]
+    assert [lv["score"] for lv in maps.details["levels"]] == [lv.score for lv in pair.levels]
 
 
 def test_the_session_gallery_is_searched_and_removed(engine, tmp_path):
