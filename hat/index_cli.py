@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--image-root", help="image root of --karpathy")
     build.add_argument("--split", default="test", help="split of --karpathy")
     build.add_argument("--cache", default=str(default_cache_dir()), help="cache directory")
-    build.add_argument("--precision", default="int8", choices=sorted(PRECISIONS))
+    build.add_argument("--precision", default="int8", choices=list(PRECISIONS))
     build.add_argument("--batch-size", type=int, default=32)
     build.add_argument("--workers", type=int, default=0, help="image decoding processes")
     build.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")

@@ -9,8 +9,9 @@ build settings (:func:`gallery_key` hashes all three)::
     caption_image.npy          caption j -> image i
     image.faiss, text.faiss    first-stage indexes over the global vectors
     segments/<name>/           immutable .npy arrays of one encoding run (memory-mapped):
-        image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8
-        text.<level>.npy       (tokens, D) real tokens of all captions back to back, + scales
+        image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8;
+                               (rows, regions, 32) codes for pq, + .codec.npy (OPQ + codebooks)
+        text.<level>.npy       (tokens, D) real tokens of all captions back to back, likewise
         text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
         image.embedding.npy, text.embedding.npy   first-stage vectors (fp32)
         image.xxh3.npy, text.xxh3.npy   per image / caption: digest of its features, of its vector
@@ -23,8 +24,9 @@ build removes once its process is gone (:mod:`hat.owners`). A rebuild reuses the
 earlier galleries of the same checkpoint and settings (hard links): images whose path, size,
 mtime and captions are unchanged are never encoded again.
 
-Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global vectors),
-``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``.
+Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global
+vectors), ``codecs`` (how vectors are stored), ``storage`` (memory-mapped segments), ``reader``
+(open, check, gather), ``builder``.
 """
 
 from hat.gallery.builder import (
@@ -37,6 +39,7 @@ from hat.gallery.builder import (
     run_in_pieces,
     write_gallery,
 )
+from hat.gallery.codecs import PRECISIONS, dequantize, quantize
 from hat.gallery.collection import (
     BuildSettings,
     Collection,
@@ -55,7 +58,7 @@ from hat.gallery.first_stage import (
     search_index,
 )
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
-from hat.gallery.storage import PRECISIONS, Segment, SegmentWriter, dequantize, quantize
+from hat.gallery.storage import Segment, SegmentWriter
 
 __all__ = [
     "EMBEDDING",

@@ -17,10 +17,11 @@ from pathlib import Path
 from hat.checkpoint import STATE_NAME, TENSORS_NAME
 from hat.data.captions import CaptionedImages, read_folder, read_karpathy
 from hat.fileio import sha256_file
+from hat.gallery.codecs import PRECISIONS
 from hat.gallery.first_stage import EMBEDDING, FLAT_INDEX_MAX
-from hat.gallery.storage import PRECISIONS
 
 # 2: per-row xxh3 digests of the features; xxh3 instead of sha256 per file.
+# pq (format 2 too) adds codes and trained codebooks per level; other precisions are unchanged.
 FORMAT_VERSION = 2
 KARPATHY_PREFIX = "karpathy:"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}
@@ -123,9 +124,7 @@ class BuildSettings:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(
-                f"precision must be one of {sorted(PRECISIONS)}, not {self.precision!r}"
-            )
+            raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {self.precision!r}")
 
 
 def gallery_key(model_key: str, collection: Collection, settings: BuildSettings) -> str:

@@ -22,7 +22,7 @@ import xxhash
 
 from hat.gallery.collection import FORMAT_VERSION
 from hat.gallery.errors import CacheError, CorruptionError
-from hat.gallery.storage import Segment, Stored, dequantize
+from hat.gallery.storage import Segment, Stored
 from hat.model import ImageFeatures, TextFeatures
 
 MANIFEST = "manifest.json"
@@ -117,18 +117,19 @@ class Gallery:
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
             self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
-        parts: list[tuple[np.ndarray, Stored]] = [
-            (positions, self.segments[seg].read_images(rows[positions, 1], self.checked))
-            for seg, positions in by_segment
+        parts: list[tuple[Segment, np.ndarray, Stored]] = [
+            (segment, positions, segment.read_images(rows[positions, 1], self.checked))
+            for segment, positions in ((self.segments[s], p) for s, p in by_segment)
         ]
         levels = []
         for level, regions in enumerate(self.regions()):
-            if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(len(rows))):
-                levels.append(dequantize(*parts[0][1][level]))  # ids in file order: no copy
+            if len(parts) == 1 and np.array_equal(parts[0][1], np.arange(len(rows))):
+                segment, _, stored = parts[0]  # ids in file order: no copy
+                levels.append(segment.decode("image", level, stored[level]))
                 continue
             out = torch.empty(len(rows), regions, int(self.manifest["dim"]))
-            for positions, stored in parts:
-                out[torch.from_numpy(positions)] = dequantize(*stored[level])
+            for segment, positions, stored in parts:
+                out[torch.from_numpy(positions)] = segment.decode("image", level, stored[level])
             levels.append(out)
         return ImageFeatures(levels)
 
@@ -149,7 +150,7 @@ class Gallery:
             stored = segment.read_captions(seg_rows, tokens, self.checked)
             owner = torch.from_numpy(np.repeat(positions, lengths[positions]))
             for level, out in enumerate(levels):
-                out[owner, torch.from_numpy(within)] = dequantize(*stored[level])
+                out[owner, torch.from_numpy(within)] = segment.decode("text", level, stored[level])
         mask = torch.from_numpy(np.arange(width)[None] < lengths[:, None])
         return TextFeatures(levels, mask)
 

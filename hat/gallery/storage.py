@@ -17,15 +17,16 @@ import numpy as np
 import torch
 import xxhash
 
+from hat.gallery.codecs import PQ_TRAINING_VECTORS, Codec, PQCodec, new_codec, training_sample
 from hat.gallery.errors import CorruptionError
 from hat.model import ImageFeatures, TextFeatures
 
-PRECISIONS = {"fp32": np.float32, "fp16": np.float16, "int8": np.int8}
 KINDS = ("image", "text")
 # Columns of a segment's ``<kind>.xxh3.npy``: one digest over a row's features (every level,
 # values then scales), one over its first-stage vector.
 FEATURES, EMBEDDING = 0, 1
 Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and int8 scales of every level
+CODEBOOKS = "codec.npy"  # suffix of a level's trained codec (serialised faiss), pq only
 
 
 def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
@@ -43,28 +44,6 @@ def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
 
 def _flat(stored: Stored) -> list[np.ndarray]:
     return [a for pair in stored for a in pair if a is not None]
-
-
-def quantize(x: torch.Tensor, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Stored values and, for int8, one fp16 scale per vector (symmetric, absmax over D).
-
-    A per-vector scale keeps every region's direction and norm to ~0.5 %, which is all the
-    alignment uses; int8 halves fp16's bytes.
-    """
-    x = x.detach().float().cpu()
-    if precision != "int8":
-        return x.numpy().astype(PRECISIONS[precision]), None
-    scale = (x.abs().amax(dim=-1) / 127).clamp(min=1e-12).half()
-    values = torch.round(x / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
-    return values.numpy(), scale.numpy()
-
-
-def dequantize(values: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
-    """fp32 tensor of stored values (int8: cast, then scale in place: one fp32 allocation)."""
-    values = torch.from_numpy(np.ascontiguousarray(values)).float()
-    if scales is None:
-        return values
-    return values.mul_(torch.from_numpy(np.ascontiguousarray(scales)).float()[..., None])
 
 
 def _npy(path: Path) -> np.ndarray:
@@ -115,11 +94,16 @@ class Segment:
         rows = {"image": len(self.digests["image"]), "text": int(self.offsets[-1])}
         if len(self.offsets) != len(self.digests["text"]) + 1:
             raise self._damaged("text.offsets.npy", "does not match its captions")
+        self.codecs: dict[str, list[Codec]] = {}
+        for kind in KINDS:
+            self.codecs[kind] = [
+                self._codec(precision, dim, f"{kind}.{i}", load) for i in range(levels)
+            ]
 
         def pair(kind: str, level: int) -> tuple[np.ndarray, np.ndarray | None]:
-            name = f"{kind}.{level}"
-            values = self._map(f"{name}.npy", PRECISIONS[precision], rows[kind], dim)
-            if precision != "int8":
+            name, codec = f"{kind}.{level}", self.codecs[kind][level]
+            values = self._map(f"{name}.npy", codec.value_dtype, rows[kind], codec.value_width)
+            if not codec.has_scales:
                 return values, None
             return values, self._map(
                 f"{name}.scale.npy", np.float16, rows[kind], *values.shape[1:-1]
@@ -132,6 +116,18 @@ class Segment:
         self.text_embedding = self._map(
             "text.embedding.npy", np.float32, len(self.offsets) - 1, width
         )
+
+    def _codec(self, precision: str, dim: int, name: str, load: Callable) -> Codec:
+        if precision != "pq":
+            return new_codec(precision, dim)
+        try:
+            return PQCodec.from_array(dim, load(f"{name}.{CODEBOOKS}"))
+        except (RuntimeError, ValueError) as exc:
+            raise self._damaged(f"{name}.{CODEBOOKS}", f"is not a codec ({exc})") from None
+
+    def decode(self, kind: str, level: int, stored: tuple[np.ndarray, np.ndarray | None]):
+        """fp32 features of ``stored`` values of ``kind`` at ``level``."""
+        return self.codecs[kind][level].decode(*stored)
 
     def _damaged(self, file: str | None, problem: str) -> CorruptionError:
         """The error naming ``file`` of this segment, or the segment (``None``)."""
@@ -195,8 +191,11 @@ class SegmentWriter:
     """Creates a new segment's arrays up front and fills them batch by batch (``open_memmap``).
 
     Rows follow the segment's image list; rows of unreadable images stay zero and unreferenced.
-    Captions are stored for every image of the list, tokens back to back. :meth:`close` writes
-    the rows' digests.
+    Captions are stored for every image of the list, tokens back to back. A codec that must be
+    trained (``pq``) holds the first batches of its kind in memory until it has seen
+    ``PQ_TRAINING_VECTORS`` vectors per level (or the segment closes), trains on them, then
+    writes them and everything after (``codecs`` trained elsewhere skip that). :meth:`close`
+    writes the codecs and the rows' digests.
     """
 
     def __init__(
@@ -207,18 +206,22 @@ class SegmentWriter:
         image_shapes: Sequence[tuple[int, int]],
         caption_lengths: np.ndarray,
         embedding_dim: int,
+        codecs: dict[str, list[Codec]] | None = None,
     ):
         directory.mkdir(parents=True)
         self.directory = directory
-        self.precision = precision
         self.offsets = np.concatenate([[0], np.cumsum(caption_lengths)]).astype(np.int64)
         np.save(directory / "text.offsets.npy", self.offsets)
         self.arrays: dict[str, np.ndarray] = {}
         num_tokens = int(self.offsets[-1])
         dim = image_shapes[0][1]
+        self.codecs = codecs or {
+            kind: [new_codec(precision, dim) for _ in image_shapes] for kind in KINDS
+        }
+        self.pending: dict[str, list[tuple]] = {kind: [] for kind in KINDS}
         for level, shape in enumerate(image_shapes):
-            self._create_level(f"image.{level}", (num_images, *shape))
-            self._create_level(f"text.{level}", (num_tokens, dim))
+            self._create_level("image", level, (num_images, shape[0]))
+            self._create_level("text", level, (num_tokens,))
         self._create("image.embedding", np.float32, (num_images, embedding_dim))
         self._create("text.embedding", np.float32, (len(caption_lengths), embedding_dim))
         rows = {"image": num_images, "text": len(caption_lengths)}
@@ -228,45 +231,85 @@ class SegmentWriter:
         path = self.directory / f"{name}.npy"
         self.arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
-    def _create_level(self, name: str, shape: tuple[int, ...]) -> None:
-        self._create(name, PRECISIONS[self.precision], shape)
-        if self.precision == "int8":
-            self._create(f"{name}.scale", np.float16, shape[:-1])
+    def _create_level(self, kind: str, level: int, leading: tuple[int, ...]) -> None:
+        codec = self.codecs[kind][level]
+        self._create(f"{kind}.{level}", codec.value_dtype, (*leading, codec.value_width))
+        if codec.has_scales:
+            self._create(f"{kind}.{level}.scale", np.float16, leading)
 
-    def _put(self, name: str, index, x: torch.Tensor) -> list[np.ndarray]:
-        """Store ``x`` at ``index`` of ``name``; returns the stored arrays (values, scales)."""
-        stored = [np.ascontiguousarray(a) for a in quantize(x, self.precision) if a is not None]
-        self.arrays[name][index] = stored[0]
-        if len(stored) == 2:
-            self.arrays[f"{name}.scale"][index] = stored[1]
-        return stored
+    def _ready(self, kind: str) -> bool:
+        return all(not c.needs_training or c.trained for c in self.codecs[kind])
+
+    def _train(self, kind: str) -> None:
+        """Train ``kind``'s codecs on its pending batches, then write those batches."""
+        for level, codec in enumerate(self.codecs[kind]):
+            if codec.needs_training and not codec.trained:
+                vectors = [p[2][level].reshape(-1, codec.dim) for p in self.pending[kind]]
+                sample = torch.cat(vectors).numpy() if vectors else np.zeros((0, codec.dim))
+                codec.train(training_sample(sample))
+        pending, self.pending[kind] = self.pending[kind], []
+        for args in pending:
+            self._put_rows(kind, *args)
+
+    def _submit(self, kind: str, rows, items, levels, embedding, bounds) -> None:
+        """Write now, or hold until ``kind``'s codecs are trained."""
+        if self._ready(kind):
+            self._put_rows(kind, rows, items, levels, embedding, bounds)
+            return
+        self.pending[kind].append((rows, items, [x.float() for x in levels], embedding, bounds))
+        held = sum(len(p[2][0].reshape(-1, p[2][0].shape[-1])) for p in self.pending[kind])
+        if held >= PQ_TRAINING_VECTORS:
+            self._train(kind)
 
     def _put_rows(self, kind: str, rows, items, levels, embedding: torch.Tensor, bounds) -> None:
-        """Store ``rows`` of ``kind``: their ``levels`` at ``items`` (image rows, or caption
+        """Encode and store ``rows`` of ``kind`` (see :meth:`_write_rows`)."""
+        stored = [codec.encode(x) for codec, x in zip(self.codecs[kind], levels, strict=True)]
+        self._write_rows(kind, rows, items, stored, embedding, bounds)
+
+    def _write_rows(self, kind: str, rows, items, stored: Stored, embedding, bounds) -> None:
+        """Store ``rows`` of ``kind``: their encoded levels at ``items`` (image rows, or caption
         tokens with row r owning ``bounds[r]:bounds[r + 1]``), their first-stage vectors, and
         the digests of both, taken from the bytes as stored."""
-        parts = [
-            a for level, x in enumerate(levels) for a in self._put(f"{kind}.{level}", items, x)
-        ]
-        vectors = np.ascontiguousarray(embedding.float().numpy())
+        parts = []
+        for level, pair in enumerate(stored):
+            values, scales = (None if a is None else np.ascontiguousarray(a) for a in pair)
+            self.arrays[f"{kind}.{level}"][items] = values
+            parts.append(values)
+            if scales is not None:
+                self.arrays[f"{kind}.{level}.scale"][items] = scales
+                parts.append(scales)
+        vectors = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32))
         self.arrays[f"{kind}.embedding"][rows] = vectors
         self.digests[kind][rows, FEATURES] = row_digests(parts, bounds)
         self.digests[kind][rows, EMBEDDING] = row_digests([vectors], np.arange(len(vectors) + 1))
+
+    def put_encoded_images(self, rows: np.ndarray, stored: Stored, embedding: np.ndarray) -> None:
+        """Store image rows already encoded by this writer's codecs (values and scales of every
+        level, as :meth:`Segment.read_images` returns them): copies, synthetic galleries."""
+        if not self._ready("image"):
+            raise ValueError("the image codecs are not trained yet")
+        self._write_rows("image", rows, rows, stored, embedding, np.arange(len(rows) + 1))
 
     def put_images(
         self, rows: np.ndarray, features: ImageFeatures, embedding: torch.Tensor
     ) -> None:
         bounds = np.arange(len(rows) + 1)
-        self._put_rows("image", rows, rows, features.levels, embedding, bounds)
+        self._submit("image", rows, rows, features.levels, embedding, bounds)
 
     def put_texts(self, start: int, features: TextFeatures, embedding: torch.Tensor) -> None:
         rows = slice(start, start + len(features))
         tokens = slice(self.offsets[start], self.offsets[rows.stop])
         levels = [x[features.mask] for x in features.levels]
         bounds = self.offsets[start : rows.stop + 1] - self.offsets[start]
-        self._put_rows("text", rows, tokens, levels, embedding, bounds)
+        self._submit("text", rows, tokens, levels, embedding, bounds)
 
     def close(self) -> None:
+        for kind in KINDS:
+            if not self._ready(kind):
+                self._train(kind)
+            for level, codec in enumerate(self.codecs[kind]):
+                if isinstance(codec, PQCodec):
+                    np.save(self.directory / f"{kind}.{level}.{CODEBOOKS}", codec.to_array())
         for array in self.arrays.values():
             array.flush()
         self.arrays.clear()

@@ -1,0 +1,160 @@
+"""How a segment stores feature vectors (image regions, caption tokens): one codec per level.
+
+- ``fp32`` / ``fp16``: the floats.
+- ``int8``: symmetric int8 with one fp16 scale per vector (absmax over D). A per-vector scale
+  keeps every vector's direction and norm, which is all the alignment uses.
+- ``pq``: faiss product quantisation after an OPQ rotation: each vector becomes ``PQ_BYTES`` one-
+  byte codes (a sub-vector's nearest of 256 centroids). The codebooks are trained on the segment's
+  own vectors when it is written and stored beside them, so any checkpoint's features compress
+  without a separate training step, and a segment reused by a later gallery keeps its codebooks.
+  Decoding is a table lookup, cheap enough to do for a query's candidates only.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+PRECISIONS = ("fp32", "fp16", "int8", "pq")
+FLOATS = {"fp32": np.float32, "fp16": np.float16}
+PQ_BYTES = 32  # codes per vector: 8 dims per sub-vector for the demo's 256-d features
+PQ_CENTROIDS = 256  # one byte per code
+# Vectors the codebooks are fitted on: far more than k-means needs for 256 centroids (~40 each).
+PQ_TRAINING_VECTORS = 65_536
+PQ_SEED = 1234
+
+
+class Codec:
+    """Per-vector storage of ``(..., dim)`` tensors: ``encode`` → (values, scales or None)."""
+
+    precision: str
+    value_dtype: type
+    has_scales = False
+    needs_training = False
+
+    def __init__(self, dim: int):
+        self.dim = dim
+
+    @property
+    def value_width(self) -> int:
+        """Stored values per vector."""
+        return self.dim
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def decode(self, values: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+        """fp32 tensor ``(..., dim)`` of stored values."""
+        raise NotImplementedError
+
+
+class FloatCodec(Codec):
+    def __init__(self, dim: int, precision: str):
+        super().__init__(dim)
+        self.precision, self.value_dtype = precision, FLOATS[precision]
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, None]:
+        return x.detach().float().cpu().numpy().astype(self.value_dtype), None
+
+    def decode(self, values: np.ndarray, scales: None) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(values)).float()
+
+
+class Int8Codec(Codec):
+    precision, value_dtype, has_scales = "int8", np.int8, True
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = x.detach().float().cpu()
+        scale = (x.abs().amax(dim=-1) / 127).clamp(min=1e-12).half()
+        values = torch.round(x / scale.float()[..., None]).clamp(-127, 127).to(torch.int8)
+        return values.numpy(), scale.numpy()
+
+    def decode(self, values: np.ndarray, scales: np.ndarray) -> torch.Tensor:
+        """Cast, then scale in place: one fp32 allocation."""
+        out = torch.from_numpy(np.ascontiguousarray(values)).float()
+        return out.mul_(torch.from_numpy(np.ascontiguousarray(scales)).float()[..., None])
+
+
+class PQCodec(Codec):
+    """OPQ rotation + product quantiser (faiss ``OPQ<m>,PQ<m>``), trained before use."""
+
+    precision, value_dtype, needs_training = "pq", np.uint8, True
+
+    def __init__(self, dim: int, index: faiss.Index | None = None):
+        super().__init__(dim)
+        self.index = index
+
+    @property
+    def value_width(self) -> int:
+        return PQ_BYTES
+
+    @property
+    def trained(self) -> bool:
+        return self.index is not None
+
+    def train(self, sample: np.ndarray) -> None:
+        """Fit the rotation and codebooks on ``sample`` ``(n, dim)``. k-means needs at least as
+        many points as centroids: a smaller sample is repeated, so its points become centroids
+        (a tiny segment is then stored almost exactly); an empty one trains on a zero vector."""
+        sample = np.asarray(sample, dtype=np.float32).reshape(-1, self.dim)
+        if len(sample) == 0:
+            sample = np.zeros((1, self.dim), dtype=np.float32)
+        if len(sample) < PQ_CENTROIDS:
+            sample = np.resize(sample, (PQ_CENTROIDS, self.dim))
+        index = faiss.index_factory(self.dim, f"OPQ{PQ_BYTES},PQ{PQ_BYTES}")
+        quantizer = faiss.downcast_index(index.index)
+        quantizer.pq.cp.seed = PQ_SEED
+        quantizer.pq.cp.verbose = False
+        index.train(np.ascontiguousarray(sample))
+        self.index = index
+
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, None]:
+        x = np.ascontiguousarray(x.detach().float().cpu().numpy(), dtype=np.float32)
+        codes = self.index.sa_encode(x.reshape(-1, self.dim))
+        return codes.reshape(*x.shape[:-1], PQ_BYTES), None
+
+    def decode(self, values: np.ndarray, scales: None) -> torch.Tensor:
+        codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
+        out = self.index.sa_decode(codes) if len(codes) else np.zeros((0, self.dim), np.float32)
+        return torch.from_numpy(out).reshape(*values.shape[:-1], self.dim)
+
+    def to_array(self) -> np.ndarray:
+        return faiss.serialize_index(self.index)
+
+    @classmethod
+    def from_array(cls, dim: int, data: np.ndarray) -> PQCodec:
+        index = faiss.deserialize_index(np.ascontiguousarray(data, dtype=np.uint8))
+        if index.d != dim or index.sa_code_size() != PQ_BYTES:
+            raise ValueError(f"codec is {index.d}-d, {index.sa_code_size()} bytes per vector")
+        return cls(dim, index)
+
+
+def new_codec(precision: str, dim: int) -> Codec:
+    """An empty codec of ``precision`` (``pq`` must be trained before it encodes)."""
+    if precision in FLOATS:
+        return FloatCodec(dim, precision)
+    if precision == "int8":
+        return Int8Codec(dim)
+    if precision == "pq":
+        return PQCodec(dim)
+    raise ValueError(f"precision must be one of {list(PRECISIONS)}, not {precision!r}")
+
+
+def training_sample(vectors: np.ndarray, limit: int = PQ_TRAINING_VECTORS) -> np.ndarray:
+    """At most ``limit`` of ``vectors`` ``(n, dim)``, evenly spaced (deterministic)."""
+    if len(vectors) <= limit:
+        return vectors
+    return vectors[np.linspace(0, len(vectors) - 1, limit).astype(np.int64)]
+
+
+def quantize(x: torch.Tensor, precision: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Stored values (and int8 scales) of ``x`` at a precision that needs no training."""
+    return new_codec(precision, x.shape[-1]).encode(x)
+
+
+def dequantize(values: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+    """fp32 tensor of values stored by :func:`quantize`."""
+    if scales is not None:
+        return Int8Codec(values.shape[-1]).decode(values, scales)
+    return FloatCodec(values.shape[-1], "fp32").decode(values, None)
