@@ -23,12 +23,12 @@ from hat.gallery import (
     BuildSettings,
     Gallery,
     build_gallery,
+    build_gallery_distributed,
     default_cache_dir,
     default_device,
     folder_collection,
     karpathy_collection,
 )
-from hat.gallery.shards import build_gallery_distributed
 
 SHOW_SKIPPED = 20
 

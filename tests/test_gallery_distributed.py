@@ -42,7 +42,8 @@ def torchrun(*args, script=None, timeout=180):
 def build_both_ways(checkpoint, images, captions, tmp_path):
     """The gallery built by torchrun (its printed summary too) and by one process."""
     args = ["--checkpoint", checkpoint, "--images", images, "--captions", captions]
-    args += ["--cache", tmp_path / "dist", "--device", "cpu", "--workers", 0, "--quiet", "--json"]
+    cache = os.path.relpath(tmp_path / "dist", ROOT)  # relative: the ranks must agree on it
+    args += ["--cache", cache, "--device", "cpu", "--workers", 0, "--quiet", "--json"]
     run = torchrun(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout[run.stdout.index("{") : run.stdout.rindex("}") + 1])
@@ -99,9 +100,9 @@ def test_torchrun_build_equals_one_process_and_reuses_images(tiny_checkpoint, tm
     model, tokenizer = load_model(tiny_checkpoint, "cpu")
 
     info, single = build_both_ways(tiny_checkpoint, images, captions, tmp_path)
-    first = Path(info["gallery"])
+    first = ROOT / info["gallery"]
     assert (info["images"], info["captions"], info["encoded_images"]) == (10, 20, 10)
-    distributed = Searcher.open(info["gallery"], "cpu").gallery
+    distributed = Searcher.open(first, "cpu").gallery
     assert len(distributed.segments) == 2  # one per rank, five images each
     assert np.bincount(distributed.image_rows[:, 0]).tolist() == [5, 5]
     assert_same_gallery(distributed, single, model, tokenizer)
@@ -122,14 +123,15 @@ def test_torchrun_build_equals_one_process_and_reuses_images(tiny_checkpoint, tm
     )
     assert again.returncode == 0, again.stderr[-3000:]
     hit = json.loads(again.stdout[again.stdout.index("{") : again.stdout.rindex("}") + 1])
-    assert hit["cache_hit"] and hit["encoded_images"] == 0 and hit["gallery"] == info["gallery"]
+    assert hit["cache_hit"] and hit["encoded_images"] == 0
+    assert (ROOT / hit["gallery"]).resolve() == first.resolve()
 
     write_image(images / "zz_new1.png", (10, 10, 10), seed=7)
     write_image(images / "sub" / "new2.png", (250, 250, 250), seed=8)
     info, single = build_both_ways(tiny_checkpoint, images, captions, tmp_path)
     assert (info["encoded_images"], info["reused_images"]) == (2, 10)
     assert single.report.encoded_images == 2
-    distributed = Searcher.open(info["gallery"], "cpu").gallery
+    distributed = Searcher.open(ROOT / info["gallery"], "cpu").gallery
     assert len(distributed.segments) == 4  # the first build's two, linked, and one new per rank
     assert not first.exists()  # superseded by the new gallery, as in a one-process build
     assert_same_gallery(distributed, single, model, tokenizer)

@@ -24,7 +24,8 @@ earlier galleries of the same checkpoint and settings (hard links): images whose
 mtime and captions are unchanged are never encoded again.
 
 Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global vectors),
-``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``.
+``storage`` (quantised memory-mapped segments), ``reader`` (open, check, gather), ``builder``,
+``shards`` (builds shared by the processes of a torchrun group, one segment per rank).
 """
 
 from hat.gallery.builder import (
@@ -35,6 +36,7 @@ from hat.gallery.builder import (
     encode_segment,
     gallery_header,
     run_in_pieces,
+    stage_segment,
     write_gallery,
 )
 from hat.gallery.collection import (
@@ -55,6 +57,7 @@ from hat.gallery.first_stage import (
     search_index,
 )
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
+from hat.gallery.shards import Team, TeamError, build_gallery_distributed
 from hat.gallery.storage import PRECISIONS, Segment, SegmentWriter, dequantize, quantize
 
 __all__ = [
@@ -70,7 +73,10 @@ __all__ = [
     "ImageEntry",
     "Segment",
     "SegmentWriter",
+    "Team",
+    "TeamError",
     "build_gallery",
+    "build_gallery_distributed",
     "build_index",
     "checkpoint_fingerprint",
     "collection_from_spec",
@@ -87,5 +93,6 @@ __all__ = [
     "quantize",
     "run_in_pieces",
     "search_index",
+    "stage_segment",
     "write_gallery",
 ]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,7 @@ class Team:
         new = [i for i, e in enumerate(collection.entries) if e.fingerprint not in located]
         if not self.info.enabled or not new:
             return {}, {}
-        self._from_leader(("encode", str(staging), new))
+        self._from_leader(("encode", str(staging.absolute()), new))  # cwd may differ per node
         reports, failure = self._encode_share(staging, [collection.entries[i] for i in new], encode)
         if failure is not None:
             raise failure
@@ -121,7 +121,8 @@ class Team:
             raise TeamError("encoding failed on " + "; ".join(errors))
         staged, files = {}, {}
         for _, part, table in reports:
-            staged.update(part)
+            # named as the leader names the folder: write_gallery tells staged segments by it
+            staged.update({k: v and replace(v, directory=staging) for k, v in part.items()})
             files.update(table)
         return staged, files
 
@@ -153,7 +154,7 @@ class Team:
                 self._from_leader(("failed", _describe(exc)))
             raise
         report = asdict(gallery.report) if gallery.report else {"cache_hit": True}
-        self._from_leader(("done", str(gallery.directory), report))
+        self._from_leader(("done", str(gallery.directory.absolute()), report))
         return gallery
 
 
