@@ -16,6 +16,8 @@ import argparse
 import json
 from datetime import timedelta
 
+import torch.distributed as dist
+
 from hat.distributed import cleanup, init_distributed
 from hat.fetch import resolve_or_exit
 from hat.gallery import (
@@ -111,10 +113,14 @@ def main(argv: list[str] | None = None) -> Gallery:
         collection = karpathy_collection(args.karpathy, args.image_root, args.split)
     else:
         collection = folder_collection(args.images, args.captions)
-    checkpoint = resolve_or_exit(args.checkpoint, "hat index build")
     device = args.device or default_device()
     # Only small Python objects travel between the processes: gloo, even beside GPUs.
     ranks = init_distributed(device, "gloo", timedelta(minutes=args.timeout))
+    if ranks.enabled and not ranks.is_main:
+        dist.barrier()  # rank 0 fetches an official checkpoint first, once for all
+    checkpoint = resolve_or_exit(args.checkpoint, "hat index build")
+    if ranks.enabled and ranks.is_main:
+        dist.barrier()
     if ranks.enabled and device == "cuda":
         device = f"cuda:{ranks.local_rank}"
     options = {
