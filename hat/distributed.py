@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,15 +25,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str) -> DistInfo:
-    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else run alone."""
+def init_distributed(
+    device: str, backend: str | None = None, timeout: timedelta | None = None
+) -> DistInfo:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1), else run alone.
+
+    ``backend`` defaults to NCCL on GPU, gloo on CPU; ``timeout`` (how long a collective waits
+    for the other ranks) to torch's default.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return DistInfo()
     info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), world_size)
     if device.startswith("cuda"):
         torch.cuda.set_device(info.local_rank)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=backend, timeout=timeout)
     return info
 
 

@@ -5,20 +5,29 @@ hat index build --checkpoint ... --karpathy dataset.json --image-root images/ --
 
 Running it again is near-instant when nothing changed; after images are added (or edited) only
 those are encoded. Prints the gallery directory to pass to ``hat search --gallery``.
+
+torchrun --nproc_per_node N -m hat index build ...   shares the encoding over N processes (one
+GPU each where there are GPUs); the cache folder must be one that every process sees.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from datetime import timedelta
 
+import torch.distributed as dist
+
+from hat.distributed import cleanup, init_distributed
 from hat.fetch import resolve_or_exit
 from hat.gallery import (
     PRECISIONS,
     BuildSettings,
     Gallery,
     build_gallery,
+    build_gallery_distributed,
     default_cache_dir,
+    default_device,
     folder_collection,
     karpathy_collection,
 )
@@ -48,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--verify", action="store_true", help="re-hash a cached gallery's files")
     build.add_argument("--json", action="store_true", help="print a JSON summary")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
+    build.add_argument(
+        "--timeout",
+        type=float,
+        default=180,
+        help="under torchrun: minutes a process waits for the others at a step they share "
+        "(the leader writing the indexes, the slowest rank encoding its share)",
+    )
     return parser
 
 
@@ -97,19 +113,36 @@ def main(argv: list[str] | None = None) -> Gallery:
         collection = karpathy_collection(args.karpathy, args.image_root, args.split)
     else:
         collection = folder_collection(args.images, args.captions)
-    gallery = build_gallery(
-        resolve_or_exit(args.checkpoint, "hat index build"),
-        collection,
-        args.cache,
-        BuildSettings(precision=args.precision),
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        device=args.device,
-        progress=not args.quiet,
-        verify=args.verify,
-    )
-    info = summary(gallery)
-    print(json.dumps(info, indent=1) if args.json else format_summary(info))
+    device = args.device or default_device()
+    # Only small Python objects travel between the processes: gloo, even beside GPUs.
+    ranks = init_distributed(device, "gloo", timedelta(minutes=args.timeout))
+    if ranks.enabled and not ranks.is_main:
+        dist.barrier()  # rank 0 fetches an official checkpoint first, once for all
+    checkpoint = resolve_or_exit(args.checkpoint, "hat index build")
+    if ranks.enabled and ranks.is_main:
+        dist.barrier()
+    if ranks.enabled and device == "cuda":
+        device = f"cuda:{ranks.local_rank}"
+    options = {
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "device": device,
+        "progress": not args.quiet and ranks.is_main,
+        "verify": args.verify,
+    }
+    settings = BuildSettings(precision=args.precision)
+    try:
+        if ranks.enabled:
+            gallery = build_gallery_distributed(
+                ranks, checkpoint, collection, args.cache, settings, **options
+            )
+        else:
+            gallery = build_gallery(checkpoint, collection, args.cache, settings, **options)
+    finally:
+        cleanup(ranks)
+    if ranks.is_main:
+        info = summary(gallery)
+        print(json.dumps(info, indent=1) if args.json else format_summary(info))
     return gallery
 
 

@@ -26,7 +26,8 @@ mtime and captions are unchanged are never encoded again.
 
 Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global
 vectors), ``codecs`` (how vectors are stored), ``storage`` (memory-mapped segments), ``reader``
-(open, check, gather), ``builder``.
+(open, check, gather), ``builder``, ``shards`` (builds shared by the processes of a torchrun
+group, one segment per rank).
 """
 
 from hat.gallery.builder import (
@@ -37,6 +38,7 @@ from hat.gallery.builder import (
     encode_segment,
     gallery_header,
     run_in_pieces,
+    stage_segment,
     write_gallery,
 )
 from hat.gallery.codecs import PRECISIONS, dequantize, quantize
@@ -58,6 +60,7 @@ from hat.gallery.first_stage import (
     search_index,
 )
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
+from hat.gallery.shards import Team, TeamError, build_gallery_distributed
 from hat.gallery.storage import Segment, SegmentWriter
 
 __all__ = [
@@ -73,7 +76,10 @@ __all__ = [
     "ImageEntry",
     "Segment",
     "SegmentWriter",
+    "Team",
+    "TeamError",
     "build_gallery",
+    "build_gallery_distributed",
     "build_index",
     "checkpoint_fingerprint",
     "collection_from_spec",
@@ -90,5 +96,6 @@ __all__ = [
     "quantize",
     "run_in_pieces",
     "search_index",
+    "stage_segment",
     "write_gallery",
 ]

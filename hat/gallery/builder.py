@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
@@ -51,6 +51,9 @@ from hat.model import CONFIG_NAME, HATModel, ImageFeatures
 from hat.owners import sweep
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
+
+if TYPE_CHECKING:
+    from hat.gallery.shards import Team
 
 TEXT_BATCH = 128
 
@@ -246,6 +249,25 @@ def _file_table(directory: Path, known: dict[str, dict[str, Any]]) -> dict[str, 
     return table
 
 
+def stage_segment(
+    staging: Path,
+    entries: list[ImageEntry],
+    encode: Callable[[list[ImageEntry], Path], list[int]],
+) -> dict[tuple, _Location | None]:
+    """``encode(entries, segment_dir) -> rows read`` into a new segment of ``staging``; where each
+    entry's features are (``None``: unreadable). Separate so that processes can stage segments
+    side by side in one staging folder (:mod:`hat.gallery.shards`)."""
+    if not entries:
+        return {}
+    name = f"seg-{secrets.token_hex(8)}"
+    first = np.cumsum([0] + [len(e.captions) for e in entries]).tolist()
+    staged: dict[tuple, _Location | None] = {e.fingerprint: None for e in entries}
+    for row in encode(entries, staging / "segments" / name):
+        rows = list(range(first[row], first[row + 1]))
+        staged[entries[row].fingerprint] = _Location(staging, name, row, rows)
+    return staged
+
+
 def write_gallery(
     staging: Path,
     collection: Collection,
@@ -253,23 +275,22 @@ def write_gallery(
     encode: Callable[[list[ImageEntry], Path], list[int]],
     header: dict[str, Any],
     known_files: dict[str, dict[str, Any]],
+    staged: dict[tuple, _Location | None] | None = None,
 ) -> int:
     """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
     images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment, then
     write metadata, indexes and, last, the manifest (``header`` + counts + file table).
+    ``staged`` images were already encoded into segments of ``staging`` (:func:`stage_segment`,
+    by other processes too); they are not encoded again, not even the unreadable ones.
 
-    Returns the number of images encoded (unreadable ones are retried, and not counted).
+    Returns the number of images encoded, here or into ``staged`` (unreadable ones are retried
+    by the next build, and not counted).
     """
-    located = dict(located)
+    located = {**located, **(staged or {})}
     new = [e for e in collection.entries if e.fingerprint not in located]
-    encoded = []
-    if new:
-        name = f"seg-{secrets.token_hex(8)}"
-        first = np.cumsum([0] + [len(e.captions) for e in new]).tolist()
-        encoded = encode(new, staging / "segments" / name)
-        for row in encoded:
-            rows = list(range(first[row], first[row + 1]))
-            located[new[row].fingerprint] = _Location(staging, name, row, rows)
+    fresh = stage_segment(staging, new, encode)
+    located.update(fresh)
+    encoded = [found for found in located.values() if found and found.directory == staging]
     segments: dict[str, int] = {}
     image_rows, caption_rows, owners, skipped = [], [], [], []
     items: dict[str, list] = {"paths": [], "fingerprints": [], "captions": []}
@@ -349,6 +370,7 @@ def build_gallery(
     device: str | None = None,
     progress: bool = False,
     verify: bool = False,
+    team: Team | None = None,
 ) -> Gallery:
     """The gallery of ``collection`` under ``checkpoint``: opened from the cache when it is valid,
     else built, encoding only images that no earlier gallery of this checkpoint holds.
@@ -357,16 +379,23 @@ def build_gallery(
     successful build removes the galleries it supersedes (same source, checkpoint and settings,
     any storage format); one that finds an earlier gallery's segment damaged discards it
     (:func:`discard`) and encodes those images again.
+
+    ``team``: this process's part in a torchrun build (:mod:`hat.gallery.shards`; use
+    :func:`~hat.gallery.shards.build_gallery_distributed`).
     """
+    from hat.gallery.shards import Team  # imports this module
+
+    team = team or Team()
     start = time.perf_counter()
     settings = settings or BuildSettings()
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     sweep(cache_dir, ".")  # staging folders of builds that were killed
     model_key = checkpoint_fingerprint(checkpoint)
     key = gallery_key(model_key, collection, settings)
+    team.agree(key)
     directory = cache_dir / key
     reason = ""
-    if directory.exists():
+    if team.leads and directory.exists():
         try:
             gallery = open_gallery(directory, verify)
             if gallery.manifest.get("key") != key:
@@ -377,7 +406,9 @@ def build_gallery(
         except CacheError as exc:
             reason = str(exc)
             shutil.rmtree(directory)
-    located, known_files, donors = _donors(cache_dir, model_key, settings)
+    located, known_files, donors = (
+        _donors(cache_dir, model_key, settings) if team.leads else ({}, {}, [])
+    )
 
     def encode(entries: list[ImageEntry], target: Path) -> list[int]:
         nonlocal model, tokenizer
@@ -397,12 +428,17 @@ def build_gallery(
             progress,
         )
 
+    if not team.leads:
+        return team.follow(collection, encode)
     config = HATConfig.load(Path(checkpoint) / CONFIG_NAME)
     header = gallery_header(key, checkpoint, model_key, settings, collection, config)
     while True:
         try:
             with atomic_directory(directory) as staging:
-                encoded = write_gallery(staging, collection, located, encode, header, known_files)
+                staged, files = team.encode(staging, collection, located, encode)
+                encoded = write_gallery(
+                    staging, collection, located, encode, header, known_files | files, staged
+                )
             break
         except CorruptionError as exc:
             removed = {d.name for d in discard(exc)}
