@@ -5,8 +5,8 @@ regions x 256 dims, stored int8 like a real build) written through the real stor
 100k gallery really is ~20 GB on disk (more than this machine's RAM: candidate reads partly hit
 the disk). Every query is the full ``Searcher.text_to_image`` call: tokenise and encode the
 caption with the model, pool, first stage, gather the K candidates, exact HAT re-rank. Exact and
-two-stage queries alternate in one run. The first stage is also timed alone (flat vs HNSW, and
-HNSW's recall of the flat top-K), which is how FLAT_INDEX_MAX was chosen.
+two-stage queries alternate in one run. The first stage is also timed alone (flat vs IVF, and
+IVF's recall of the flat top-K); benchmarks/million_gallery.py measures it at a million images.
 
     nice -n 10 python benchmarks/query_latency.py [--sizes 1000 10000 100000] [--checkpoint DIR]
 """
@@ -103,26 +103,26 @@ def synthetic_gallery(directory: Path, checkpoint: Path, size: int) -> Path:
 
 
 def first_stage(embeddings: np.ndarray, queries: np.ndarray, k: int) -> dict:
-    """Flat vs HNSW search time per query (one thread), and HNSW's recall of the flat top-k."""
+    """Flat vs IVF search time per query (one thread), and IVF's recall of the flat top-k."""
     faiss.omp_set_num_threads(1)
     flat = build_index(embeddings, flat_max=len(embeddings))
     start = time.perf_counter()
-    hnsw = build_index(embeddings, flat_max=0)
+    ivf = build_index(embeddings, flat_max=0)
     build_s = time.perf_counter() - start
     times = interleaved(
         {
             "flat": lambda q=queries[:1]: search_index(flat, q, k),
-            "hnsw": lambda q=queries[:1]: search_index(hnsw, q, k),
+            "ivf": lambda q=queries[:1]: search_index(ivf, q, k),
         },
         20,
     )
-    truth, got = search_index(flat, queries, k), search_index(hnsw, queries, k)
+    truth, got = search_index(flat, queries, k), search_index(ivf, queries, k)
     recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(truth, got, strict=True)])
     return {
         "flat": stats_ms(times["flat"]),
-        "hnsw": stats_ms(times["hnsw"]),
-        "hnsw_build_s": round(build_s, 1),
-        "hnsw_recall_of_flat_topk": round(float(recall), 4),
+        "ivf": stats_ms(times["ivf"]),
+        "ivf_build_s": round(build_s, 1),
+        "ivf_recall_of_flat_topk": round(float(recall), 4),
     }
 
 

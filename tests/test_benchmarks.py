@@ -59,7 +59,28 @@ def test_query_latency_runs_on_a_synthetic_gallery(tiny_checkpoint, tmp_path):
     )
     (size,) = report["sizes"]
     assert size["images"] == 300 and size["runs"][0]["two_stage"]["p50_ms"] > 0
-    assert size["first_stage"]["hnsw_recall_of_flat_topk"] > 0
+    assert size["first_stage"]["ivf_recall_of_flat_topk"] > 0
+
+
+def test_million_gallery_simulates_a_gallery_around_real_images(
+    tiny_checkpoint, synthetic_dataset, tmp_path
+):
+    json_path, image_root = synthetic_dataset
+    report = run_benchmark(
+        "million_gallery",
+        *("--checkpoint", tiny_checkpoint, "--real", f"karpathy:{json_path}:{image_root}:train"),
+        *("--real-images", 20, "--size", 3000, "--queries", 5, "--candidates", 20),
+        *("--hnsw-sample", 500, "--work", tmp_path / "work", "--out", tmp_path / "m.json"),
+    )
+    assert report["real"]["images"] == 20 and report["size"] == 3000
+    assert report["index"] == "IndexFlatIP"  # 3000 is below the flat limit; IVF is swept below
+    assert report["two_stage_1_thread"]["two_stage"]["p50_ms"] > 0
+    ivf = report["first_stage"]["ivf"]
+    assert set(ivf) == {"8", "16", "32", "64", "128"}
+    assert all(0 < v["recall_of_exact"] <= 1 for v in ivf.values())
+    assert ivf["128"]["recall_of_exact"] >= ivf["8"]["recall_of_exact"]
+    assert 0 < report["first_stage"]["hnsw_sample"]["recall_of_exact"] <= 1
+    assert not (tmp_path / "work" / "gallery-3000").exists()  # removed unless --keep
 
 
 def test_gallery_encoding_compares_the_build_with_the_forward(tiny_checkpoint, tmp_path):

@@ -17,7 +17,14 @@ import numpy as np
 import torch
 import xxhash
 
-from hat.gallery.codecs import PQ_TRAINING_VECTORS, Codec, PQCodec, new_codec, training_sample
+from hat.gallery.codecs import (
+    PQ_TRAINING_VECTORS,
+    Codec,
+    PQCodec,
+    kind_precision,
+    new_codec,
+    training_sample,
+)
 from hat.gallery.errors import CorruptionError
 from hat.model import ImageFeatures, TextFeatures
 
@@ -96,8 +103,9 @@ class Segment:
             raise self._damaged("text.offsets.npy", "does not match its captions")
         self.codecs: dict[str, list[Codec]] = {}
         for kind in KINDS:
+            stored_as = kind_precision(precision, kind)
             self.codecs[kind] = [
-                self._codec(precision, dim, f"{kind}.{i}", load) for i in range(levels)
+                self._codec(stored_as, dim, f"{kind}.{i}", load) for i in range(levels)
             ]
 
         def pair(kind: str, level: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -216,7 +224,8 @@ class SegmentWriter:
         num_tokens = int(self.offsets[-1])
         dim = image_shapes[0][1]
         self.codecs = codecs or {
-            kind: [new_codec(precision, dim) for _ in image_shapes] for kind in KINDS
+            kind: [new_codec(kind_precision(precision, kind), dim) for _ in image_shapes]
+            for kind in KINDS
         }
         self.pending: dict[str, list[tuple]] = {kind: [] for kind in KINDS}
         for level, shape in enumerate(image_shapes):

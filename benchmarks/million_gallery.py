@@ -1,0 +1,293 @@
+"""Benchmark: a gallery of a million images on one machine, with compact (``pq``) features.
+
+The gallery is simulated around real encoded images, not i.i.d. noise:
+
+1. ``--real`` (a collection spec, first ``--real-images``) is encoded with the checkpoint into a
+   real ``pq`` gallery: the codebooks are trained on real features, as any build trains them.
+2. ``--size`` images are synthesised from it: image i is a real image a whose regions inside a
+   random rectangle (10–50 % of the image, the same place on every level's grid) come from
+   another real image b; its first-stage vector lies between a's and b's (weighted by area) plus
+   noise. Candidates, first-stage neighbourhoods and the pages a query reads so have the
+   structure of real ones.
+3. They are written through the real segment writer (codes, row digests), ``write_gallery``
+   (items, manifest, file digests) and the first-stage index ``build_index`` chooses.
+
+Printed and saved: disk bytes per image, build time, peak memory; the first stage alone at one
+thread (exact scan against IVF at several probe counts, and HNSW on a sample: recall of the exact
+top-100 and latency); and two-stage text → image search at one thread (``Searcher``, real
+captions of the real images: tokenise, encode, first stage, gather and decode the K candidates,
+exact HAT re-rank), p50 / p95.
+
+    nice -n 10 python benchmarks/million_gallery.py --checkpoint checkpoints/hat-tuxpaint \\
+        --real karpathy:data/tuxpaint/dataset_tuxpaint_scenes.json:data/tuxpaint/images:train \\
+        --size 1000000 --work /path/with/40GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from common import stats_ms, write_report
+from query_latency import measure
+
+from hat.factory import load_model
+from hat.fileio import atomic_directory
+from hat.gallery import (
+    BuildSettings,
+    Collection,
+    Gallery,
+    ImageEntry,
+    SegmentWriter,
+    build_gallery,
+    build_index,
+    checkpoint_fingerprint,
+    collection_from_spec,
+    gallery_header,
+    search_index,
+    write_gallery,
+)
+from hat.gallery.first_stage import IVF_PROBES
+from hat.search import Searcher
+
+CHUNK = 8192  # synthetic images written at once
+NOISE = 0.1  # first-stage noise, relative to a unit vector
+PROBES = (8, 16, 32, 64, 128)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def real_gallery(checkpoint: str, spec: str, images: int, cache: Path) -> Gallery:
+    """The first ``images`` of ``spec`` encoded into a ``pq`` gallery (codebooks fitted on them)."""
+    collection = collection_from_spec(spec)
+    collection.entries = collection.entries[:images]
+    model, tokenizer = load_model(checkpoint)
+    return build_gallery(
+        checkpoint,
+        collection,
+        cache,
+        BuildSettings("pq"),
+        model=model,
+        tokenizer=tokenizer,
+        progress=True,
+    )
+
+
+class Collage:
+    """Synthetic images made of two real ones (codes and first-stage vectors of ``real``)."""
+
+    def __init__(self, real: Gallery, grids: list[tuple[int, int]], seed: int):
+        self.rng = np.random.default_rng(seed)
+        segment = real.segments[0]
+        rows = real.image_rows[:, 1]
+        self.codes = [values for values, _ in segment.read_images(rows)]
+        self.vectors = real.embeddings("image")
+        self.grids = grids
+        self.codecs = segment.codecs
+
+    def chunk(self, count: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Codes of every level and first-stage vectors of ``count`` new images."""
+        n = len(self.vectors)
+        a, b = self.rng.integers(0, n, count), self.rng.integers(0, n, count)
+        side = np.sqrt(self.rng.uniform(0.1, 0.5, count))  # rectangle of 10-50 % of the area
+        top, left = self.rng.uniform(0, 1 - side), self.rng.uniform(0, 1 - side)
+        levels, area = [], np.zeros(count)
+        for codes, (h, w) in zip(self.codes, self.grids, strict=True):
+            ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+            inside_y = (ys[None] >= top[:, None]) & (ys[None] < (top + side)[:, None])
+            inside_x = (xs[None] >= left[:, None]) & (xs[None] < (left + side)[:, None])
+            inside = (inside_y[:, :, None] & inside_x[:, None, :]).reshape(count, h * w)
+            levels.append(np.where(inside[..., None], codes[b], codes[a]))
+            area = inside.mean(axis=1)
+        noise = self.rng.standard_normal(self.vectors[a].shape) / np.sqrt(self.vectors.shape[1])
+        vectors = (1 - area)[:, None] * self.vectors[a] + area[:, None] * self.vectors[b]
+        vectors += NOISE * noise
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        return levels, vectors.astype(np.float32)
+
+
+def synthetic_gallery(
+    work: Path, checkpoint: str, real: Gallery, grids: list[tuple[int, int]], size: int
+) -> tuple[Path, dict]:
+    """Write ``size`` collage images as a gallery in ``work``; returns its folder and timings."""
+    collage = Collage(real, grids, seed=0)
+    shapes = [(values.shape[1], real.manifest["dim"]) for values in collage.codes]
+    timings: dict[str, float] = {}
+
+    def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
+        start = time.perf_counter()
+        writer = SegmentWriter(
+            directory,
+            "pq",
+            len(entries),
+            shapes,
+            np.zeros(0, np.int64),
+            real.manifest["embedding_dim"],
+            codecs=collage.codecs,
+        )
+        for first in range(0, len(entries), CHUNK):
+            rows = np.arange(first, min(first + CHUNK, len(entries)))
+            levels, vectors = collage.chunk(len(rows))
+            writer.put_encoded_images(rows, [(codes, None) for codes in levels], vectors)
+        writer.close()
+        timings["write_features_s"] = time.perf_counter() - start
+        return list(range(len(entries)))
+
+    entries = [ImageEntry(f"synthetic/{i:07d}.jpg", 0, 0) for i in range(size)]
+    collection = Collection(work, entries, {"kind": "synthetic", "size": str(size)})
+    settings = BuildSettings("pq")
+    header = gallery_header(
+        "synthetic",
+        checkpoint,
+        checkpoint_fingerprint(checkpoint),
+        settings,
+        collection,
+        load_model(checkpoint)[0].config,
+    )
+    target = work / f"gallery-{size}"
+    start = time.perf_counter()
+    with atomic_directory(target) as staging:
+        write_gallery(staging, collection, {}, encode, header, {})
+    timings["build_s"] = time.perf_counter() - start
+    return target, timings
+
+
+def recall_at(truth: np.ndarray, got: np.ndarray) -> float:
+    return float(np.mean([len(set(t) & set(g)) / len(t) for t, g in zip(truth, got, strict=True)]))
+
+
+def first_stage(vectors: np.ndarray, queries: np.ndarray, k: int, hnsw_sample: int) -> dict:
+    """Exact scan vs IVF (probe sweep) vs HNSW on a sample, one thread: recall of the exact
+    top-``k`` and latency per query."""
+    faiss.omp_set_num_threads(1)
+    out: dict = {}
+    flat = build_index(vectors, flat_max=len(vectors))
+    times = []
+    for q in queries:
+        start = time.perf_counter()
+        flat.search(q[None], k)
+        times.append(time.perf_counter() - start)
+    out["exact_scan"] = stats_ms(times)
+    truth = search_index(flat, queries, k)
+    del flat
+    faiss.omp_set_num_threads(2)
+    start = time.perf_counter()
+    ivf = build_index(vectors, flat_max=0)
+    out["ivf_build_s_2_threads"] = round(time.perf_counter() - start, 1)
+    out["ivf_lists"] = ivf.nlist
+    faiss.omp_set_num_threads(1)
+    out["ivf"] = {}
+    for probes in PROBES:
+        ivf.nprobe = probes
+        times, got = [], []
+        for q in queries:
+            start = time.perf_counter()
+            got.append(ivf.search(q[None], k)[1][0])
+            times.append(time.perf_counter() - start)
+        out["ivf"][probes] = {"recall_of_exact": round(recall_at(truth, got), 4), **stats_ms(times)}
+        print(f"  IVF {probes} probes: {out['ivf'][probes]}", flush=True)
+    del ivf
+    if hnsw_sample:
+        sample = vectors[:hnsw_sample]
+        exact = faiss.IndexFlatIP(sample.shape[1])
+        exact.add(sample)
+        truth = exact.search(queries, k)[1]
+        faiss.omp_set_num_threads(2)
+        start = time.perf_counter()
+        hnsw = faiss.IndexHNSWFlat(sample.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = 80
+        hnsw.add(sample)
+        build_s = time.perf_counter() - start
+        faiss.omp_set_num_threads(1)
+        hnsw.hnsw.efSearch = 256
+        times, got = [], []
+        for q in queries:
+            start = time.perf_counter()
+            got.append(hnsw.search(q[None], k)[1][0])
+            times.append(time.perf_counter() - start)
+        out["hnsw_sample"] = {
+            "vectors": len(sample),
+            "build_s_2_threads": round(build_s, 1),
+            "recall_of_exact": round(recall_at(truth, got), 4),
+            **stats_ms(times),
+        }
+    return out
+
+
+def disk_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--real", required=True, help="collection spec of the real images")
+    parser.add_argument("--real-images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=1_000_000)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--candidates", type=int, default=100)
+    parser.add_argument("--hnsw-sample", type=int, default=100_000, help="0: skip HNSW")
+    parser.add_argument("--work", help="folder for the galleries (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic gallery")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="hat-million-"))
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    real = real_gallery(args.checkpoint, args.real, args.real_images, work / "real")
+    model = load_model(args.checkpoint)[0]
+    grids = model.image_tower.grid_sizes(model.config.image_size)
+    report: dict = {
+        "checkpoint": args.checkpoint,
+        "real": {"spec": args.real, "images": real.num_images, "captions": real.num_captions},
+        "real_encode_s": round(time.perf_counter() - start, 1),
+        "size": args.size,
+        "candidates": args.candidates,
+    }
+    directory, timings = synthetic_gallery(work, args.checkpoint, real, grids, args.size)
+    report.update({k: round(v, 1) for k, v in timings.items()})
+    searcher = Searcher.open(directory)
+    gallery = searcher.gallery
+    report["index"] = type(gallery.image_index).__name__
+    report["disk_bytes_per_image"] = round(disk_bytes(directory) / args.size)
+    report["stored_image_bytes_per_image"] = round(gallery.bytes_per_image())
+    report["peak_rss_gb_after_build"] = round(peak_rss_gb(), 2)
+    print(
+        f"{args.size} images: {report['disk_bytes_per_image'] / 1024:.1f} KiB per image on disk, "
+        f"built in {report['build_s']} s ({report['index']}), peak RSS "
+        f"{report['peak_rss_gb_after_build']} GB",
+        flush=True,
+    )
+    captions = real.captions[: args.queries]
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    report["two_stage_1_thread"] = measure(searcher, captions, args.candidates, exact_every=0)
+    report["two_stage_1_thread"]["ivf_probes"] = IVF_PROBES
+    report["peak_rss_gb_after_queries"] = round(peak_rss_gb(), 2)
+    print(f"two-stage, 1 thread: {report['two_stage_1_thread']}", flush=True)
+    with torch.inference_mode():
+        queries = torch.cat(
+            [searcher.model.text_embedding(searcher.encode_text(c)) for c in captions]
+        ).numpy()
+    report["first_stage"] = first_stage(
+        gallery.embeddings("image"), queries, args.candidates, min(args.hnsw_sample, args.size)
+    )
+    print(f"first stage: {report['first_stage']}", flush=True)
+    write_report("million_gallery", report, args.out)
+    if not args.keep:
+        shutil.rmtree(directory)
+    return report
+
+
+if __name__ == "__main__":
+    main()
