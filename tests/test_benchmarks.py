@@ -44,11 +44,36 @@ def test_retrieval_quality_reports_recall_and_precisions(
         *("--split", "train", "--captions", "1", "--out", tmp_path / "q.json"),
     )
     assert (report["images"], report["captions"]) == (48, 48)
-    assert set(report["precisions"]) == {"fp32", "fp16", "int8"}
+    assert set(report["precisions"]) == {"fp32", "fp16", "int8", "pq"}
     recall = report["candidate_recall_of_exact_top10"]
     assert set(recall["text_to_image"]) == {"K=10", "K=20"}  # K above 48 images is left out
     assert all(0 < v <= 1 for d in recall.values() for v in d.values())
     assert 0 <= report["first_stage_alone_metrics"]["rsum"] <= 600
+
+
+def test_retrieval_quality_plays_the_pointing_game_per_precision(
+    tiny_checkpoint, synthetic_dataset, tmp_path
+):
+    """Every caption grounded on the top half of its image: each precision's maps are scored."""
+    json_path, image_root = synthetic_dataset
+    data = json.loads(Path(json_path).read_text())
+    for entry in data["images"]:
+        entry["objects"] = [{"box": [0, 0, 64, 32]}]
+        for sentence in entry["sentences"]:
+            sentence["groundings"] = [{"object": 0, "span": [0, len(sentence["raw"])]}]
+    grounded = tmp_path / "grounded.json"
+    grounded.write_text(json.dumps(data))
+    report = run_benchmark(
+        "retrieval_quality",
+        *("--checkpoint", tiny_checkpoint, "--data", grounded, "--image-root", image_root),
+        *("--split", "test", "--precisions", "fp32", "fp16", "pq", "--pointing"),
+        *("--out", tmp_path / "p.json"),
+    )
+    games = {k: v["pointing_game"] for k, v in report["precisions"].items()}
+    assert set(games) == {"fp32", "fp16", "pq"} and games["fp32"]["words"] > 16
+    assert all(0 <= hit <= 1 for game in games.values() for hit in game["levels"].values())
+    for level, hit in games["fp32"]["levels"].items():  # fp16 moves a near-tied peak at most
+        assert abs(games["fp16"]["levels"][level] - hit) < 0.05
 
 
 def test_query_latency_runs_on_a_synthetic_gallery(tiny_checkpoint, tmp_path):
@@ -91,7 +116,7 @@ def test_gallery_encoding_compares_the_build_with_the_forward(tiny_checkpoint, t
     )
     assert report["machine"]["torch_threads"] == 1 and report["images"] == 8
     assert report["build_images_per_s"] > 0 and report["forward_alone_images_per_s"] > 0
-    assert set(report["bytes_per_image"]) == {"fp32", "fp16", "int8"}
+    assert set(report["bytes_per_image"]) == {"fp32", "fp16", "int8", "pq"}
 
 
 def test_exact_scoring_matches_the_reference_loop(tmp_path):
