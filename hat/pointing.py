@@ -18,6 +18,7 @@ from PIL import Image
 from hat.artifacts import display_peak, modified_z, outlier_tokens
 from hat.heatmaps import alignment_maps
 from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.transforms import eval_resize
 
 FUNCTION_WORDS = frozenset(
     [
@@ -135,7 +136,7 @@ def pointing_game(
     ``images`` and ``texts`` are the encoded split in :func:`read_karpathy` order.
     """
     cfg = model.config
-    crop, resize = cfg.image_size, round(cfg.image_size * 256 / 224)
+    crop, resize = cfg.image_size, eval_resize(cfg.image_size)
     hits = np.zeros(cfg.num_levels)
     total = 0
     random_hits = centre_hits = 0.0
@@ -171,7 +172,7 @@ def artifact_pointing(
     pointing game with the peak taken over all regions (as scored) and over the regions that are
     no outliers (as the maps display it; :func:`hat.artifacts.display_peak`)."""
     cfg = model.config
-    crop, resize = cfg.image_size, round(cfg.image_size * 256 / 224)
+    crop, resize = cfg.image_size, eval_resize(cfg.image_size)
     on_outlier, hits_all, hits_shown = (np.zeros(cfg.num_levels) for _ in range(3))
     total = 0
     for size, box, maps, token in _grounded_maps(

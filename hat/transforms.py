@@ -20,7 +20,12 @@ def train_transform(config: HATConfig) -> T.Compose:
     )
 
 
+def eval_resize(crop: int) -> int:
+    """Short side before the evaluation centre crop: 8/7 of the crop (256 for 224)."""
+    return round(crop * 256 / 224)
+
+
 def eval_transform(config: HATConfig) -> T.Compose:
-    """Resize the short side to 8/7 of the crop (256 for 224), then centre crop."""
-    resize = round(config.image_size * 256 / 224)
+    """Resize the short side to :func:`eval_resize`, then centre crop."""
+    resize = eval_resize(config.image_size)
     return T.Compose([T.Resize(resize), T.CenterCrop(config.image_size), *_normalise(config)])

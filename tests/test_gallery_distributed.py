@@ -39,11 +39,16 @@ def torchrun(*args, script=None, timeout=180):
     )
 
 
+def build_args(checkpoint, images, captions, cache) -> list:
+    """``hat index build`` arguments of a quiet CPU build of ``images`` into ``cache``."""
+    args = ["--checkpoint", checkpoint, "--images", images, "--captions", captions]
+    return [*args, "--cache", cache, "--device", "cpu", "--quiet"]
+
+
 def build_both_ways(checkpoint, images, captions, tmp_path):
     """The gallery built by torchrun (its printed summary too) and by one process."""
-    args = ["--checkpoint", checkpoint, "--images", images, "--captions", captions]
     cache = os.path.relpath(tmp_path / "dist", ROOT)  # relative: the ranks must agree on it
-    args += ["--cache", cache, "--device", "cpu", "--workers", 0, "--quiet", "--json"]
+    args = [*build_args(checkpoint, images, captions, cache), "--workers", 0, "--json"]
     run = torchrun(*args)
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout[run.stdout.index("{") : run.stdout.rindex("}") + 1])
@@ -107,20 +112,7 @@ def test_torchrun_build_equals_one_process_and_reuses_images(tiny_checkpoint, tm
     assert np.bincount(distributed.image_rows[:, 0]).tolist() == [5, 5]
     assert_same_gallery(distributed, single, model, tokenizer)
 
-    again = torchrun(
-        "--checkpoint",
-        tiny_checkpoint,
-        "--images",
-        images,
-        "--captions",
-        captions,
-        "--cache",
-        tmp_path / "dist",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--json",
-    )
+    again = torchrun(*build_args(tiny_checkpoint, images, captions, tmp_path / "dist"), "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     hit = json.loads(again.stdout[again.stdout.index("{") : again.stdout.rindex("}") + 1])
     assert hit["cache_hit"] and hit["encoded_images"] == 0
@@ -162,19 +154,7 @@ def test_a_rank_that_fails_stops_every_rank_and_leaves_nothing(tiny_checkpoint, 
     script.write_text(FAILING_RANK)
     cache = tmp_path / "cache"
     run = torchrun(
-        "--checkpoint",
-        tiny_checkpoint,
-        "--images",
-        images,
-        "--captions",
-        captions,
-        "--cache",
-        cache,
-        "--device",
-        "cpu",
-        "--quiet",
-        script=script,
-        timeout=120,
+        *build_args(tiny_checkpoint, images, captions, cache), script=script, timeout=120
     )
     assert run.returncode != 0
     # rank 0 names the rank and its error; rank 1 hears of it from rank 0 and stops too

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hat.heatmaps import LevelMaps
+from hat.transforms import eval_resize
 
 # Viridis at nine evenly spaced points (matplotlib's table, rounded): dark blue → yellow.
 VIRIDIS_ANCHORS = np.array(
@@ -81,7 +82,7 @@ def model_view(image: Image.Image, crop: int, size: int) -> Image.Image:
     """The part of ``image`` the model sees (short side to 8/7 of ``crop``, centre ``crop``),
     resampled to ``size`` pixels square in one step."""
     width, height = image.size
-    scale = round(crop * 256 / 224) / min(width, height)
+    scale = eval_resize(crop) / min(width, height)
     side = crop / scale
     left, top = (width - side) / 2, (height - side) / 2
     box = (left, top, left + side, top + side)
