@@ -21,6 +21,10 @@ The pair score is the sum of the level scores. How it is computed fast:
   with G the caption's word Gram matrix, one small batched GEMM instead of K·D work per pair.
 * Captions are sorted by length and each block is cut to its longest caption, so padding costs
   (almost) nothing.
+* Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
+  are scored without expanding them: with the words projected into the basis (w B^T), every
+  region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
+  and norms come from the full words. The score is exactly that of the expanded regions.
 """
 
 from __future__ import annotations
@@ -98,16 +102,19 @@ def _block_scores(
     lambda_softmax: float,
     direction: str,
     slope: float,
+    projected_words: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores ``(I, T)``, unnormalised attention ``(T, L, I, K)`` and local cosines of a block.
 
-    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
+    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. ``projected_words``:
+    the words in the basis the regions are coordinates of (see the module docstring).
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = words.shape
     inplace = not (torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad))
     mul, _ = _ops(inplace)
-    sims = (words.reshape(-1, dim) @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
+    probe = words if projected_words is None else projected_words
+    sims = (probe.reshape(-1, dim) @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
     attn = _exp_logits(sims, word_mask, lambda_softmax, direction, slope, inplace)
     if direction == "i2t":
         gram = words @ words.transpose(1, 2)  # (T, L, L)
@@ -144,11 +151,13 @@ def level_scores(
     direction: str = "i2t",
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    projected_words: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every image against every caption at one level: ``(I, K, D) × (T, L, D) → (I, T)``.
 
     Pairs are processed in blocks of at most ``block_elements`` region–word similarities so that
-    memory stays bounded for any gallery size.
+    memory stays bounded for any gallery size. Regions that are coordinates ``(I, K, d)`` in an
+    orthonormal basis ``B`` ``(d, D)`` take ``projected_words = words @ B.T`` ``(T, L, d)``.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
@@ -157,6 +166,8 @@ def level_scores(
     n_txt = words.shape[0]
     order, widths = _by_length(word_mask)
     words, word_mask = words[order], word_mask[order]
+    if projected_words is not None:
+        projected_words = _as_compute_dtype(projected_words)[order]
     out = regions.new_empty(n_img, n_txt)
     t = 0
     while t < n_txt:
@@ -167,9 +178,18 @@ def level_scores(
         cols = order[t : t + txt_step]
         block_words = words[t : t + txt_step, :width]
         block_mask = word_mask[t : t + txt_step, :width]
+        block_projected = None
+        if projected_words is not None:
+            block_projected = projected_words[t : t + txt_step, :width]
         for i in range(0, n_img, img_step):
             out[i : i + img_step, cols] = _block_scores(
-                regions[i : i + img_step], block_words, block_mask, lambda_softmax, direction, slope
+                regions[i : i + img_step],
+                block_words,
+                block_mask,
+                lambda_softmax,
+                direction,
+                slope,
+                block_projected,
             )[0]
         t += txt_step
     return out
@@ -183,14 +203,20 @@ def hierarchical_scores(
     direction: str = "i2t",
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
+    projected_levels: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Per-level scores ``(num_levels, I, T)``; the HAT pair score is their sum over levels."""
+    """Per-level scores ``(num_levels, I, T)``; the HAT pair score is their sum over levels.
+
+    ``projected_levels``: per level, the words in the basis of that level's region coordinates
+    (None where the regions are plain features); see :func:`level_scores`.
+    """
     if len(image_levels) != len(text_levels):
         raise ValueError(f"{len(image_levels)} image levels but {len(text_levels)} text levels")
+    projected_levels = projected_levels or [None] * len(text_levels)
     return torch.stack(
         [
-            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements)
-            for v, t in zip(image_levels, text_levels, strict=True)
+            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, p)
+            for v, t, p in zip(image_levels, text_levels, projected_levels, strict=True)
         ]
     )
 

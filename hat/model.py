@@ -39,18 +39,37 @@ class CheckpointFormatError(ValueError):
 
 @dataclass
 class ImageFeatures:
-    """Projected region features, one ``(N, K_i, D)`` tensor per level."""
+    """Projected region features, one ``(N, K_i, D)`` tensor per level.
+
+    A compressed gallery may hand out a level as coordinates ``(N, K_i, d)`` in an orthonormal
+    basis ``bases[i]`` ``(d, D)`` (features = coordinates @ basis): scoring uses them as they
+    are (exactly, see :mod:`hat.alignment`), and :meth:`expanded` gives the features.
+    """
 
     levels: list[torch.Tensor]
+    bases: list[torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return self.levels[0].shape[0]
 
     def __getitem__(self, index) -> ImageFeatures:
-        return ImageFeatures([x[index] for x in self.levels])
+        return ImageFeatures([x[index] for x in self.levels], self.bases)
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        return ImageFeatures([x.to(device) for x in self.levels])
+        bases = None if self.bases is None else [_to(b, device) for b in self.bases]
+        return ImageFeatures([x.to(device) for x in self.levels], bases)
+
+    def expanded(self) -> ImageFeatures:
+        """The same features with every level in the model's feature space."""
+        if self.bases is None:
+            return self
+        return ImageFeatures(
+            [x if b is None else x @ b for x, b in zip(self.levels, self.bases, strict=True)]
+        )
+
+
+def _to(x: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if x is None else x.to(device)
 
 
 @dataclass
@@ -150,7 +169,14 @@ class HATModel(nn.Module):
         cfg = self.config
         with torch.autocast(device_type=images.levels[0].device.type, enabled=False):
             if cfg.scoring == "pooled":
+                images = images.expanded()
                 return pooled_level_scores(images.levels, texts.levels, texts.mask)
+            projected = None
+            if images.bases is not None:
+                projected = [
+                    None if b is None else t.float() @ b.T
+                    for t, b in zip(texts.levels, images.bases, strict=True)
+                ]
             return hierarchical_scores(
                 images.levels,
                 texts.levels,
@@ -158,6 +184,7 @@ class HATModel(nn.Module):
                 lambda_softmax=cfg.lambda_softmax,
                 direction=cfg.direction,
                 slope=cfg.leaky_relu_slope,
+                projected_levels=projected,
                 **kwargs,
             )
 

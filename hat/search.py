@@ -185,8 +185,11 @@ class Searcher:
         image_bytes = 4 * self.gallery.manifest["dim"] * sum(self.gallery.regions())
 
         def score(block: np.ndarray) -> torch.Tensor:
-            images = self.gallery.image_features(block).to(self.device)
-            return self._level_scores(images, text)[:, :, 0]
+            out = torch.empty(self.gallery.num_levels, len(block))
+            for positions, images in self.gallery.image_parts(block):
+                scores = self._level_scores(images.to(self.device), text)[:, :, 0]
+                out[:, torch.from_numpy(positions)] = scores
+            return out
 
         return self._in_blocks(score, ids, block_size(image_bytes, self.device))
 

@@ -97,6 +97,22 @@ def test_hierarchical_scores_stack_levels_and_sum_is_the_pair_score():
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_regions_given_as_coordinates_in_a_basis_score_exactly_as_expanded(direction):
+    """A compressed gallery's regions y with x = y B (B: orthonormal rows, d < D) and the words
+    projected into B score exactly as x does; the words' own Gram and norms stay full."""
+    images, texts, mask, _ = random_batch(dim=9, seed=6)
+    basis = torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0].T  # (4, 9)
+    coordinates = images @ basis.T  # (I, K, 4)
+    expanded = coordinates @ basis
+    want = level_scores(expanded, texts, mask, 9.0, direction)
+    got = level_scores(coordinates, texts, mask, 9.0, direction, projected_words=texts @ basis.T)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    # The full words matter: their parts outside the basis change the Gram matrix and norms.
+    projected_only = texts @ basis.T @ basis
+    assert not torch.allclose(level_scores(expanded, projected_only, mask, 9.0, direction), want)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_align_pair_exposes_the_attention_that_made_the_score(direction):
     images, texts, mask, lengths = random_batch(seed=6)
     words = texts[1, : lengths[1]]

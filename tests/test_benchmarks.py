@@ -105,7 +105,25 @@ def test_million_gallery_simulates_a_gallery_around_real_images(
     assert all(0 < v["recall_of_exact"] <= 1 for v in ivf.values())
     assert ivf["128"]["recall_of_exact"] >= ivf["8"]["recall_of_exact"]
     assert 0 < report["first_stage"]["hnsw_sample"]["recall_of_exact"] <= 1
+    rerank = report["rerank_1_thread"]  # the two re-rank paths agreed on every query (asserted)
+    assert rerank["coordinates"]["p50_ms"] > 0 and rerank["expanded_over_coordinates_p50"] > 0
     assert not (tmp_path / "work" / "gallery-3000").exists()  # removed unless --keep
+
+
+def test_million_gallery_times_queries_again_on_a_kept_gallery(
+    tiny_checkpoint, synthetic_dataset, tmp_path
+):
+    json_path, image_root = synthetic_dataset
+    args = (
+        *("--checkpoint", tiny_checkpoint, "--real", f"karpathy:{json_path}:{image_root}:train"),
+        *("--real-images", 10, "--size", 500, "--queries", 3, "--candidates", 10),
+        *("--hnsw-sample", 0, "--work", tmp_path / "work", "--keep"),
+    )
+    built = run_benchmark("million_gallery", *args, "--out", tmp_path / "a.json")
+    again = run_benchmark("million_gallery", *args, "--reuse", "--out", tmp_path / "b.json")
+    assert "build_s" in built and "build_s" not in again
+    assert again["reused_gallery"] == str(tmp_path / "work" / "gallery-500")
+    assert again["disk_bytes_per_image"] == built["disk_bytes_per_image"]
 
 
 def test_gallery_encoding_compares_the_build_with_the_forward(tiny_checkpoint, tmp_path):

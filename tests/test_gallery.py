@@ -167,6 +167,15 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
     for caption in ("a square of colour 3", "picture number 0"):
         want = [h.index for h in model_a.text_to_image(caption, k=5, exact=True).hits]
         assert [h.index for h in model_b.text_to_image(caption, k=5, exact=True).hits] == want
+    # The re-rank scores pq regions as PCA coordinates, never expanded: the same scores as the
+    # decoded features give.
+    text = model_b.encode_text("a square of colour 3")
+    ids = [4, 0, 2]
+    parts = reopened.image_parts(ids)
+    dim = reopened.manifest["dim"]
+    assert [tuple(b.shape) for _, f in parts for b in f.bases] == [(min(dim, 96), dim)] * 3
+    decoded = model_b.model.level_scores(reopened.image_features(ids), text)[:, :, 0]
+    torch.testing.assert_close(model_b.score_images(ids, text), decoded, atol=1e-5, rtol=0)
 
 
 def test_damaged_pq_codebooks_are_never_used(checkpoint, folder, tmp_path):

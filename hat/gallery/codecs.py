@@ -56,6 +56,13 @@ class Codec:
         """fp32 tensor ``(..., dim)`` of stored values."""
         raise NotImplementedError
 
+    def decode_coordinates(
+        self, values: np.ndarray, scales: np.ndarray | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stored values as coordinates ``(..., d)`` in an orthonormal basis ``(d, dim)``, or as
+        features with basis None: what scoring needs, without expanding a reduced codec."""
+        return self.decode(values, scales), None
+
 
 class FloatCodec(Codec):
     def __init__(self, dim: int, precision: str):
@@ -96,15 +103,14 @@ class PQCodec(Codec):
             self._use(index)
 
     def _use(self, index: faiss.IndexPreTransform) -> None:
-        """Keep the trained index, and its PCA as a matrix for decoding with one BLAS call:
-        the PCA maps x to ``A x + b`` with orthonormal rows, so ``x ≈ (y - b) A``."""
+        """Keep the trained index, and its PCA as a matrix: the PCA maps x to ``A x + b`` with
+        orthonormal rows, so ``x ≈ (y - b) A``: coordinates ``y - b`` in the basis ``A``."""
         self.index = index
         self.pq = faiss.downcast_index(index.index).pq
         pca = faiss.downcast_VectorTransform(index.chain.at(0))
         matrix = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
-        bias = faiss.vector_to_array(pca.b)
         self.matrix = torch.from_numpy(matrix.astype(np.float32))
-        self.offset = torch.from_numpy((-bias @ matrix).astype(np.float32))
+        self.bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32))
 
     @property
     def value_width(self) -> int:
@@ -137,12 +143,17 @@ class PQCodec(Codec):
         return codes.reshape(*x.shape[:-1], PQ_BYTES), None
 
     def decode(self, values: np.ndarray, scales: None) -> torch.Tensor:
+        coordinates, basis = self.decode_coordinates(values, scales)
+        return coordinates @ basis
+
+    def decode_coordinates(
+        self, values: np.ndarray, scales: None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
-        if not len(codes):
-            return torch.zeros(*values.shape[:-1], self.dim)
-        reduced = torch.from_numpy(self.pq.decode(codes))
-        out = torch.addmm(self.offset, reduced, self.matrix)
-        return out.reshape(*values.shape[:-1], self.dim)
+        coordinates = torch.zeros(len(codes), self.matrix.shape[0])
+        if len(codes):
+            coordinates = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
+        return coordinates.reshape(*values.shape[:-1], -1), self.matrix
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)

@@ -111,27 +111,48 @@ class Gallery:
     def image_path(self, index: int) -> Path:
         return Path(self.manifest["root"]) / self.paths[index]
 
-    def image_features(self, ids: Sequence[int]) -> ImageFeatures:
-        """fp32 region features of images ``ids`` (in that order), one tensor per level."""
+    def _read_images(self, ids: Sequence[int]) -> list[tuple[Segment, np.ndarray, Stored]]:
+        """Stored values of images ``ids``, per segment: (segment, positions in ``ids``, values)."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
             self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
-        parts: list[tuple[Segment, np.ndarray, Stored]] = [
+        return [
             (segment, positions, segment.read_images(rows[positions, 1], self.checked))
             for segment, positions in ((self.segments[s], p) for s, p in by_segment)
         ]
+
+    def image_features(self, ids: Sequence[int]) -> ImageFeatures:
+        """fp32 region features of images ``ids`` (in that order), one tensor per level."""
+        parts = self._read_images(ids)
         levels = []
         for level, regions in enumerate(self.regions()):
-            if len(parts) == 1 and np.array_equal(parts[0][1], np.arange(len(rows))):
+            if len(parts) == 1 and np.array_equal(parts[0][1], np.arange(len(ids))):
                 segment, _, stored = parts[0]  # ids in file order: no copy
                 levels.append(segment.decode("image", level, stored[level]))
                 continue
-            out = torch.empty(len(rows), regions, int(self.manifest["dim"]))
+            out = torch.empty(len(ids), regions, int(self.manifest["dim"]))
             for segment, positions, stored in parts:
                 out[torch.from_numpy(positions)] = segment.decode("image", level, stored[level])
             levels.append(out)
         return ImageFeatures(levels)
+
+    def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
+        """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
+        where a compressed segment gives coordinates in its own bases (``ImageFeatures.bases``)
+        so that its regions are never expanded to full width."""
+        out = []
+        for segment, positions, stored in self._read_images(ids):
+            levels, bases = zip(
+                *(
+                    segment.decode_coordinates("image", i, values)
+                    for i, values in enumerate(stored)
+                ),
+                strict=True,
+            )
+            plain = all(b is None for b in bases)
+            out.append((positions, ImageFeatures(list(levels), None if plain else list(bases))))
+        return out
 
     def text_features(self, ids: Sequence[int]) -> TextFeatures:
         """fp32 word features of captions ``ids``, right-padded, with the real-token mask."""

@@ -137,6 +137,12 @@ class Segment:
         """fp32 features of ``stored`` values of ``kind`` at ``level``."""
         return self.codecs[kind][level].decode(*stored)
 
+    def decode_coordinates(
+        self, kind: str, level: int, stored: tuple[np.ndarray, np.ndarray | None]
+    ):
+        """``stored`` values as (coordinates, basis or None): see ``Codec.decode_coordinates``."""
+        return self.codecs[kind][level].decode_coordinates(*stored)
+
     def _damaged(self, file: str | None, problem: str) -> CorruptionError:
         """The error naming ``file`` of this segment, or the segment (``None``)."""
         name = f"segments/{self.name}" + (f"/{file}" if file else "")
