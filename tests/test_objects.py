@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hat.cli.data import main as data_main
 from hat.data import objects
 from hat.data.captions import karpathy_groups, read_karpathy
-from hat.data.cli import main as data_main
 from hat.data.sources import LabelledImage
 
 RED = (220, 20, 20)

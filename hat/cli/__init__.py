@@ -1,4 +1,8 @@
-"""The ``hat`` command: ``hat <subcommand> [options]``; ``hat <subcommand> --help`` for details."""
+"""The ``hat`` command: ``hat <subcommand> [options]``; ``hat <subcommand> --help`` for details.
+
+Each subcommand is a module of this package holding its parser and ``main(argv)``; the library
+modules it calls hold no command-line code.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,17 @@ import sys
 
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
-    "train": ("hat.train", "train a model (torchrun-ready)"),
-    "eval": ("hat.evaluate", "R@1/5/10, RSUM and ranks of a checkpoint on a Karpathy split"),
-    "data": ("hat.data.cli", "build datasets: synthetic shapes, Tux Paint Scenes"),
-    "index": ("hat.index_cli", "build a search gallery: cached features + faiss index"),
-    "search": ("hat.search", "text -> image / image -> text search in a built gallery"),
-    "convert": ("hat.convert", "official LuminosityX/HAT .ckpt -> a hat-b checkpoint folder"),
-    "fetch": ("hat.fetch", "download, check, convert and cache official-f30k / official-coco"),
-    "build-demo": ("hat.demo_recipe", "rebuild the offline demo checkpoint and its reports (CPU)"),
+    "train": ("hat.cli.train", "train a model (torchrun-ready)"),
+    "eval": ("hat.cli.eval", "R@1/5/10, RSUM and ranks of a checkpoint on a Karpathy split"),
+    "data": ("hat.cli.data", "build datasets: synthetic shapes, Tux Paint Scenes"),
+    "index": ("hat.cli.index", "build a search gallery: cached features + faiss index"),
+    "search": ("hat.cli.search", "text -> image / image -> text search in a built gallery"),
+    "convert": ("hat.cli.convert", "official LuminosityX/HAT .ckpt -> a hat-b checkpoint folder"),
+    "fetch": ("hat.cli.fetch", "download, check, convert and cache official-f30k / official-coco"),
+    "build-demo": (
+        "hat.cli.build_demo",
+        "rebuild the offline demo checkpoint and its reports (CPU)",
+    ),
 }
 
 
@@ -36,7 +43,3 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     module.main(rest)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from hat.data.synthetic import write_synthetic_dataset
 
@@ -13,15 +14,53 @@ def _synthetic(args: argparse.Namespace) -> None:
     print(f"wrote {path} and {args.out}/images ({sum(sizes.values())} images)")
 
 
-def _delegate(dataset: str, argv: list[str]) -> None:
-    if dataset == "tuxpaint":
-        from hat.data import tuxpaint_scenes
+def _tuxpaint(argv: list[str]) -> None:
+    from hat.data import tuxpaint_scenes as tps
 
-        tuxpaint_scenes.main(argv)
-    else:
-        from hat.data import objects
+    parser = argparse.ArgumentParser(
+        prog="hat data tuxpaint",
+        description="Build the Tux Paint Scenes dataset (Karpathy format) from Debian "
+        f"{tps.PACKAGE}.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache", type=Path, default=tps.DEFAULT_CACHE, help="where the .deb is kept"
+    )
+    parser.add_argument("--stamps-root", type=Path, help="an already unpacked stamps folder")
+    parser.add_argument("--heldout-fraction", type=float, default=0.15)
+    for split, default in tps.DEFAULT_SIZES.items():
+        parser.add_argument(f"--{split.replace('_', '-')}", type=int, default=default, dest=split)
+    parser.add_argument("--gallery", type=Path, help="also write a small test gallery here")
+    args = parser.parse_args(argv)
+    sizes = {split: getattr(args, split) for split in tps.DEFAULT_SIZES}
+    tps.build_dataset(
+        args.out,
+        args.seed,
+        args.cache,
+        args.stamps_root,
+        args.heldout_fraction,
+        sizes,
+        args.gallery,
+    )
 
-        objects.main(argv)
+
+def _objects(argv: list[str]) -> None:
+    from hat.data import objects
+
+    parser = argparse.ArgumentParser(prog="hat data objects", description=objects.__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--cache", type=Path, default=objects.DEFAULT_CACHE, help="unpacked packages"
+    )
+    parser.add_argument("--views", type=int, default=2, help="training views per object")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--gallery", type=Path, help="also add the GCompris photos to this demo gallery folder"
+    )
+    args = parser.parse_args(argv)
+    objects.build_dataset(args.out, args.cache, args.views, args.seed, args.gallery)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,8 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         add_help=False,
     )
     args, rest = parser.parse_known_args(argv)
-    if args.dataset in ("tuxpaint", "objects"):
-        _delegate(args.dataset, rest)
+    if args.dataset == "tuxpaint":
+        _tuxpaint(rest)
+    elif args.dataset == "objects":
+        _objects(rest)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     else:

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -383,29 +382,26 @@ def add_photos_to_gallery(items: Sequence[sources.LabelledImage], gallery: Path)
     return len(items)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hat data objects", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="unpacked packages")
-    parser.add_argument("--views", type=int, default=2, help="training views per object")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--gallery", type=Path, help="also add the GCompris photos to this demo gallery folder"
-    )
-    args = parser.parse_args(argv)
+def build_dataset(
+    out: Path,
+    cache: Path = DEFAULT_CACHE,
+    views: int = 2,
+    seed: int = 0,
+    gallery: Path | None = None,
+) -> None:
+    """What ``hat data objects`` writes: the object set, the real-photo set and, with ``gallery``,
+    the GCompris photos added to that demo gallery folder; prints what was written."""
     start = time.perf_counter()
-    items = training_items(args.cache, args.seed)
-    photos = photo_backgrounds(args.cache)
-    objects = build_object_set(items, args.out, args.views, args.seed, photos)
+    items = training_items(cache, seed)
+    photos = photo_backgrounds(cache)
+    objects = build_object_set(items, out, views, seed, photos)
     concepts = json.loads(objects.read_text(encoding="utf-8"))["concepts"]
-    real = real_photo_items(args.cache)
-    photos = build_real_photo_set(real, concepts, args.out)
-    if args.gallery:
+    real = real_photo_items(cache)
+    photos = build_real_photo_set(real, concepts, out)
+    if gallery:
         shipped = [item for item in real if item.source == "gcompris"]
-        print(f"{add_photos_to_gallery(shipped, args.gallery)} photos -> {args.gallery}")
+        print(f"{add_photos_to_gallery(shipped, gallery)} photos -> {gallery}")
     print(
-        f"{len(items)} training objects ({len(concepts)} concepts) x {args.views} views -> "
+        f"{len(items)} training objects ({len(concepts)} concepts) x {views} views -> "
         f"{objects}\nreal photos -> {photos} in {time.perf_counter() - start:.0f} s"
     )
-    return 0

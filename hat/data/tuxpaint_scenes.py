@@ -19,7 +19,6 @@ Layout of the output folder::
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
@@ -818,45 +817,36 @@ def build_demo_gallery(
     return path
 
 
-# ------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- whole dataset
 
 
 def _folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hat data tuxpaint",
-        description=f"Build the Tux Paint Scenes dataset (Karpathy format) from Debian {PACKAGE}.",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the .deb is kept")
-    parser.add_argument("--stamps-root", type=Path, help="an already unpacked stamps folder")
-    parser.add_argument("--heldout-fraction", type=float, default=0.15)
-    for split, default in DEFAULT_SIZES.items():
-        parser.add_argument(f"--{split.replace('_', '-')}", type=int, default=default, dest=split)
-    parser.add_argument("--gallery", type=Path, help="also write a small test gallery here")
-    args = parser.parse_args(argv)
-
+def build_dataset(
+    out: Path,
+    seed: int = 0,
+    cache: Path = DEFAULT_CACHE,
+    stamps_root: Path | None = None,
+    heldout_fraction: float = 0.15,
+    sizes: dict[str, int] | None = None,
+    gallery: Path | None = None,
+) -> None:
+    """What ``hat data tuxpaint`` writes: the scenes, the stamp set and, with ``gallery``, a
+    small test gallery; prints what was kept and written."""
     start = time.perf_counter()
-    stamps_root = args.stamps_root or fetch_stamps_package(args.cache)
+    stamps_root = stamps_root or fetch_stamps_package(cache)
     scan = scan_stamps(stamps_root)
-    sizes = {split: getattr(args, split) for split in DEFAULT_SIZES}
-    scenes = build_scenes(stamps_root, args.out, args.seed, sizes, args.heldout_fraction, scan=scan)
-    stamps = build_stamp_set(stamps_root, args.out, args.seed, args.heldout_fraction, scan=scan)
-    if args.gallery:
-        build_demo_gallery(scenes, args.gallery)
+    sizes = sizes or DEFAULT_SIZES
+    scenes = build_scenes(stamps_root, out, seed, sizes, heldout_fraction, scan=scan)
+    stamps = build_stamp_set(stamps_root, out, seed, heldout_fraction, scan=scan)
+    if gallery:
+        build_demo_gallery(scenes, gallery)
     dropped = {reason: len(ids) for reason, ids in sorted(scan.dropped.items())}
     print(
         f"stamps kept {len(scan.kept)}, dropped {sum(dropped.values())} {dropped}, "
         f"SVG-only skipped {scan.svg_without_png}\n"
         f"scenes {sizes} -> {scenes}\nstamp set {len(scan.kept)} -> {stamps}\n"
-        f"{_folder_mb(Path(args.out)):.1f} MB in {time.perf_counter() - start:.1f} s"
+        f"{_folder_mb(Path(out)):.1f} MB in {time.perf_counter() - start:.1f} s"
     )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
