@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from hat.checkpoint import load_training_state, save_training_state
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import PairCollator, PairDataset
@@ -35,6 +34,7 @@ from hat.evaluate import FIRST_STAGE_RECALL, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
 from hat.model import HATModel
+from hat.training_state import load_training_state, save_training_state
 from hat.transforms import train_transform
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 from hat import create_model
 from hat.demo import InputError
-from hat.demo.captions import MAX_CAPTION_CHARS, clean_caption
+from hat.demo.caption_input import MAX_CAPTION_CHARS, clean_caption
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
 from hat.demo.examples import choose_examples, spread
-from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
+from hat.demo.rendering import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
     MAX_IMAGE_BYTES,
     MAX_ZIP_MEMBERS,
