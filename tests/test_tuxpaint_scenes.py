@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from hat.cli.data import main as data_main
-from hat.data import packages
-from hat.data import tuxpaint_scenes as tps
+from hat.demo_build import packages
+from hat.demo_build import tuxpaint_scenes as tps
 
 SIZES = {"train": 30, "val": 6, "test": 6, "test_unseen": 10}
 HELDOUT = 0.3

@@ -1,17 +1,17 @@
 """``hat build-demo``: rebuild the offline demo checkpoint and its reports.
 
-The recipe: :mod:`hat.demo_recipe`.
+The recipe: :mod:`hat.demo_build.recipe`.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from hat import demo_recipe
+from hat.demo_build import recipe
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="hat build-demo", description=demo_recipe.__doc__)
+    parser = argparse.ArgumentParser(prog="hat build-demo", description=recipe.__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", default="hat-tuxpaint")
     parser.add_argument("--data", default="data/tuxpaint", help="Tux Paint Scenes folder")
@@ -36,4 +36,4 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-batch-size", type=int, default=128)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    return demo_recipe.run(parser.parse_args(argv))
+    return recipe.run(parser.parse_args(argv))

@@ -15,7 +15,7 @@ def _synthetic(args: argparse.Namespace) -> None:
 
 
 def _tuxpaint(argv: list[str]) -> None:
-    from hat.data import tuxpaint_scenes as tps
+    from hat.demo_build import tuxpaint_scenes as tps
 
     parser = argparse.ArgumentParser(
         prog="hat data tuxpaint",
@@ -46,7 +46,7 @@ def _tuxpaint(argv: list[str]) -> None:
 
 
 def _objects(argv: list[str]) -> None:
-    from hat.data import objects
+    from hat.demo_build import objects
 
     parser = argparse.ArgumentParser(prog="hat data objects", description=objects.__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter

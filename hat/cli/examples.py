@@ -1,6 +1,6 @@
 """``python -m hat.cli.examples``: write a demo gallery's ``examples.json``.
 
-How they are chosen: :mod:`hat.demo.examples`.
+How they are chosen: :mod:`hat.demo_build.examples`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from hat.demo import examples
-from hat.demo.examples import DEFAULT_KINDS, choose_examples
+from hat.demo_build import examples
+from hat.demo_build.examples import DEFAULT_KINDS, choose_examples
 from hat.factory import load_model
 from hat.gallery import build_gallery
 from hat.gallery.collection import collection_from_spec

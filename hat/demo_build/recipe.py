@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hat.backbones.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.data.loader import ImageDataset, collate_images
-from hat.data.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
+from hat.demo_build.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
+from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
 from hat.evaluate import FIRST_STAGE_RECALL, evaluate_features
 from hat.factory import create_model
 from hat.fileio import atomic_write_text
@@ -515,11 +515,11 @@ def evaluate_variant(
 
 def ensure_data(dirs: dict[str, Path], seed: int) -> None:
     if not (dirs["scenes"] / SCENES_JSON).is_file():
-        from hat.data import tuxpaint_scenes
+        from hat.demo_build import tuxpaint_scenes
 
         tuxpaint_scenes.build_dataset(dirs["scenes"], seed)
     if not (dirs["objects"] / OBJECTS_JSON).is_file():
-        from hat.data import objects
+        from hat.demo_build import objects
 
         objects.build_dataset(dirs["objects"], seed=seed)
 
