@@ -154,7 +154,7 @@ def merge_splits(first: CachedSplit, second: CachedSplit) -> CachedSplit:
     """One training set of two cached ones (caption tokens padded to the longer width).
 
     Consumes both: their tensors are released level by level as the merged ones are built, so
-    memory peaks near one copy of the data (the two training sets take ~8 GB in fp16).
+    memory peaks near one copy of the data (the two training sets are the build's largest tensors).
     """
     width = max(first.text_mask.shape[1], second.text_mask.shape[1])
 
@@ -399,8 +399,8 @@ def cache_all(
     """Cache every split the recipe needs: both training sets, and the first ``eval_images`` of
     the others (``dirs``: "scenes" and "objects" data folders).
 
-    Exact HAT scoring costs O(images × captions): on 2 CPU cores a 500-image split (1.25 M
-    pairs) takes minutes, a 1000-image one four times as long.
+    Exact HAT scoring costs O(images × captions): twice the images make four times the work,
+    which is why the evaluation splits are cut to their first ``eval_images``.
     """
     sets = {
         "train": ("scenes", SCENES_JSON, "train"),
