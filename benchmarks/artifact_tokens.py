@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from hat.artifacts import OUTLIER_Z
 from hat.data.captions import read_karpathy
-from hat.demo_recipe import EVAL_SETS, cache_split, head_features
+from hat.demo_build.recipe import EVAL_SETS, cache_split, head_features
 from hat.factory import load_model
 from hat.pointing import (
     artifact_pointing,

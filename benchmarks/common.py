@@ -83,7 +83,7 @@ def demo_architecture_model(checkpoint: str | None = None):
 
     if checkpoint:
         return load_model(checkpoint)
-    from hat.backbones.dinov2_onnx import find_minilm_dir
+    from hat.demo_build.dinov2_onnx import find_minilm_dir
 
     torch.manual_seed(0)
     model, tokenizer = create_model("hat-tuxpaint", pretrained_text=str(find_minilm_dir()))

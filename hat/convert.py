@@ -26,7 +26,6 @@ needs more is refused unless ``--trust-checkpoint`` is given.
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -39,9 +38,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from hat.config import HATConfig, get_preset
-from hat.hub import PretrainedUnavailableError
 from hat.model import HATModel
-from hat.safe_load import CheckpointReadError, read_checkpoint
+from hat.safe_load import read_checkpoint
 from hat.tokenization import load_tokenizer
 
 PRESET = "hat-b"
@@ -293,45 +291,3 @@ def convert_checkpoint(
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(out, tokenizer=tok)
     return report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hat convert",
-        description="Convert an official LuminosityX/HAT checkpoint (.ckpt) to a hat-b folder.",
-    )
-    parser.add_argument("checkpoint", help="official .ckpt (or a bare state_dict file)")
-    parser.add_argument("out", help="checkpoint folder to write (replaced atomically)")
-    parser.add_argument(
-        "--tokenizer",
-        metavar="SOURCE",
-        help="tokenizer folder or hub name (default: the bundled bert-base-uncased vocabulary)",
-    )
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow unpickling Python objects from the file (runs code: trusted sources only)",
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> ConversionReport:
-    args = build_parser().parse_args(argv)
-    try:
-        report = convert_checkpoint(
-            args.checkpoint, args.out, args.tokenizer, args.trust_checkpoint
-        )
-    except (
-        CheckpointReadError,
-        ConversionError,
-        FileNotFoundError,
-        PretrainedUnavailableError,
-    ) as err:
-        raise SystemExit(f"hat convert: {err}") from err
-    print(report.summary())
-    print(f"wrote {args.out}")
-    return report
-
-
-if __name__ == "__main__":
-    main()

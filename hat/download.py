@@ -44,7 +44,7 @@ def partial_files(target: Path) -> list[Path]:
 
 def download(url: str, target: str | Path, progress: bool = True, retries: int = RETRIES) -> Path:
     """Download ``url`` to ``target``, continuing an earlier interrupted download of it."""
-    import gdown  # imported here: 0.3 s that every other command would pay at start-up
+    import gdown  # imported here: slow to import, and no other command needs it
 
     target = Path(target)
     if not host_reachable(url):

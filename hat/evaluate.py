@@ -7,19 +7,12 @@ hat eval ... --data dataset_coco.json --split test --folds 5      # MSCOCO 5K an
 
 from __future__ import annotations
 
-import argparse
-import json
-import time
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
+from hat.data.captions import CaptionedImages
 from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
-from hat.factory import load_model
-from hat.fetch import resolve_or_exit
-from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
+from hat.metrics import candidate_recall, fold_metrics, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
 
 FIRST_STAGE_RECALL = "first-stage recall of top-10"
@@ -76,54 +69,3 @@ def evaluate_features(
     recall.update({f"i2t_{k}": v for k, v in candidate_recall(sims, first).items()})
     results[FIRST_STAGE_RECALL] = recall
     return results
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="hat eval", description=__doc__)
-    parser.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder, or official-f30k / official-coco"
-    )
-    parser.add_argument("--data", required=True, help="Karpathy-split JSON")
-    parser.add_argument("--image-root", required=True, help="folder the JSON's paths start from")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--folds", type=int, default=1, help="also average over N image folds")
-    parser.add_argument(
-        "--group-by",
-        metavar="KEY",
-        help="also report the queries of each value of this image field (e.g. seen_concept)",
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--device", default=default_device())
-    parser.add_argument("--out", help="write the results as JSON here")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    start = time.perf_counter()
-    model, tokenizer = load_model(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
-    data = read_karpathy(args.data, args.image_root, args.split)
-    groups = karpathy_groups(args.data, args.split, args.group_by) if args.group_by else None
-    results = evaluate(
-        model, tokenizer, data, args.folds, args.batch_size, args.workers, True, groups
-    )
-    report = {
-        "checkpoint": str(args.checkpoint),
-        "data": str(args.data),
-        "split": args.split,
-        "num_images": data.num_images,
-        "num_captions": len(data.captions),
-        "seconds": round(time.perf_counter() - start, 1),
-        "results": results,
-    }
-    print(format_table(results))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
-    return report
-
-
-if __name__ == "__main__":
-    main()

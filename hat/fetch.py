@@ -14,7 +14,6 @@ asked for (``app.py``, ``hat search``, ``hat eval``, ``hat index build``), the n
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -166,44 +165,3 @@ def resolve_checkpoint(spec: str | Path, cache_dir: str | Path | None = None) ->
     if str(spec) in OFFICIAL and not Path(spec).exists():
         return fetch(str(spec), cache_dir)
     return Path(spec)
-
-
-def resolve_or_exit(spec: str | Path, prog: str) -> Path:
-    """:func:`resolve_checkpoint` for a command line: a failure ends it with the message."""
-    try:
-        return resolve_checkpoint(spec)
-    except FetchError as err:
-        raise SystemExit(f"{prog}: {err}") from err
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hat fetch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("name", choices=sorted(OFFICIAL), help="which official checkpoint")
-    parser.add_argument("--file", help="use this downloaded .ckpt instead of downloading it")
-    parser.add_argument(
-        "--cache", default=str(default_checkpoint_cache()), help="checkpoint cache directory"
-    )
-    parser.add_argument(
-        "--mirror", help=f"base URL of an HTTP copy of the files (default: ${MIRROR_ENV} or Drive)"
-    )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
-    try:
-        folder = fetch(
-            args.name, args.cache, file=args.file, mirror=args.mirror, progress=not args.quiet
-        )
-    except FetchError as err:
-        raise SystemExit(f"hat fetch: {err}") from err
-    source = json.loads((folder / SOURCE_NAME).read_text())
-    print(f"{args.name}: {folder} (from {source['file']}, sha256 {source['sha256']})")
-    return folder
-
-
-if __name__ == "__main__":
-    main()

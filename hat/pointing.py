@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from hat.alignment_maps import alignment_maps
 from hat.artifacts import display_peak, modified_z, outlier_tokens
-from hat.heatmaps import alignment_maps
 from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.transforms import eval_resize
 

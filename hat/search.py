@@ -13,13 +13,11 @@ gallery instead (small galleries, evaluation). The final ranking is always the H
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import faiss
@@ -30,20 +28,17 @@ from PIL import Image
 from hat.alignment import DEFAULT_BLOCK_ELEMENTS
 from hat.data.images import load_image
 from hat.factory import load_model
-from hat.fetch import resolve_or_exit
 from hat.gallery import (
     CacheError,
     Gallery,
     build_gallery,
     checkpoint_fingerprint,
     collection_from_spec,
-    default_cache_dir,
     default_device,
     open_gallery,
     run_in_pieces,
     search_index,
 )
-from hat.gallery.reader import MANIFEST
 from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
@@ -277,70 +272,3 @@ class Searcher:
         g = self.gallery
         results = [Hit(i, s, lv, g.paths[g.caption_image[i]], g.captions[i]) for i, s, lv in hits]
         return SearchResult(results, scored, timings)
-
-
-# ------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="hat search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--gallery",
-        required=True,
-        help="directory printed by hat index build; with --checkpoint, the images instead: a "
-        "folder (images/ and captions.json or .csv) or karpathy:JSON:IMAGE_ROOT:SPLIT",
-    )
-    parser.add_argument(
-        "--checkpoint",
-        help="checkpoint folder, or official-f30k / official-coco: build (or reopen) the gallery "
-        "of --gallery's images with it",
-    )
-    parser.add_argument(
-        "--cache", default=str(default_cache_dir()), help="gallery cache (with --checkpoint)"
-    )
-    query = parser.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="caption: find images")
-    query.add_argument("--image", help="image file: find captions of the caption bank")
-    parser.add_argument("-k", type=int, default=10, help="results to return")
-    parser.add_argument(
-        "--candidates", type=int, default=DEFAULT_CANDIDATES, help="first-stage candidates K"
-    )
-    parser.add_argument("--exact", action="store_true", help="score the whole gallery exactly")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    return parser
-
-
-def format_hits(result: SearchResult) -> str:
-    lines = []
-    for rank, hit in enumerate(result.hits, start=1):
-        levels = " ".join(f"{s:+.3f}" for s in hit.level_scores)
-        what = f"{hit.caption!r} ({hit.image})" if hit.caption is not None else hit.image
-        lines.append(f"{rank:>3}  {hit.score:+.4f}  [{levels}]  {what}")
-    times = "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())
-    lines.append(f"scored {result.scored} exactly; {times}")
-    return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> SearchResult:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.checkpoint and (Path(args.gallery) / MANIFEST).is_file():
-        parser.error(f"{args.gallery} is a built gallery: search it without --checkpoint")
-    if args.checkpoint:
-        checkpoint = resolve_or_exit(args.checkpoint, "hat search")
-        searcher = Searcher.build(checkpoint, args.gallery, args.cache, args.device)
-    else:
-        searcher = Searcher.open(args.gallery, args.device)
-    if args.text is not None:
-        result = searcher.text_to_image(args.text, args.k, args.candidates, args.exact)
-    else:
-        result = searcher.image_to_text(args.image, args.k, args.candidates, args.exact)
-    print(json.dumps(asdict(result), indent=1) if args.json else format_hits(result))
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -5,7 +5,7 @@ from the batch's HAT scores on detached features: HAT itself learns exactly as w
 
     hat train --data dataset_flickr30k.json --image-root flickr30k-images --out runs/f30k \\
         --pretrained-image hub --pretrained-text hub
-    torchrun --nproc_per_node 8 -m hat.train ...        # DistributedDataParallel
+    torchrun --nproc_per_node 8 -m hat train ...        # DistributedDataParallel
 
 The run folder gets ``last/`` (resumable, every epoch), ``best/`` (the model with the best
 validation R@1 i2t + R@1 t2i), ``metrics.jsonl`` (one JSON object per log line) and ``args.json``.
@@ -26,15 +26,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
-from hat.checkpoint import load_training_state, save_training_state
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import PairCollator, PairDataset
-from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
-from hat.evaluate import FIRST_STAGE_RECALL, default_device, evaluate
+from hat.distributed import DistInfo, replicas_in_sync
+from hat.evaluate import FIRST_STAGE_RECALL, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
 from hat.model import HATModel
+from hat.training_state import load_training_state, save_training_state
 from hat.transforms import train_transform
 
 
@@ -238,47 +238,3 @@ class Trainer:
             self.scheduler,
             self.progress,
         )
-
-
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="hat train", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    add = parser.add_argument
-    add("--model", default="hat-b", help="preset name (hat-b, hat-tiny) or a config JSON path")
-    add("--data", required=True, help="Karpathy-split JSON (dataset_flickr30k.json, ...)")
-    add("--image-root", required=True, help="folder the JSON's image paths start from")
-    add("--out", required=True, help="run folder")
-    add("--train-split", default="train")
-    add("--val-split", default="val", help="'' to skip validation")
-    add("--restval", action="store_true", help="add MSCOCO's restval images to train")
-    add("--pretrained-image", help="'hub' (timm, by name) or a local weights file")
-    add("--pretrained-text", help="'hub' (HF, by name) or a local HF model folder")
-    add("--tokenizer", help="tokenizer folder or name (default: the text backbone's)")
-    add("--epochs", type=int, default=30)
-    add("--batch-size", type=int, default=58, help="per process")
-    add("--lr", type=float, default=1e-4)
-    add("--lr-step", type=int, default=10, help="StepLR step in epochs")
-    add("--lr-gamma", type=float, default=0.1)
-    add("--freeze-epochs", type=int, default=10, help="epochs with frozen backbones")
-    add("--workers", type=int, default=4)
-    add("--seed", type=int, default=0)
-    add("--device", default=default_device(), choices=["cpu", "cuda"])
-    add("--no-amp", action="store_true", help="disable mixed precision on CUDA")
-    add("--skip-bad", action="store_true", help="skip unreadable images and count them")
-    add("--resume", help="a run's last/ folder to continue from")
-    add("--log-every", type=int, default=20)
-    add("--max-steps-per-epoch", type=int, default=0, help="cap steps per epoch (smoke runs)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    dist_info = init_distributed(args.device)
-    try:
-        return Trainer(args, dist_info).run()
-    finally:
-        cleanup(dist_info)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Build Qt ``.rcc`` resource archives in memory, for tests of the rcc reader and its users.
 
-Written from Qt's rcc format, independently of ``hat.data.qt_resources``: a ``qres`` header,
+Written from Qt's rcc format, independently of ``hat.demo_build.qt_resources``: a ``qres`` header,
 a tree of fixed-size nodes (directories' children on consecutive indices), a names region
 (u16 length, u32 hash, UTF-16-BE) and a data region (u32 length + bytes; zlib-compressed
 files carry Qt's 4-byte big-endian uncompressed size in front of the zlib stream).

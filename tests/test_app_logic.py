@@ -14,10 +14,9 @@ from PIL import Image
 
 from hat import create_model
 from hat.demo import InputError
-from hat.demo.captions import MAX_CAPTION_CHARS, clean_caption
+from hat.demo.caption_input import MAX_CAPTION_CHARS, clean_caption
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
-from hat.demo.examples import choose_examples, spread
-from hat.demo.heatmap import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
+from hat.demo.rendering import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
     MAX_IMAGE_BYTES,
     MAX_ZIP_MEMBERS,
@@ -26,6 +25,7 @@ from hat.demo.uploads import (
     safe_member_path,
     write_captions,
 )
+from hat.demo_build.examples import choose_examples, spread
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 

@@ -10,15 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.convert import (
-    CheckpointReadError,
-    ConversionError,
-    convert_state_dict,
-    extract_state_dict,
-    main,
-    read_checkpoint,
-)
+from hat.cli.convert import main
+from hat.convert import ConversionError, convert_state_dict, extract_state_dict
 from hat.factory import load_model
+from hat.safe_load import CheckpointReadError, read_checkpoint
 from hat.tokenization import tokenize
 
 MANIFEST = (

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hat.data.captions import CaptionedImages
-from hat.demo_recipe import CachedSplit, PairSampler, merge_splits
+from hat.demo_build.recipe import CachedSplit, PairSampler, merge_splits
 from hat.metrics import retrieval_metrics
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from hat.backbones import dinov2_onnx as d
+from hat.demo_build import dinov2_onnx as d
 
 FINAL_TOKENS = "/backbone/layernorm/Add_1_output_0"  # backbone output, before the saliency decoder
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)[:, None, None]

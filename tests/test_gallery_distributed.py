@@ -132,7 +132,7 @@ def test_torchrun_build_equals_one_process_and_reuses_images(tiny_checkpoint, tm
 FAILING_RANK = """
 import os, sys
 import hat.gallery.builder as builder
-from hat.index_cli import main
+from hat.cli.index import main
 
 encode = builder.encode_segment
 

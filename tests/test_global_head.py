@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hat.data.captions import read_karpathy
-from hat.demo_recipe import Schedule, cache_split, evaluate_cached, train_global_head
+from hat.demo_build.recipe import Schedule, cache_split, evaluate_cached, train_global_head
 from hat.evaluate import FIRST_STAGE_RECALL
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.pooling import pool_words

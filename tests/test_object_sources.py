@@ -1,5 +1,5 @@
-"""Tests for the named-object readers (``hat.data.sources``) and the package fetcher
-(``hat.data.packages``) on tiny fake copies of the Debian and npm packages."""
+"""Tests for the named-object readers (``hat.demo_build.sources``) and the package fetcher
+(``hat.demo_build.packages``) on tiny fake copies of the Debian and npm packages."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from hat.data import packages, sources
+from hat.demo_build import packages, sources
 from tests.rcc_fixture import build_rcc
 
 

@@ -1,4 +1,4 @@
-"""Tests for the object datasets (``hat.data.objects``): naming helpers, view rendering, the
+"""Tests for the object datasets (``hat.demo_build.objects``): naming helpers, view rendering, the
 composited training set and the real-photo evaluation set, read back by the dataset readers."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hat.data import objects
+from hat.cli.data import main as data_main
 from hat.data.captions import karpathy_groups, read_karpathy
-from hat.data.cli import main as data_main
-from hat.data.sources import LabelledImage
+from hat.demo_build import objects
+from hat.demo_build.sources import LabelledImage
 
 RED = (220, 20, 20)
 BLUE = (20, 40, 220)

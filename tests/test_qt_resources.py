@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hat.data.qt_resources import QtResourceArchive, ResourceFormatError
+from hat.demo_build.qt_resources import QtResourceArchive, ResourceFormatError
 from tests.rcc_fixture import build_rcc
 
 FILES = {

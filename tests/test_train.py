@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from hat.cli.train import main as train_main
 from hat.data.captions import read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.evaluate import evaluate
 from hat.loss import training_loss
-from hat.train import main as train_main
 from hat.train import set_backbones_trainable, trainable_parameters
 from hat.transforms import eval_transform
 
@@ -113,7 +113,7 @@ def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
         [
             sys.executable,
             "-m",
-            "hat.cli",
+            "hat",
             "eval",
             "--checkpoint",
             str(out / "best"),
@@ -161,7 +161,8 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(synthetic_dataset, tmp_p
         "--master_port",
         "29517",
         "-m",
-        "hat.train",
+        "hat",
+        "train",
         *_train_args(json_path, root, out, 2, ["--val-split", ""]),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from hat.data import packages
-from hat.data import tuxpaint_scenes as tps
+from hat.cli.data import main as data_main
+from hat.demo_build import packages
+from hat.demo_build import tuxpaint_scenes as tps
 
 SIZES = {"train": 30, "val": 6, "test": 6, "test_unseen": 10}
 HELDOUT = 0.3
@@ -212,7 +213,7 @@ def test_demo_gallery(built: Path, tmp_path: Path) -> None:
 
 def test_main_builds_both_sets(package: Path, tmp_path: Path, capsys) -> None:
     sizes = ["--train", "3", "--val", "1", "--test", "1", "--test-unseen", "2"]
-    assert tps.main(["--out", str(tmp_path), "--stamps-root", str(package), *sizes]) == 0
+    data_main(["tuxpaint", "--out", str(tmp_path), "--stamps-root", str(package), *sizes])
     assert len(_load(tmp_path)["images"]) == 7
     assert len(_load(tmp_path, tps.STAMPS_JSON)["images"]) == len(STAMPS)
     assert "stamps kept 10" in capsys.readouterr().out

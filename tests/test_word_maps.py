@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
+from hat.alignment_maps import alignment_maps
 from hat.artifacts import display_peak, modified_z, outlier_tokens
 from hat.demo import InputError
 from hat.demo.pairmaps import MINOR_MARK, PairMaps, region_view, word_view
 from hat.demo.wordmaps import PANEL, colour_ranges, mark_region, region_cell, word_map
 from hat.demo.words import Word, group_pieces, word_weights
-from hat.heatmaps import alignment_maps
 from hat.tokenization import tokenize
 
 

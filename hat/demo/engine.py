@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hat.alignment_maps import LevelMaps, alignment_maps
 from hat.data.images import ImageLoadError, load_image
 from hat.demo import InputError
 from hat.demo.builtin import REBUILDING, BuiltinGallery
-from hat.demo.captions import clean_caption
-from hat.demo.heatmap import model_view, render_grid
+from hat.demo.caption_input import clean_caption
 from hat.demo.pairmaps import VIEW, PairMaps
+from hat.demo.rendering import model_view, render_grid
 from hat.demo.uploads import collect_uploads, write_captions
 from hat.demo.words import group_pieces
 from hat.factory import load_model
@@ -39,7 +40,6 @@ from hat.gallery import (
     default_device,
     folder_collection,
 )
-from hat.heatmaps import LevelMaps, alignment_maps
 from hat.model import ImageFeatures
 from hat.owners import Owner, sweep
 from hat.search import Hit, Searcher, SearchResult

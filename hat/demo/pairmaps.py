@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from hat.alignment_maps import LevelMaps
 from hat.demo import InputError
 from hat.demo.wordmaps import mark_region, region_weights, render_region_words, render_word_levels
 from hat.demo.words import Word
-from hat.heatmaps import LevelMaps
 
 VIEW = 448  # pixels of the model's crop shown for picking a region
 MINOR_MARK = "\u2009"  # a thin space ends a minor word's chip label; the page's CSS greys it

@@ -21,10 +21,10 @@ from typing import BinaryIO
 from hat.data.captions import DatasetFormatError, read_captions_file
 from hat.data.images import IMAGE_EXTENSIONS
 from hat.demo import InputError
-from hat.demo.captions import clean_caption
+from hat.demo.caption_input import clean_caption
 
 MB = 1 << 20
-MAX_IMAGES = 500  # encoding 500 images takes a few minutes on two CPU cores
+MAX_IMAGES = 500  # an upload is encoded while its visitor waits, on CPUs every visitor shares
 MAX_ZIP_MEMBERS = 2000
 MAX_IMAGE_BYTES = 32 * MB
 MAX_TOTAL_BYTES = 256 * MB

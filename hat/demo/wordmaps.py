@@ -1,4 +1,4 @@
-"""The maps page's two readable views of one pair's attention α (see :mod:`hat.heatmaps`).
+"""The maps page's two readable views of one pair's attention α (see :mod:`hat.alignment_maps`).
 
 * Word first: one word's map at every level, side by side and large, on one colour scale across
   the levels (or each level on its own), with a colour bar that gives the range in α.
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from hat.demo.heatmap import BACKGROUND, INK, _fit, _font, colormap, overlay, scale, smooth
+from hat.alignment_maps import LevelMaps
+from hat.demo.rendering import BACKGROUND, INK, _fit, _font, colormap, overlay, scale, smooth
 from hat.demo.words import Word, word_weights
-from hat.heatmaps import LevelMaps
 
 PANEL = 336  # pixels per level's map (readable: the 16 × 16 cells are 21 px each)
 PAD = 16

@@ -14,11 +14,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hat.checkpoint import STATE_NAME, TENSORS_NAME
 from hat.data.captions import CaptionedImages, read_folder, read_karpathy
 from hat.fileio import sha256_file
 from hat.gallery.codecs import PRECISIONS
 from hat.gallery.first_stage import EMBEDDING, FLAT_INDEX_MAX
+from hat.training_state import STATE_NAME, TENSORS_NAME
 
 # 2: per-row xxh3 digests of the features; xxh3 instead of sha256 per file.
 # pq (format 2 too) adds codes and trained codebooks per level; other precisions are unchanged.

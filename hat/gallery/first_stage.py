@@ -5,9 +5,10 @@ The final ranking is always the HAT score; this stage only has to keep the exact
 among its K candidates (benchmarks/retrieval_quality.py measures how often it does). Up to
 ``FLAT_INDEX_MAX`` vectors the index is an exact scan, whose cost grows with the gallery; above,
 an inverted-file index (IVF) scans only the ``IVF_PROBES`` lists nearest the query. IVF was
-chosen over HNSW because it builds in minutes at a million vectors on a small CPU, where HNSW
-takes far longer, and because it keeps the exact scan's recall at a small fixed number of
-probes (benchmarks/million_gallery.py measures both against the exact top-100).
+chosen over HNSW because building it is one k-means on a sample and one pass that files every
+vector in a list, where HNSW links every vector into a graph one search at a time, and because
+a small fixed number of probes keeps close to the exact scan's recall
+(benchmarks/million_gallery.py measures both against the exact top-100).
 """
 
 from __future__ import annotations

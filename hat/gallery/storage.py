@@ -3,8 +3,8 @@
 A segment holds the features of one encoding run and is never modified after it is written, so
 later galleries can share it through hard links. Every row (an image's region features of all
 levels; a caption's tokens) has an xxh3 digest, written with it, and a read checks the digest of
-exactly the rows it gathers: bytes changed on disk are never served, at well under a millisecond
-per query (benchmarks/row_checks.py), where opening only checks file sizes.
+exactly the rows it gathers: bytes changed on disk are never served, and a query pays only for
+hashing its own candidates (benchmarks/row_checks.py measures it); opening only checks file sizes.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ def _npy(path: Path) -> np.ndarray:
 def _prefetch(array: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None:
     """Ask the kernel to read these row ranges of a memory-mapped array now, all at once.
 
-    Touching rows that are not in the page cache faults them in one page at a time: 100 cold
-    candidates took ~1 s, with this ~40 ms (the reads overlap). Rows already cached cost nothing.
+    Touching rows that are not in the page cache faults them in one page at a time, each read
+    waiting for the one before; asked for all at once, the reads overlap. Rows already cached
+    cost nothing.
     Only a hint: a file removed meanwhile (a damaged gallery discarded) is still mapped and read.
     """
     if not isinstance(array, np.memmap) or not hasattr(os, "posix_fadvise"):

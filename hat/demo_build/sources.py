@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from hat.data.qt_resources import QtResourceArchive
+from hat.demo_build.qt_resources import QtResourceArchive
 
 SWEETHOME3D_SUBDIR = Path("usr/share/sweethome3d/furniture")
 ART4APPS_SUBDIR = Path("usr/share/games/pysiogame/res/images/art4apps")

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from hat.alignment_maps import alignment_maps
 from hat.artifacts import outlier_tokens
-from hat.heatmaps import alignment_maps
 from hat.pointing import (
     artifact_pointing,
     grounded_tokens,

@@ -19,15 +19,12 @@ Layout of the output folder::
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import math
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hat.data.packages import fetch_deb
+from hat.demo_build.karpathy_files import karpathy_image, save_jpeg, write_json
+from hat.demo_build.packages import fetch_deb
 
 PACKAGE = "tuxpaint-stamps-default"
 LICENSE = "GPL-2+"
@@ -72,7 +70,6 @@ ALPHA_MIN = 16
 STAMP_MAX_SIDE = 256
 # Tiny icons (a 12x36 music rest) turn to blur when blown up further than this.
 MAX_UPSCALE = 3.0
-JPEG_QUALITY = 90
 STAMP_SET_BACKGROUND = (230, 230, 230)
 STAMP_SET_FILL = 0.8
 # Longest side of a pasted stamp as a fraction of the image side, by object count.
@@ -540,11 +537,6 @@ def render_caption(parts: Sequence[Part], descriptions: Sequence[str]) -> tuple[
     return raw, groundings
 
 
-def tokenize(raw: str) -> list[str]:
-    """Karpathy-style tokens: lower-case words without punctuation."""
-    return re.findall(r"[^\W_]+", raw.lower())
-
-
 def pick_captions(
     rng: random.Random,
     templates: list[list[Part]],
@@ -607,43 +599,6 @@ def make_scene(
     return Scene(image, record)
 
 
-def _karpathy_image(record: dict, filename: str, split: str, imgid: int, first_sentid: int) -> dict:
-    captions = record["captions"]
-    sentids = list(range(first_sentid, first_sentid + len(captions)))
-    entry = {
-        "filename": filename,
-        "filepath": "",
-        "imgid": imgid,
-        "split": split,
-        "sentids": sentids,
-        "sentences": [
-            {"raw": raw, "tokens": tokenize(raw), "imgid": imgid, "sentid": sid, "groundings": g}
-            for sid, (raw, g) in zip(sentids, captions, strict=True)
-        ],
-    }
-    entry.update({k: v for k, v in record.items() if k != "captions"})
-    return entry
-
-
-def _save_jpeg(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, "JPEG", quality=JPEG_QUALITY)
-
-
-def _write_json(obj: dict, path: Path) -> None:
-    """Atomic write, so a reader never sees a half-written dataset file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, separators=(",", ":"))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dataset file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _source_info(scan: StampScan, seen: Sequence[Stamp], held: Sequence[Stamp]) -> dict:
     return {
         "package": PACKAGE,
@@ -704,8 +659,8 @@ def build_scenes(
             scene = make_scene(rng, deck, len(pool), image_size, used)
             used.update(raw for raw, _ in scene.record["captions"])
             filename = f"{split}/{index:06d}.jpg"
-            _save_jpeg(scene.image, out_dir / "images" / filename)
-            entry = _karpathy_image(scene.record, filename, split, len(images), sentid)
+            save_jpeg(scene.image, out_dir / "images" / filename)
+            entry = karpathy_image(scene.record, filename, split, len(images), sentid)
             sentid += len(entry["sentids"])
             images.append(entry)
     _copy_license(stamps_root, out_dir)
@@ -717,7 +672,7 @@ def build_scenes(
         "images": images,
     }
     path = out_dir / SCENES_JSON
-    _write_json(dataset, path)
+    write_json(dataset, path)
     return path
 
 
@@ -745,7 +700,7 @@ def build_stamp_set(
         bx0, by0, bx1, by1 = cutout.getchannel("A").getbbox() or (0, 0, 1, 1)
         placed = Placed(stamp, cutout, (x, y), (x + bx0, y + by0, x + bx1, y + by1))
         filename = f"stamps/{stamp.id}.jpg"
-        _save_jpeg(
+        save_jpeg(
             compose(np.ascontiguousarray(background), [placed]), out_dir / "images" / filename
         )
         caption = render_caption([0], [stamp.description])
@@ -757,7 +712,7 @@ def build_stamp_set(
             "background": "plain light-gray",
             "unseen": stamp.id in heldout_ids,
         }
-        images.append(_karpathy_image(record, filename, "test", imgid, imgid))
+        images.append(karpathy_image(record, filename, "test", imgid, imgid))
     _copy_license(stamps_root, out_dir)
     dataset = {
         "dataset": "tuxpaint_stamps",
@@ -767,7 +722,7 @@ def build_stamp_set(
         "images": images,
     }
     path = out_dir / STAMPS_JSON
-    _write_json(dataset, path)
+    write_json(dataset, path)
     return path
 
 
@@ -814,49 +769,40 @@ def build_demo_gallery(
     (out_dir / "captions.json").write_text(json.dumps(captions, indent=1) + "\n", encoding="utf-8")
     gallery = {**dataset, "dataset": f"{dataset['dataset']}_gallery", "images": images}
     path = out_dir / GALLERY_JSON
-    _write_json(gallery, path)
+    write_json(gallery, path)
     return path
 
 
-# ------------------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- whole dataset
 
 
 def _folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="hat data tuxpaint",
-        description=f"Build the Tux Paint Scenes dataset (Karpathy format) from Debian {PACKAGE}.",
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the .deb is kept")
-    parser.add_argument("--stamps-root", type=Path, help="an already unpacked stamps folder")
-    parser.add_argument("--heldout-fraction", type=float, default=0.15)
-    for split, default in DEFAULT_SIZES.items():
-        parser.add_argument(f"--{split.replace('_', '-')}", type=int, default=default, dest=split)
-    parser.add_argument("--gallery", type=Path, help="also write a small test gallery here")
-    args = parser.parse_args(argv)
-
+def build_dataset(
+    out: Path,
+    seed: int = 0,
+    cache: Path = DEFAULT_CACHE,
+    stamps_root: Path | None = None,
+    heldout_fraction: float = 0.15,
+    sizes: dict[str, int] | None = None,
+    gallery: Path | None = None,
+) -> None:
+    """What ``hat data tuxpaint`` writes: the scenes, the stamp set and, with ``gallery``, a
+    small test gallery; prints what was kept and written."""
     start = time.perf_counter()
-    stamps_root = args.stamps_root or fetch_stamps_package(args.cache)
+    stamps_root = stamps_root or fetch_stamps_package(cache)
     scan = scan_stamps(stamps_root)
-    sizes = {split: getattr(args, split) for split in DEFAULT_SIZES}
-    scenes = build_scenes(stamps_root, args.out, args.seed, sizes, args.heldout_fraction, scan=scan)
-    stamps = build_stamp_set(stamps_root, args.out, args.seed, args.heldout_fraction, scan=scan)
-    if args.gallery:
-        build_demo_gallery(scenes, args.gallery)
+    sizes = sizes or DEFAULT_SIZES
+    scenes = build_scenes(stamps_root, out, seed, sizes, heldout_fraction, scan=scan)
+    stamps = build_stamp_set(stamps_root, out, seed, heldout_fraction, scan=scan)
+    if gallery:
+        build_demo_gallery(scenes, gallery)
     dropped = {reason: len(ids) for reason, ids in sorted(scan.dropped.items())}
     print(
         f"stamps kept {len(scan.kept)}, dropped {sum(dropped.values())} {dropped}, "
         f"SVG-only skipped {scan.svg_without_png}\n"
         f"scenes {sizes} -> {scenes}\nstamp set {len(scan.kept)} -> {stamps}\n"
-        f"{_folder_mb(Path(args.out)):.1f} MB in {time.perf_counter() - start:.1f} s"
+        f"{_folder_mb(Path(out)):.1f} MB in {time.perf_counter() - start:.1f} s"
     )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hat.heatmaps import LevelMaps
+from hat.alignment_maps import LevelMaps
 from hat.transforms import eval_resize
 
 # Viridis at nine evenly spaced points (matplotlib's table, rounded): dark blue → yellow.
@@ -127,7 +127,7 @@ def render_grid(
 ) -> Image.Image:
     """The grid of alignment maps of one image–caption pair.
 
-    ``levels`` come from :func:`hat.heatmaps.alignment_maps`, ``words`` label their word maps,
+    ``levels`` come from :func:`hat.alignment_maps.alignment_maps`, ``words`` label their word maps,
     ``row_labels`` holds a few short lines per level, ``crop`` is the model's input size.
     """
     view = np.asarray(model_view(image, crop, cell))

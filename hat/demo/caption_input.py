@@ -1,8 +1,8 @@
 """Caption clean-up for queries and uploaded caption files: plain text, bounded, never markup.
 
 Captions are only ever shown as plain text (text boxes, tables, pixels of a picture), so HTML in a
-caption stays literal; here they lose control and format characters and are cut to a length that
-a tokenizer handles in microseconds.
+caption stays literal; here they lose control and format characters and are cut to a bounded
+length, so that no caption can make tokenizing (or anything after it) slow.
 """
 
 from __future__ import annotations

@@ -31,11 +31,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from hat.backbones.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.data.loader import ImageDataset, collate_images
-from hat.data.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
+from hat.demo_build.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
+from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
 from hat.evaluate import FIRST_STAGE_RECALL, evaluate_features
 from hat.factory import create_model
 from hat.fileio import atomic_write_text
@@ -154,7 +154,7 @@ def merge_splits(first: CachedSplit, second: CachedSplit) -> CachedSplit:
     """One training set of two cached ones (caption tokens padded to the longer width).
 
     Consumes both: their tensors are released level by level as the merged ones are built, so
-    memory peaks near one copy of the data (the two training sets take ~8 GB in fp16).
+    memory peaks near one copy of the data (the two training sets are the build's largest tensors).
     """
     width = max(first.text_mask.shape[1], second.text_mask.shape[1])
 
@@ -399,8 +399,8 @@ def cache_all(
     """Cache every split the recipe needs: both training sets, and the first ``eval_images`` of
     the others (``dirs``: "scenes" and "objects" data folders).
 
-    Exact HAT scoring costs O(images × captions): on 2 CPU cores a 500-image split (1.25 M
-    pairs) takes minutes, a 1000-image one four times as long.
+    Exact HAT scoring costs O(images × captions): twice the images make four times the work,
+    which is why the evaluation splits are cut to their first ``eval_images``.
     """
     sets = {
         "train": ("scenes", SCENES_JSON, "train"),
@@ -515,13 +515,13 @@ def evaluate_variant(
 
 def ensure_data(dirs: dict[str, Path], seed: int) -> None:
     if not (dirs["scenes"] / SCENES_JSON).is_file():
-        from hat.data import tuxpaint_scenes
+        from hat.demo_build import tuxpaint_scenes
 
-        tuxpaint_scenes.main(["--out", str(dirs["scenes"]), "--seed", str(seed)])
+        tuxpaint_scenes.build_dataset(dirs["scenes"], seed)
     if not (dirs["objects"] / OBJECTS_JSON).is_file():
-        from hat.data import objects
+        from hat.demo_build import objects
 
-        objects.main(["--out", str(dirs["objects"]), "--seed", str(seed)])
+        objects.build_dataset(dirs["objects"], seed=seed)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -710,32 +710,3 @@ def pointing_report(model, tokenizer, data_dir: Path, name: str, cached: CachedS
     images, texts = head_features(model, cached, *everything)
     entries = split_entries(data_dir / file, split)[: cached.data.num_images]
     return pointing_game(model, tokenizer, entries, data_dir / "images", images, texts)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="hat build-demo", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--config", default="hat-tuxpaint")
-    parser.add_argument("--data", default="data/tuxpaint", help="Tux Paint Scenes folder")
-    parser.add_argument(
-        "--objects", default="data/objects", help="object and real-photo sets (hat data objects)"
-    )
-    parser.add_argument("--work", default="data/demo-work", help="feature cache and logs")
-    parser.add_argument("--out", default="checkpoints/hat-tuxpaint")
-    parser.add_argument("--reports", default="reports")
-    parser.add_argument("--eval-images", type=int, default=500, help="images per report split")
-    parser.add_argument("--val-images", type=int, default=100, help="images for model selection")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument(
-        "--ablation-epochs",
-        type=int,
-        default=3,
-        help="epochs of each training-data ablation (0: none)",
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--head-epochs", type=int, default=8, help="global head alone, after")
-    parser.add_argument("--head-batch-size", type=int, default=128)
-    parser.add_argument("--head-lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    return run(parser.parse_args(argv))

@@ -18,8 +18,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from hat.cli.fetch import resolve_or_exit
 from hat.distributed import cleanup, init_distributed
-from hat.fetch import resolve_or_exit
 from hat.gallery import (
     PRECISIONS,
     BuildSettings,
@@ -144,7 +144,3 @@ def main(argv: list[str] | None = None) -> Gallery:
         info = summary(gallery)
         print(json.dumps(info, indent=1) if args.json else format_summary(info))
     return gallery
-
-
-if __name__ == "__main__":
-    main()

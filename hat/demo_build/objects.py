@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import random
@@ -26,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from hat.data import sources
-from hat.data import tuxpaint_scenes as tps
-from hat.data.packages import DEFAULT_CACHE, fetch_deb, fetch_npm
+from hat.demo_build import sources
+from hat.demo_build import tuxpaint_scenes as tps
+from hat.demo_build.karpathy_files import karpathy_image, save_jpeg, write_json
+from hat.demo_build.packages import DEFAULT_CACHE, fetch_deb, fetch_npm
 
 OBJECTS_JSON = "dataset_objects.json"
 REAL_PHOTOS_JSON = "dataset_real_photos.json"
@@ -254,7 +254,7 @@ def build_object_set(
             view, box, background = render_view(picture, rng, photo=photo)
             captions = object_captions(item.name, item.category, box, background, IMAGE_SIZE)
             filename = f"objects/{item.source}/{_safe(item.key)}-{view_index}.jpg"
-            tps._save_jpeg(view.convert("RGB"), out_dir / "images" / filename)
+            save_jpeg(view.convert("RGB"), out_dir / "images" / filename)
             record = {
                 "captions": [(c, []) for c in captions],
                 "name": item.name,
@@ -264,7 +264,7 @@ def build_object_set(
                 "view": view_index,
                 "background_kind": "none" if box is None else "photo" if photo else "procedural",
             }
-            entry = tps._karpathy_image(record, filename, "train", len(images), sentid)
+            entry = karpathy_image(record, filename, "train", len(images), sentid)
             sentid += len(captions)
             images.append(entry)
     dataset = {
@@ -275,7 +275,7 @@ def build_object_set(
         "images": images,
     }
     path = out_dir / OBJECTS_JSON
-    tps._write_json(dataset, path)
+    write_json(dataset, path)
     return path
 
 
@@ -327,7 +327,7 @@ def build_real_photo_set(
         picture = _decode(item.data).convert("RGB")
         picture.thumbnail((384, 384), Image.Resampling.LANCZOS)
         filename = f"real/{item.source}/{_safe(item.key)}.jpg"
-        tps._save_jpeg(picture, out_dir / "images" / filename)
+        save_jpeg(picture, out_dir / "images" / filename)
         record = {
             "captions": [(photo_caption(item), [])],
             "name": item.name,
@@ -337,14 +337,14 @@ def build_real_photo_set(
             "credit": item.credit,
             "seen_concept": concept(item.name) in known,
         }
-        images.append(tps._karpathy_image(record, filename, "test", imgid, imgid))
+        images.append(karpathy_image(record, filename, "test", imgid, imgid))
     dataset = {
         "dataset": "hat_real_photos",
         "note": "evaluation only: never train, tune or select on it",
         "images": images,
     }
     path = out_dir / REAL_PHOTOS_JSON
-    tps._write_json(dataset, path)
+    write_json(dataset, path)
     return path
 
 
@@ -374,7 +374,7 @@ def add_photos_to_gallery(items: Sequence[sources.LabelledImage], gallery: Path)
         picture = _decode(item.data).convert("RGB")
         picture.thumbnail((384, 384), Image.Resampling.LANCZOS)
         key = f"photos/{_safe(item.key)}.jpg"
-        tps._save_jpeg(picture, gallery / "images" / key)
+        save_jpeg(picture, gallery / "images" / key)
         captions[key] = [photo_caption(item)]
         credit = ", ".join(x for x in (item.licence, item.credit) if x).replace("|", "/")
         lines.append(f"| `{key}` | {item.name} | {credit} |")
@@ -383,29 +383,26 @@ def add_photos_to_gallery(items: Sequence[sources.LabelledImage], gallery: Path)
     return len(items)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hat data objects", description=__doc__)
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="unpacked packages")
-    parser.add_argument("--views", type=int, default=2, help="training views per object")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--gallery", type=Path, help="also add the GCompris photos to this demo gallery folder"
-    )
-    args = parser.parse_args(argv)
+def build_dataset(
+    out: Path,
+    cache: Path = DEFAULT_CACHE,
+    views: int = 2,
+    seed: int = 0,
+    gallery: Path | None = None,
+) -> None:
+    """What ``hat data objects`` writes: the object set, the real-photo set and, with ``gallery``,
+    the GCompris photos added to that demo gallery folder; prints what was written."""
     start = time.perf_counter()
-    items = training_items(args.cache, args.seed)
-    photos = photo_backgrounds(args.cache)
-    objects = build_object_set(items, args.out, args.views, args.seed, photos)
+    items = training_items(cache, seed)
+    photos = photo_backgrounds(cache)
+    objects = build_object_set(items, out, views, seed, photos)
     concepts = json.loads(objects.read_text(encoding="utf-8"))["concepts"]
-    real = real_photo_items(args.cache)
-    photos = build_real_photo_set(real, concepts, args.out)
-    if args.gallery:
+    real = real_photo_items(cache)
+    photos = build_real_photo_set(real, concepts, out)
+    if gallery:
         shipped = [item for item in real if item.source == "gcompris"]
-        print(f"{add_photos_to_gallery(shipped, args.gallery)} photos -> {args.gallery}")
+        print(f"{add_photos_to_gallery(shipped, gallery)} photos -> {gallery}")
     print(
-        f"{len(items)} training objects ({len(concepts)} concepts) x {args.views} views -> "
+        f"{len(items)} training objects ({len(concepts)} concepts) x {views} views -> "
         f"{objects}\nreal photos -> {photos} in {time.perf_counter() - start:.0f} s"
     )
-    return 0

@@ -1,6 +1,6 @@
 """Choose the demo page's examples: queries the shipped model answers correctly, by a fixed rule.
 
-``python -m hat.demo.examples --checkpoint checkpoints/hat-tuxpaint --gallery assets/gallery``
+``python -m hat.cli.examples --checkpoint checkpoints/hat-tuxpaint --gallery assets/gallery``
 writes ``examples.json`` into the gallery folder. For each kind of gallery image (a path prefix:
 the real photos, the scenes) it keeps the captions whose own image the two-stage search ranks
 first, and the images whose first caption is one of their own, then takes a few spread evenly
@@ -10,14 +10,8 @@ many of each kind passed, which is also a quick check of the model on its own ga
 
 from __future__ import annotations
 
-import argparse
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
-from hat.factory import load_model
-from hat.gallery import build_gallery
-from hat.gallery.collection import collection_from_spec
 from hat.search import Searcher
 
 DEFAULT_KINDS = ("photos/", "test/")
@@ -62,33 +56,3 @@ def choose_examples(searcher: Searcher, per_kind: int = 3, kinds: Sequence[str] 
         chosen["captions"] += spread(captions, per_kind)
         chosen["images"] += spread(images, per_kind)
     return chosen, counts
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m hat.demo.examples", description=__doc__)
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--gallery", required=True, help="a gallery folder (images/, captions)")
-    parser.add_argument("--cache", default=None, help="gallery cache folder")
-    parser.add_argument("--per-kind", type=int, default=3)
-    parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS))
-    args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.checkpoint)
-    collection = collection_from_spec(args.gallery)
-    gallery = build_gallery(
-        args.checkpoint, collection, args.cache, model=model, tokenizer=tokenizer, progress=True
-    )
-    searcher = Searcher(gallery, model, tokenizer)
-    chosen, counts = choose_examples(searcher, args.per_kind, args.kinds)
-    out = Path(args.gallery) / "examples.json"
-    out.write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")
-    for kind, count in counts.items():
-        print(
-            f"{kind}: {count['text_to_image']} of {count['images']} captions find their image "
-            f"first, {count['image_to_text']} images their caption"
-        )
-    print(f"wrote {out}")
-    return {"chosen": chosen, "counts": counts}
-
-
-if __name__ == "__main__":
-    main()

@@ -1,1 +1,0 @@
-"""Image backbones rebuilt from offline sources (no model hub needed)."""
