@@ -6,8 +6,7 @@ Defaults come from HAT_CHECKPOINT, HAT_GALLERY and HAT_CACHE, else checkpoints/h
 assets/gallery and the retrieval engine's cache. The checkpoint may be official-f30k or
 official-coco (the paper's models, fetched and converted on first use: `hat fetch`); the gallery
 may be karpathy:JSON:IMAGE_ROOT:SPLIT (a Karpathy split with its captions). The logic lives in
-hat/demo/; this file wires it to components and names the API endpoints (see README, "The demo
-app").
+hat/demo/; this file wires it to components and names the API endpoints (see docs/app.md).
 """
 
 from __future__ import annotations

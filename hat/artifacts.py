@@ -11,7 +11,8 @@ the level norm and projection): a region is an outlier when its modified z-score
 median and MAD over the image's regions, so one image's outliers do not depend on other images).
 The score is never changed. The maps outline the outliers and, on request, leave them out of the
 colour range; by default they stay in it, because on the demo checkpoint's levels the outliers
-mostly lie on the objects, not the background (figures: README, reports/artifact_tokens.json).
+mostly lie on the objects, not the background (figures: reports/README.md and
+reports/artifact_tokens.json).
 """
 
 from __future__ import annotations

@@ -83,7 +83,8 @@ class HATConfig:
 
     @property
     def level_names(self) -> list[str]:
-        """Human-readable name per level, e.g. ``stage 1 ↔ layer 4``, for logs and heatmaps."""
+        """Human-readable name per level, e.g. ``image 4 ↔ text 2`` (image block or stage and
+        text layer, numbered as in docs/model.md), for logs and heatmaps."""
         return [
             f"image {i} ↔ text {t}"
             for i, t in zip(self.image_levels, self.text_levels, strict=True)

@@ -85,7 +85,7 @@ def _projection_rules() -> list[Rule]:
                     rf"{modality}_proj.{level}.\1",
                     LOAD,
                     f"{official} → {modality}_proj.{level} "
-                    f"(level {level}: Swin stage {stage} ↔ BERT layer {layer})",
+                    f"(level {level + 1}: Swin stage {stage} ↔ BERT layer {layer})",
                 )
             )
     return rules

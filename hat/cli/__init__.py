@@ -13,7 +13,7 @@ import sys
 COMMANDS = {
     "train": ("hat.cli.train", "train a model (torchrun-ready)"),
     "eval": ("hat.cli.eval", "R@1/5/10, RSUM and ranks of a checkpoint on a Karpathy split"),
-    "data": ("hat.cli.data", "build datasets: synthetic shapes, Tux Paint Scenes"),
+    "data": ("hat.cli.data", "build datasets: synthetic shapes, Tux Paint Scenes, objects"),
     "index": ("hat.cli.index", "build a search gallery: cached features + faiss index"),
     "search": ("hat.cli.search", "text -> image / image -> text search in a built gallery"),
     "convert": ("hat.cli.convert", "official LuminosityX/HAT .ckpt -> a hat-b checkpoint folder"),
