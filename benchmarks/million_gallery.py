@@ -55,6 +55,7 @@ from hat.gallery import (
     write_gallery,
 )
 from hat.gallery.first_stage import IVF_PROBES
+from hat.runtime import keep_freed_memory
 from hat.search import Searcher
 
 CHUNK = 8192  # synthetic images written at once
@@ -251,6 +252,7 @@ def disk_bytes(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory()  # as the hat command and app.py do: queries reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--real", required=True, help="collection spec of the real images")

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
@@ -21,12 +20,9 @@ from hat.factory import load_model
 from hat.fetch import resolve_or_exit
 from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.runtime import default_device
 
 FIRST_STAGE_RECALL = "first-stage recall of top-10"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def evaluate(

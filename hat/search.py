@@ -14,9 +14,7 @@ gallery instead (small galleries, evaluation). The final ranking is always the H
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,21 +36,17 @@ from hat.gallery import (
     checkpoint_fingerprint,
     collection_from_spec,
     default_cache_dir,
-    default_device,
     open_gallery,
-    run_in_pieces,
     search_index,
 )
 from hat.gallery.reader import MANIFEST
 from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.runtime import block_size, default_device, free_memory, run_in_pieces
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
 DEFAULT_CANDIDATES = 100
 TEXT_BLOCK = 4096  # captions gathered at once when scoring the whole caption bank
-# fp32 bytes of the features of one scoring block: adapts to free memory, never above this.
-MAX_BLOCK_BYTES = 1 << 30
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 @dataclass
@@ -73,34 +67,6 @@ class SearchResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of giving it back to the OS at once.
-
-    A query allocates ~100 MB of short-lived fp32 features; by default glibc unmaps them on free
-    and the next query page-faults them back, which cost as much CPU as the scoring itself
-    (benchmarks/query_latency.py). Process-wide and harmless elsewhere; a no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)  # glibc's maximum: 32 MiB blocks come from the heap
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes that may be used now on ``device`` (free GPU memory, or available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def block_size(item_bytes: int, device: torch.device) -> int:
-    """Items per scoring block: a quarter of free memory at most, so no gallery can exhaust it."""
-    budget = min(MAX_BLOCK_BYTES, free_memory(device) // 4)
-    return max(1, budget // max(item_bytes, 1))
-
-
 def top_hits(scores: torch.Tensor, ids: np.ndarray, k: int) -> list[tuple[int, float, list[float]]]:
     """Best ``k`` of ``(levels, n)`` scores as (id, total, per-level), highest total first.
 
@@ -115,7 +81,6 @@ class Searcher:
     """Text → image and image → text search over a built gallery with its model."""
 
     def __init__(self, gallery: Gallery, model: HATModel, tokenizer):
-        keep_freed_memory()
         self.gallery = gallery
         self.model = model.eval()
         self.tokenizer = tokenizer

@@ -31,10 +31,11 @@ from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
-from hat.evaluate import FIRST_STAGE_RECALL, default_device, evaluate
+from hat.evaluate import FIRST_STAGE_RECALL, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
 from hat.model import HATModel
+from hat.runtime import default_device
 from hat.transforms import train_transform
 
 

@@ -36,12 +36,12 @@ from hat.gallery import (
     Gallery,
     build_gallery,
     collection_from_spec,
-    default_device,
     folder_collection,
 )
 from hat.heatmaps import LevelMaps, alignment_maps
 from hat.model import ImageFeatures
 from hat.owners import Owner, sweep
+from hat.runtime import default_device
 from hat.search import Hit, Searcher, SearchResult
 from hat.tokenization import tokenize
 

@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,7 @@ from hat.gallery.reader import (
 from hat.gallery.storage import SegmentWriter
 from hat.model import CONFIG_NAME, HATModel, ImageFeatures
 from hat.owners import sweep
+from hat.runtime import default_device, run_in_pieces
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
@@ -60,27 +61,6 @@ TEXT_BATCH = 128
 
 def default_cache_dir() -> Path:
     return cache_home() / "galleries"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def run_in_pieces(fn: Callable[[Any], Any], batch: Any, size: int) -> Iterator[tuple[slice, Any]]:
-    """``fn`` on ``batch[:size]``-style pieces; a piece that runs out of GPU memory is halved."""
-    start = 0
-    while start < len(batch):
-        piece = slice(start, min(start + size, len(batch)))
-        try:
-            result = fn(batch[piece])
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise
-            torch.cuda.empty_cache()
-            size //= 2
-            continue
-        yield piece, result
-        start = piece.stop
 
 
 def _failure_reason(path: Path) -> str:
