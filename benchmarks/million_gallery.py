@@ -38,6 +38,7 @@ import torch
 from common import stats_ms, write_report
 from query_latency import measure
 
+from hat.encoder import Encoder
 from hat.factory import load_model
 from hat.fileio import atomic_directory
 from hat.gallery import (
@@ -94,16 +95,9 @@ def real_gallery(checkpoint: str, spec: str, images: int, cache: Path) -> Galler
     """The first ``images`` of ``spec`` encoded into a ``pq`` gallery (codebooks fitted on them)."""
     collection = collection_from_spec(spec)
     collection.entries = collection.entries[:images]
-    model, tokenizer = load_model(checkpoint)
-    return build_gallery(
-        checkpoint,
-        collection,
-        cache,
-        BuildSettings("pq"),
-        model=model,
-        tokenizer=tokenizer,
-        progress=True,
-    )
+    encoder = Encoder.from_pretrained(checkpoint)
+    settings = BuildSettings("pq")
+    return build_gallery(checkpoint, collection, cache, settings, encoder=encoder, progress=True)
 
 
 class Collage:
@@ -304,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"two-stage, 1 thread: {report['two_stage_1_thread']}", flush=True)
     with torch.inference_mode():
         queries = torch.cat(
-            [searcher.model.text_embedding(searcher.encode_text(c)) for c in captions]
+            [searcher.model.text_embedding(searcher.encoder.encode_caption(c)) for c in captions]
         ).numpy()
     report["first_stage"] = first_stage(
         gallery.embeddings("image"), queries, args.candidates, min(args.hnsw_sample, args.size)

@@ -57,7 +57,7 @@ def queries(count: int) -> list[str]:
 
 @torch.inference_mode()
 def query_vectors(searcher: Searcher, captions: list[str]) -> np.ndarray:
-    texts = [searcher.encode_text(c) for c in captions]
+    texts = [searcher.encoder.encode_caption(c) for c in captions]
     return torch.cat([searcher.model.text_embedding(t) for t in texts]).float().numpy()
 
 

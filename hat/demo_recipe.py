@@ -34,15 +34,13 @@ from tqdm.auto import tqdm
 from hat.backbones.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
-from hat.data.loader import ImageDataset, collate_images
 from hat.data.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
+from hat.encoder import Encoder
 from hat.evaluate import FIRST_STAGE_RECALL, evaluate_features
 from hat.factory import create_model
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
 from hat.model import HATModel
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
 
 SCENES_JSON = "dataset_tuxpaint_scenes.json"
 STAMPS_JSON = "dataset_tuxpaint_stamps.json"
@@ -68,7 +66,7 @@ class CachedSplit:
     pool: np.ndarray | None = None  # training only: the images batches draw from (None: all)
 
 
-def build_initial_model(config: HATConfig) -> tuple[HATModel, object]:
+def build_initial_model(config: HATConfig) -> Encoder:
     """HAT with the packaged DINOv2 and MiniLM weights; new norms and projections are random."""
     model, tokenizer = create_model(config, pretrained_text=str(find_minilm_dir()))
     state = dinov2_timm_state_dict(img_size=config.image_size)
@@ -80,14 +78,15 @@ def build_initial_model(config: HATConfig) -> tuple[HATModel, object]:
         raise RuntimeError(f"DINOv2 weights lack {missing}")
     backbone.load_state_dict({k: state[k] for k in own}, strict=True)
     print(f"image backbone: loaded {len(own)} tensors, {len(unused)} unused after pruning")
-    return model, tokenizer
+    return Encoder(model, tokenizer)
 
 
 @torch.inference_mode()
 def cache_split(
-    model: HATModel, tokenizer, data: CaptionedImages, path: Path, batch_size: int = 32
+    encoder: Encoder, data: CaptionedImages, path: Path, batch_size: int = 32
 ) -> CachedSplit:
     """Backbone level outputs of every image and caption of ``data``, stored at ``path``."""
+    model = encoder.model
     if path.is_file():
         tensors = load_file(str(path))
         n = model.config.num_levels
@@ -98,17 +97,14 @@ def cache_split(
             tensors["text_mask"].bool(),
         )
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(data.image_paths, eval_transform(model.config)),
-        batch_size=batch_size,
-        collate_fn=collate_images,
-    )
     image_parts = []
-    for batch in tqdm(loader, desc=f"images {path.stem}"):
+    for batch in tqdm(
+        encoder.image_loader(data.image_paths, batch_size), desc=f"images {path.stem}"
+    ):
         image_parts.append(
             [x.half() for x in model.image_tower.backbone_levels(batch.pixel_values)]
         )
-    tokens = tokenize(tokenizer, data.captions, model.config.max_text_len)
+    tokens = encoder.tokenize(data.captions)
     text_parts = []
     for start in tqdm(range(0, len(data.captions), 256), desc=f"captions {path.stem}"):
         ids = tokens["input_ids"][start : start + 256]
@@ -394,7 +390,7 @@ def evaluate_cached(model: HATModel, cached: CachedSplit, groups: dict | None = 
 
 
 def cache_all(
-    work: Path, dirs: dict[str, Path], model: HATModel, tokenizer, eval_images: int
+    work: Path, dirs: dict[str, Path], encoder: Encoder, eval_images: int
 ) -> dict[str, CachedSplit]:
     """Cache every split the recipe needs: both training sets, and the first ``eval_images`` of
     the others (``dirs``: "scenes" and "objects" data folders).
@@ -415,7 +411,7 @@ def cache_all(
             data = data.first(eval_images)
         start = time.perf_counter()
         path = work / "cache" / f"{name}-{data.num_images}.safetensors"
-        out[name] = cache_split(model, tokenizer, data, path)
+        out[name] = cache_split(encoder, data, path)
         print(
             f"cached {name}: {data.num_images} images, {len(data.captions)} captions "
             f"in {time.perf_counter() - start:.0f} s"
@@ -479,17 +475,18 @@ def eval_groups(dirs: dict[str, Path], name: str, num_images: int) -> dict | Non
 
 
 def evaluate_variant(
-    model: HATModel,
+    encoder: Encoder,
     variant: str,
     caches: dict[str, CachedSplit],
     dirs: dict[str, Path],
     reports: Path,
     names,
     keep: list[int],
-    tokenizer=None,
+    pointing: bool = False,
 ) -> dict:
     """Evaluate on the named sets (cached levels ``keep``), write
-    ``reports/<variant>_<set>.json``; the pointing game (scenes only) when a tokenizer is given."""
+    ``reports/<variant>_<set>.json``; with ``pointing``, the pointing game too (scenes only)."""
+    model = encoder.model
     out = {}
     for name in names:
         cached = select_levels(caches[name], keep)
@@ -497,8 +494,8 @@ def evaluate_variant(
             model, cached, eval_groups(dirs, name, cached.data.num_images)
         )
         extra = {}
-        if tokenizer is not None and name.startswith("scenes"):
-            extra["pointing_game"] = pointing_report(model, tokenizer, dirs["scenes"], name, cached)
+        if pointing and name.startswith("scenes"):
+            extra["pointing_game"] = pointing_report(encoder, dirs["scenes"], name, cached)
         write_report(reports / f"{variant}_{name}.json", name, variant, cached, results, extra)
         out[name] = {
             "rsum": headline["rsum"],
@@ -531,8 +528,9 @@ def run(args: argparse.Namespace) -> dict:
     ensure_data(dirs, args.seed)
     config = get_preset(args.config)
     torch.manual_seed(args.seed)  # the new norms, projections and global head start from it
-    shipped, tokenizer = build_initial_model(config)
-    caches = cache_all(work, dirs, shipped, tokenizer, args.eval_images)
+    encoder = build_initial_model(config)
+    shipped, tokenizer = encoder.model, encoder.tokenizer
+    caches = cache_all(work, dirs, encoder, args.eval_images)
     train_sets = training_sets(caches, dirs["objects"] / OBJECTS_JSON)
     summary = {"seconds": {}, "variants": {}, "ablation": {}}
     summary["seconds"]["data_and_cache"] = round(time.perf_counter() - start, 1)
@@ -553,14 +551,14 @@ def run(args: argparse.Namespace) -> dict:
             entry["global_head"] = train_global_head(model, train, val, schedule, log)
         entry["train_seconds"] = round(time.perf_counter() - t0, 1)
         entry["eval"] = evaluate_variant(
-            model,
+            Encoder(model, tokenizer),
             variant,
             caches,
             dirs,
             reports,
             EVAL_SETS,
             keep,
-            tokenizer if variant == "hat" else None,
+            pointing=variant == "hat",
         )
         summary["variants"][variant] = entry
         if variant == "hat":  # the deliverable first: an interrupted ablation loses nothing
@@ -577,7 +575,7 @@ def run(args: argparse.Namespace) -> dict:
         entry = {"train_images": images, "train_seconds": 0.0}
         entry["train_seconds"] = round(time.perf_counter() - t0, 1)
         entry["eval"] = evaluate_variant(
-            model,
+            Encoder(model, tokenizer),
             re.sub(r"[^a-z0-9]+", "_", ingredient).strip("_"),
             caches,
             dirs,
@@ -701,15 +699,15 @@ REAL_PHOTOS_NOTE = (
 
 
 @torch.inference_mode()
-def pointing_report(model, tokenizer, data_dir: Path, name: str, cached: CachedSplit) -> dict:
+def pointing_report(encoder: Encoder, data_dir: Path, name: str, cached: CachedSplit) -> dict:
     from hat.pointing import pointing_game, split_entries
 
     _folder, file, split = EVAL_SETS[name]
-    model.eval()
+    model = encoder.model.eval()
     everything = torch.arange(cached.data.num_images), torch.arange(len(cached.data.captions))
     images, texts = head_features(model, cached, *everything)
     entries = split_entries(data_dir / file, split)[: cached.data.num_images]
-    return pointing_game(model, tokenizer, entries, data_dir / "images", images, texts)
+    return pointing_game(encoder, entries, data_dir / "images", images, texts)
 
 
 def main(argv: list[str] | None = None) -> dict:

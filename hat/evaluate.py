@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
-from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
-from hat.factory import load_model
+from hat.encode import first_stage_matrix, score_matrix
+from hat.encoder import Encoder
 from hat.fetch import resolve_or_exit
 from hat.metrics import candidate_recall, fold_metrics, format_table, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
@@ -26,8 +26,7 @@ FIRST_STAGE_RECALL = "first-stage recall of top-10"
 
 
 def evaluate(
-    model: HATModel,
-    tokenizer,
+    encoder: Encoder,
     data: CaptionedImages,
     folds: int = 1,
     batch_size: int = 32,
@@ -37,11 +36,11 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average;
     ``groups`` as in :func:`evaluate_features`."""
-    images, _ = encode_images(
-        model, data.image_paths, batch_size, num_workers, skip_bad=False, progress=progress
+    images = encoder.encode_images(data.image_paths, batch_size, num_workers, progress=progress)
+    texts = encoder.encode_captions(data.captions, progress=progress)
+    return evaluate_features(
+        encoder.model, images, texts, data.caption_to_image, folds, progress, groups
     )
-    texts = encode_captions(model, tokenizer, data.captions, progress=progress)
-    return evaluate_features(model, images, texts, data.caption_to_image, folds, progress, groups)
 
 
 def evaluate_features(
@@ -98,12 +97,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    model, tokenizer = load_model(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
+    encoder = Encoder.from_pretrained(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
     data = read_karpathy(args.data, args.image_root, args.split)
     groups = karpathy_groups(args.data, args.split, args.group_by) if args.group_by else None
-    results = evaluate(
-        model, tokenizer, data, args.folds, args.batch_size, args.workers, True, groups
-    )
+    results = evaluate(encoder, data, args.folds, args.batch_size, args.workers, True, groups)
     report = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),

@@ -26,8 +26,7 @@ import torch
 from PIL import Image
 
 from hat.alignment import DEFAULT_BLOCK_ELEMENTS
-from hat.data.images import load_image
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.fetch import resolve_or_exit
 from hat.gallery import (
     CacheError,
@@ -42,8 +41,6 @@ from hat.gallery import (
 from hat.gallery.reader import MANIFEST
 from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.runtime import block_size, default_device, free_memory, run_in_pieces
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
 
 DEFAULT_CANDIDATES = 100
 TEXT_BLOCK = 4096  # captions gathered at once when scoring the whole caption bank
@@ -80,10 +77,9 @@ def top_hits(scores: torch.Tensor, ids: np.ndarray, k: int) -> list[tuple[int, f
 class Searcher:
     """Text → image and image → text search over a built gallery with its model."""
 
-    def __init__(self, gallery: Gallery, model: HATModel, tokenizer):
+    def __init__(self, gallery: Gallery, encoder: Encoder):
         self.gallery = gallery
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.encoder = encoder
 
     @classmethod
     def open(cls, directory: str | Path, device: str | None = None) -> Searcher:
@@ -94,8 +90,7 @@ class Searcher:
             raise CacheError(
                 f"{checkpoint} changed since {directory} was built: run `hat index build` again"
             )
-        model, tokenizer = load_model(checkpoint, device or default_device())
-        return cls(gallery, model, tokenizer)
+        return cls(gallery, Encoder.from_pretrained(checkpoint, device or default_device()))
 
     @classmethod
     def build(
@@ -103,30 +98,18 @@ class Searcher:
     ) -> Searcher:
         """Load ``checkpoint`` and open the gallery of ``spec`` (:func:`collection_from_spec`),
         building it in ``cache_dir`` first unless the cache already holds it."""
-        model, tokenizer = load_model(checkpoint, device or default_device())
+        encoder = Encoder.from_pretrained(checkpoint, device or default_device())
         collection = collection_from_spec(spec)
-        gallery = build_gallery(
-            checkpoint, collection, cache_dir, model=model, tokenizer=tokenizer, progress=True
-        )
-        return cls(gallery, model, tokenizer)
+        gallery = build_gallery(checkpoint, collection, cache_dir, encoder=encoder, progress=True)
+        return cls(gallery, encoder)
+
+    @property
+    def model(self) -> HATModel:
+        return self.encoder.model
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    # ---------------------------------------------------------------- query encoding
-    @torch.inference_mode()
-    def encode_text(self, caption: str) -> TextFeatures:
-        batch = tokenize(self.tokenizer, [caption], self.model.config.max_text_len)
-        return self.model.encode_text(
-            batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        )
-
-    @torch.inference_mode()
-    def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:
-        image = image if isinstance(image, Image.Image) else load_image(image)
-        pixels = eval_transform(self.model.config)(image)[None].to(self.device)
-        return self.model.encode_image(pixels)
 
     # ---------------------------------------------------------------- scoring
     def _in_blocks(
@@ -198,7 +181,7 @@ class Searcher:
     ) -> SearchResult:
         """The ``k`` gallery images with the highest HAT score for ``caption``."""
         start = time.perf_counter()
-        text = self.encode_text(caption)
+        text = self.encoder.encode_caption(caption)
         timings = {"encode": time.perf_counter() - start}
         embedding = self.model.text_embedding(text)
         hits, scored = self._search(
@@ -224,7 +207,7 @@ class Searcher:
     ) -> SearchResult:
         """The ``k`` captions of the caption bank with the highest HAT score for ``image``."""
         start = time.perf_counter()
-        features = self.encode_image(image)
+        features = self.encoder.encode_image(image)
         timings = {"encode": time.perf_counter() - start}
         hits, scored = self._search(
             self.model.image_embedding(features),

@@ -31,6 +31,7 @@ from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
+from hat.encoder import Encoder
 from hat.evaluate import FIRST_STAGE_RECALL, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
@@ -190,9 +191,8 @@ class Trainer:
 
     def validate(self) -> tuple[dict[str, float], dict[str, float]]:
         """Headline metrics of the val split, and the first stage's candidate recall."""
-        results = evaluate(
-            self.model, self.tokenizer, self.val_data, batch_size=self.args.batch_size
-        )
+        encoder = Encoder(self.model, self.tokenizer)
+        results = evaluate(encoder, self.val_data, batch_size=self.args.batch_size)
         return next(iter(results.values())), results[FIRST_STAGE_RECALL]
 
     def run(self) -> dict:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from hat.data.captions import read_karpathy
 from hat.demo_recipe import Schedule, cache_split, evaluate_cached, train_global_head
+from hat.encoder import Encoder
 from hat.evaluate import FIRST_STAGE_RECALL
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.pooling import pool_words
@@ -85,7 +86,7 @@ def test_distilling_raises_candidate_recall_and_leaves_hat_alone(
     model, tokenizer = tiny_model
     json_path, image_root = synthetic_dataset
     data = read_karpathy(json_path, image_root, "train")  # 48 images, 240 captions
-    cached = cache_split(model, tokenizer, data, tmp_path / "train.safetensors")
+    cached = cache_split(Encoder(model, tokenizer), data, tmp_path / "train.safetensors")
     hat_state = {k: v.clone() for k, v in model.state_dict().items() if "global" not in k}
     before_metrics, before = evaluate_cached(model, cached)
     schedule = Schedule(epochs=30, batch_size=16, lr=1e-2, seed=0)

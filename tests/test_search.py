@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hat import cli, create_model, get_preset, load_model, runtime
+from hat.encoder import Encoder
 from hat.gallery import CacheError, build_gallery, folder_collection
 from hat.runtime import run_in_pieces
 from hat.search import Searcher, top_hits
@@ -17,8 +18,7 @@ from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (f
 @pytest.fixture()
 def searcher(checkpoint, folder, tmp_path):  # noqa: F811
     gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
-    model, tokenizer = load_model(checkpoint)
-    return Searcher(gallery, model, tokenizer)
+    return Searcher(gallery, Encoder.from_pretrained(checkpoint))
 
 
 def same_hits(a, b):
@@ -38,7 +38,7 @@ def test_two_stage_equals_exact_when_candidates_cover_the_gallery(searcher):
 
 def test_scores_are_the_models_hierarchical_scores(searcher):
     result = searcher.text_to_image("a square of colour 3", k=3)
-    text = searcher.encode_text("a square of colour 3")
+    text = searcher.encoder.encode_caption("a square of colour 3")
     ids = [h.index for h in result.hits]
     want = searcher.model.level_scores(searcher.gallery.image_features(ids), text)[:, :, 0]
     got = torch.tensor([h.level_scores for h in result.hits]).T
@@ -143,5 +143,5 @@ def test_a_searcher_leaves_malloc_alone(checkpoint, folder, tmp_path, monkeypatc
     monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
     monkeypatch.setattr(runtime, "_freed_memory_kept", False)
     gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
-    Searcher(gallery, *load_model(checkpoint))
+    Searcher(gallery, Encoder.from_pretrained(checkpoint))
     assert libc.calls == []

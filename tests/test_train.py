@@ -9,6 +9,7 @@ import torch
 
 from hat.data.captions import read_karpathy
 from hat.data.loader import PairCollator, PairDataset
+from hat.encoder import Encoder
 from hat.evaluate import evaluate
 from hat.loss import training_loss
 from hat.train import main as train_main
@@ -26,7 +27,7 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     dataset = PairDataset(data, eval_transform(model.config))
     # one caption per image: a batch of 16 distinct images
     batch = collate([dataset[i * 5 + (i % 5)] for i in range(16)])
-    before = evaluate(model, tokenizer, data)["all 16"]["rsum"]
+    before = evaluate(Encoder(model, tokenizer), data)["all 16"]["rsum"]
     optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
     set_backbones_trainable(model, True)
     model.eval()  # no dropout: a deterministic optimisation problem
@@ -39,7 +40,7 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    after = evaluate(model, tokenizer, data)["all 16"]["rsum"]
+    after = evaluate(Encoder(model, tokenizer), data)["all 16"]["rsum"]
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
     assert after > before + 30
 

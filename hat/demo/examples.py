@@ -15,7 +15,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.gallery import build_gallery
 from hat.gallery.collection import collection_from_spec
 from hat.search import Searcher
@@ -72,12 +72,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--per-kind", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS))
     args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.checkpoint)
+    encoder = Encoder.from_pretrained(args.checkpoint)
     collection = collection_from_spec(args.gallery)
-    gallery = build_gallery(
-        args.checkpoint, collection, args.cache, model=model, tokenizer=tokenizer, progress=True
-    )
-    searcher = Searcher(gallery, model, tokenizer)
+    gallery = build_gallery(args.checkpoint, collection, args.cache, encoder=encoder, progress=True)
+    searcher = Searcher(gallery, encoder)
     chosen, counts = choose_examples(searcher, args.per_kind, args.kinds)
     out = Path(args.gallery) / "examples.json"
     out.write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")
