@@ -41,6 +41,7 @@ from hat.factory import create_model
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
 from hat.model import HATModel
+from hat.train import Trainer
 
 SCENES_JSON = "dataset_tuxpaint_scenes.json"
 STAMPS_JSON = "dataset_tuxpaint_stamps.json"
@@ -185,27 +186,6 @@ def _groups(cached: CachedSplit) -> np.ndarray:
     return np.unique(cached.groups, return_inverse=True)[1]
 
 
-def global_head_parameters(model: HATModel) -> list[torch.nn.Parameter]:
-    """The first-stage global head, empty for a model without one."""
-    if model.global_logit_scale is None:
-        return []
-    return [
-        *model.image_global.parameters(),
-        *model.text_global.parameters(),
-        model.global_logit_scale,
-    ]
-
-
-def head_parameters(model: HATModel) -> list[torch.nn.Parameter]:
-    """What trains while the backbones are frozen: new level norms, the projections and the
-    global head."""
-    modules = [model.image_tower.level_norms, model.image_proj, model.text_proj]
-    params = [p for m in modules for p in m.parameters()]
-    if model.image_tower.final_index in model.image_tower.levels:
-        params += list(model.image_tower.backbone.norm.parameters())
-    return params + global_head_parameters(model)
-
-
 class PairSampler:
     """Batches of training images (of ``pool``, default all), each with one of its captions
     drawn at random.
@@ -284,6 +264,7 @@ class Schedule:
 
 
 def fit(
+    model: HATModel,
     params: list[torch.nn.Parameter],
     train: CachedSplit,
     schedule: Schedule,
@@ -291,22 +272,22 @@ def fit(
     end_of_epoch: Callable[[int, float], None],
     desc: str,
 ) -> None:
-    """Train ``params`` on ``train`` by ``schedule``: ``batch_loss(images, captions)`` gives each
-    step's loss, ``end_of_epoch(epoch, mean loss)`` evaluates and logs."""
+    """Train ``params`` on ``train`` by ``schedule`` with the training loop of ``hat train``
+    (:class:`~hat.train.Trainer`): ``batch_loss(images, captions)`` gives each step's loss,
+    ``end_of_epoch(epoch, mean loss)`` evaluates and logs."""
     sampler = PairSampler(train.data, schedule.batch_size, schedule.seed, train.groups, train.pool)
     optimizer = torch.optim.Adam(params, lr=schedule.lr)
     total = schedule.epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    for epoch in range(schedule.epochs):
-        losses = []
-        for images, captions in tqdm(sampler.epoch(), total=len(sampler), desc=f"{desc} {epoch}"):
-            loss = batch_loss(images, captions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        end_of_epoch(epoch, float(np.mean(losses)))
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        lambda pair: batch_loss(*pair),
+        scheduler_step="step",
+        desc=desc,
+    )
+    trainer.fit(schedule.epochs, lambda epoch: (sampler.epoch(), len(sampler)), end_of_epoch)
 
 
 def log_record(log_path: Path, record: dict) -> None:
@@ -325,7 +306,6 @@ def train_heads(
     best, best_state, history = -math.inf, None, []
 
     def batch_loss(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        model.train()
         scores = model.batch_scores(*head_features(model, train, images, captions))
         return training_loss(scores.hat, scores.first_stage, cfg.margin, cfg.global_sharpness)
 
@@ -342,8 +322,8 @@ def train_heads(
             best = selection
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    params = head_parameters(model)
-    fit(params, train, schedule, batch_loss, end_of_epoch, f"{cfg.name} epoch")
+    params = model.trainable_parameters("heads")
+    fit(model, params, train, schedule, batch_loss, end_of_epoch, f"{cfg.name} epoch")
     model.load_state_dict(best_state)
     return {"best_val_r1_sum": best, "history": history}
 
@@ -373,8 +353,8 @@ def train_global_head(
         log_record(log_path, record)
         print(f"global head epoch {epoch}: loss {loss:.4f} val first stage {recall}")
 
-    params = global_head_parameters(model)
-    fit(params, train, schedule, batch_loss, end_of_epoch, "global head epoch")
+    params = model.trainable_parameters("global_head")
+    fit(model, params, train, schedule, batch_loss, end_of_epoch, "global head epoch")
     return history
 
 
