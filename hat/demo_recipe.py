@@ -506,10 +506,12 @@ def run(args: argparse.Namespace) -> dict:
     dirs = {"scenes": Path(args.data), "objects": Path(args.objects)}
     work, reports = Path(args.work), Path(args.reports)
     ensure_data(dirs, args.seed)
-    config = get_preset(args.config)
     torch.manual_seed(args.seed)  # the new norms, projections and global head start from it
-    encoder = build_initial_model(config)
+    encoder = build_initial_model(get_preset(args.config))
     shipped, tokenizer = encoder.model, encoder.tokenizer
+    # The shipped model's config records the text tower's architecture: the ablation models
+    # below are built from it offline.
+    config = shipped.config
     caches = cache_all(work, dirs, encoder, args.eval_images)
     train_sets = training_sets(caches, dirs["objects"] / OBJECTS_JSON)
     summary = {"seconds": {}, "variants": {}, "ablation": {}}

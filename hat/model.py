@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -105,7 +106,6 @@ class HATModel(nn.Module):
         pretrained_text: str = "",
     ):
         super().__init__()
-        self.config = config
         image_file = pretrained_image if isinstance(pretrained_image, str) else ""
         self.image_tower = ImageTower(config, bool(pretrained_image), image_file)
         self.text_tower = TextTower(config, pretrained_text)
@@ -120,10 +120,12 @@ class HATModel(nn.Module):
             self.image_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
             self.text_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
             self.global_logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
-        # Checkpoints must rebuild the text tower offline: record its architecture.
-        self.config.text_backbone_config = self.text_tower.backbone.config.to_diff_dict()
-        self.config.text_backbone_config["model_type"] = self.text_tower.backbone.config.model_type
-        self.config.text_backbone_config.pop("transformers_version", None)
+        # Checkpoints must rebuild the text tower offline: record its architecture, in the
+        # model's own copy of the config (the caller's may build other models).
+        text_config = self.text_tower.backbone.config
+        architecture = {**text_config.to_diff_dict(), "model_type": text_config.model_type}
+        architecture.pop("transformers_version", None)
+        self.config = replace(copy.deepcopy(config), text_backbone_config=architecture)
 
     @property
     def device(self) -> torch.device:

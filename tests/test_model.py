@@ -182,3 +182,17 @@ def test_pretrained_weights_fail_fast_and_clearly_offline(monkeypatch):
         create_model("hat-tiny", pretrained_text="hub")
     with pytest.raises(PretrainedUnavailableError, match="not found"):
         create_model("hat-tiny", pretrained_image="/no/such/file.safetensors")
+
+
+def test_building_a_model_leaves_the_given_config_alone():
+    config = get_preset("hat-tiny")
+    before, architecture = config.to_dict(), config.text_backbone_config
+    model = HATModel(config)
+    assert config.to_dict() == before and config.text_backbone_config is architecture
+    assert model.config.text_backbone_config["hidden_size"] == 32
+    model.config.image_levels.append(99)  # the model's config is its own, lists included
+    assert config.to_dict() == before
+    model, tokenizer = create_model(config, tokenizer="bert-base-uncased-vocab.txt")
+    assert config.to_dict() == before
+    assert model.config.tokenizer == "bert-base-uncased-vocab.txt"
+    assert tokenizer.vocab_size > 30000  # the bundled BERT vocabulary, not the tiny one
