@@ -36,7 +36,7 @@ from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.data.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
 from hat.encoder import Encoder
-from hat.evaluate import FIRST_STAGE_RECALL, evaluate_features
+from hat.evaluate import Evaluation, evaluate_features
 from hat.factory import create_model
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
@@ -311,9 +311,10 @@ def train_heads(
 
     def end_of_epoch(epoch: int, loss: float) -> None:
         nonlocal best, best_state
-        metrics, results = evaluate_cached(model, val)
+        evaluation = evaluate_cached(model, val)
+        metrics = evaluation.headline
         record = {"model": cfg.name, "epoch": epoch, "loss": loss, "val": metrics}
-        record["val_first_stage"] = results[FIRST_STAGE_RECALL]
+        record["val_first_stage"] = evaluation.first_stage_recall
         history.append(record)
         log_record(log_path, record)
         print(f"epoch {epoch}: loss {loss:.3f} val rsum {metrics['rsum']:.1f}")
@@ -346,7 +347,7 @@ def train_global_head(
         return first_stage_distillation_loss(logits, teacher, model.config.global_sharpness)
 
     def end_of_epoch(epoch: int, loss: float) -> None:
-        recall = evaluate_cached(model, val)[1][FIRST_STAGE_RECALL]
+        recall = evaluate_cached(model, val).first_stage_recall
         record = {"model": f"{model.config.name} global head", "epoch": epoch, "loss": loss}
         record["val_first_stage"] = recall
         history.append(record)
@@ -359,14 +360,13 @@ def train_global_head(
 
 
 @torch.inference_mode()
-def evaluate_cached(model: HATModel, cached: CachedSplit, groups: dict | None = None):
-    """Metrics (whole split first) from cached backbone outputs; same code path as ``hat eval``."""
+def evaluate_cached(model: HATModel, cached: CachedSplit, groups: dict | None = None) -> Evaluation:
+    """Metrics from cached backbone outputs; same code path as ``hat eval``."""
     model.eval()
     all_images = torch.arange(cached.data.num_images)
     all_captions = torch.arange(len(cached.data.captions))
     image, text = head_features(model, cached, all_images, all_captions)
-    results = evaluate_features(model, image, text, cached.data.caption_to_image, groups=groups)
-    return next(iter(results.values())), results
+    return evaluate_features(model, image, text, cached.data.caption_to_image, groups=groups)
 
 
 def cache_all(
@@ -470,22 +470,20 @@ def evaluate_variant(
     out = {}
     for name in names:
         cached = select_levels(caches[name], keep)
-        headline, results = evaluate_cached(
-            model, cached, eval_groups(dirs, name, cached.data.num_images)
-        )
+        evaluation = evaluate_cached(model, cached, eval_groups(dirs, name, cached.data.num_images))
+        headline, table = evaluation.headline, evaluation.table()
         extra = {}
         if pointing and name.startswith("scenes"):
             extra["pointing_game"] = pointing_report(encoder, dirs["scenes"], name, cached)
-        write_report(reports / f"{variant}_{name}.json", name, variant, cached, results, extra)
+        write_report(reports / f"{variant}_{name}.json", name, variant, cached, table, extra)
         out[name] = {
             "rsum": headline["rsum"],
             **{k: v for k, v in headline.items() if k[:3] in ("i2t", "t2i")},
-            "first_stage": results[FIRST_STAGE_RECALL],
+            "first_stage": evaluation.first_stage_recall,
             **extra,
         }
-        groups = {k: v for k, v in results.items() if k.startswith(EVAL_GROUP_BY.get(name, "-"))}
-        if groups:
-            out[name]["groups"] = groups
+        if evaluation.groups:
+            out[name]["groups"] = evaluation.groups
         print(f"{variant} {name}: rsum {headline['rsum']:.1f}")
     return out
 

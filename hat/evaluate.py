@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,34 @@ from hat.runtime import default_device
 FIRST_STAGE_RECALL = "first-stage recall of top-10"
 
 
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measures, by kind; :meth:`table` lays it out as reports store it."""
+
+    name: str
+    """The headline's row name, ``all <images>``."""
+    headline: dict[str, float]
+    """The whole split, all levels summed: what model selection and summaries read."""
+    folds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``<k>-fold <images>``: the average over image folds (empty with one fold)."""
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``<group> (<images>)``: the queries of each group, searched against the whole split."""
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``level <i> (<name>)``: each level alone (empty for a one-level model)."""
+    first_stage_recall: dict[str, float] = field(default_factory=dict)
+    """Share of the exact top-10 among the first stage's K candidates, ``t2i_K=..``/``i2t_K=..``."""
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Every result by row name, the headline first (``hat eval --out``, the demo reports)."""
+        return {
+            self.name: self.headline,
+            **self.folds,
+            **self.groups,
+            **self.levels,
+            FIRST_STAGE_RECALL: self.first_stage_recall,
+        }
+
+
 def evaluate(
     encoder: Encoder,
     data: CaptionedImages,
@@ -33,7 +62,7 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = False,
     groups: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> Evaluation:
     """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average;
     ``groups`` as in :func:`evaluate_features`."""
     images = encoder.encode_images(data.image_paths, batch_size, num_workers, progress=progress)
@@ -51,26 +80,26 @@ def evaluate_features(
     folds: int = 1,
     progress: bool = False,
     groups: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on already encoded features (whole split first, then folds, then query
-    ``groups`` (name -> image mask, searched against the whole split), then levels, then the
-    first stage's candidate recall of the exact top-10 in both directions)."""
+) -> Evaluation:
+    """:func:`evaluate` on already encoded features; ``groups``: name -> image mask, whose
+    images' queries are also reported alone (searched against the whole split)."""
     per_level = score_matrix(model, images, texts, progress=progress).numpy()
     sims = per_level.sum(axis=0)
     n = images.levels[0].shape[0]
-    results = {f"all {n}": retrieval_metrics(sims, caption_to_image)}
+    result = Evaluation(f"all {n}", retrieval_metrics(sims, caption_to_image))
     if folds > 1:
-        results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
+        result.folds[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
     for name, mask in (groups or {}).items():
-        results[f"{name} ({int(np.sum(mask))})"] = retrieval_metrics(sims, caption_to_image, mask)
+        metrics = retrieval_metrics(sims, caption_to_image, mask)
+        result.groups[f"{name} ({int(np.sum(mask))})"] = metrics
     if len(per_level) > 1:
         for i, name in enumerate(model.config.level_names):
-            results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
+            result.levels[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
     first = first_stage_matrix(model, images, texts).numpy()
     recall = {f"t2i_{k}": v for k, v in candidate_recall(sims.T, first.T).items()}
     recall.update({f"i2t_{k}": v for k, v in candidate_recall(sims, first).items()})
-    results[FIRST_STAGE_RECALL] = recall
-    return results
+    result.first_stage_recall = recall
+    return result
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -101,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = read_karpathy(args.data, args.image_root, args.split)
     groups = karpathy_groups(args.data, args.split, args.group_by) if args.group_by else None
     results = evaluate(encoder, data, args.folds, args.batch_size, args.workers, True, groups)
+    table = results.table()
     report = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
@@ -108,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
         "num_images": data.num_images,
         "num_captions": len(data.captions),
         "seconds": round(time.perf_counter() - start, 1),
-        "results": results,
+        "results": table,
     }
-    print(format_table(results))
+    print(format_table(table))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

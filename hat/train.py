@@ -34,7 +34,7 @@ from hat.data.captions import CaptionedImages, read_karpathy
 from hat.data.loader import Batch, PairCollator, PairDataset
 from hat.distributed import DistInfo, cleanup, init_distributed, replicas_in_sync
 from hat.encoder import Encoder
-from hat.evaluate import FIRST_STAGE_RECALL, evaluate
+from hat.evaluate import Evaluation, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
 from hat.runtime import default_device
@@ -252,11 +252,9 @@ class TrainingRun:
             scores.hat, scores.first_stage, self.config.margin, self.config.global_sharpness
         )
 
-    def validate(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Headline metrics of the val split, and the first stage's candidate recall."""
+    def validate(self) -> Evaluation:
         encoder = Encoder(self.model, self.tokenizer)
-        results = evaluate(encoder, self.val_data, batch_size=self.args.batch_size)
-        return next(iter(results.values())), results[FIRST_STAGE_RECALL]
+        return evaluate(encoder, self.val_data, batch_size=self.args.batch_size)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -285,8 +283,9 @@ class TrainingRun:
 
     def _checkpoint(self, summary: dict) -> None:
         if self.val_data is not None:
-            metrics, summary["val_first_stage"] = self.validate()
-            summary["val"] = metrics
+            evaluation = self.validate()
+            metrics = summary["val"] = evaluation.headline
+            summary["val_first_stage"] = evaluation.first_stage_recall
             selection = metrics["i2t_r1"] + metrics["t2i_r1"]
             if selection > self.progress["best"]:
                 self.progress["best"] = selection

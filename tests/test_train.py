@@ -10,7 +10,7 @@ import torch
 from hat.data.captions import read_karpathy
 from hat.data.loader import PairCollator, PairDataset
 from hat.encoder import Encoder
-from hat.evaluate import evaluate
+from hat.evaluate import FIRST_STAGE_RECALL, evaluate, evaluate_features
 from hat.loss import training_loss
 from hat.train import Trainer
 from hat.train import main as train_main
@@ -27,7 +27,7 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     dataset = PairDataset(data, eval_transform(model.config))
     # one caption per image: a batch of 16 distinct images
     batch = collate([dataset[i * 5 + (i % 5)] for i in range(16)])
-    before = evaluate(Encoder(model, tokenizer), data)["all 16"]["rsum"]
+    before = evaluate(Encoder(model, tokenizer), data).headline["rsum"]
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
     model.lock_backbones(False)
     model.eval()  # no dropout: a deterministic optimisation problem
@@ -40,7 +40,7 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    after = evaluate(Encoder(model, tokenizer), data)["all 16"]["rsum"]
+    after = evaluate(Encoder(model, tokenizer), data).headline["rsum"]
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
     assert after > before + 30
 
@@ -225,3 +225,28 @@ def test_trainer_skips_batches_steps_schedulers_and_logs():
     assert np.isnan(skipped.train_epoch(0, iter([None, None]), 2)) and skipped.step == 0
     with pytest.raises(ValueError, match="scheduler_step"):
         trainer("batch")
+
+
+@torch.no_grad()
+def test_an_evaluation_names_its_parts_and_lays_them_out_headline_first(tiny_model):
+    model, tokenizer = tiny_model
+    torch.manual_seed(0)
+    images = model.encode_image(torch.randn(4, 3, 64, 64))
+    captions = [f"picture {i} caption {j}" for i in range(4) for j in range(2)]
+    texts = Encoder(model, tokenizer).encode_captions(captions)
+    owners = np.repeat(np.arange(4), 2)
+    groups = {"left": np.array([True, True, False, False])}
+    evaluation = evaluate_features(model, images, texts, owners, folds=2, groups=groups)
+    assert evaluation.name == "all 4" and 0 <= evaluation.headline["rsum"] <= 600
+    assert list(evaluation.folds) == ["2-fold 2"] and list(evaluation.groups) == ["left (2)"]
+    assert len(evaluation.levels) == model.config.num_levels
+    assert evaluation.first_stage_recall == {}  # K = 50 candidates: more than 4 or 8 items
+    table = evaluation.table()
+    assert list(table) == [
+        "all 4",
+        "2-fold 2",
+        "left (2)",
+        *evaluation.levels,
+        FIRST_STAGE_RECALL,
+    ]
+    assert table["all 4"] is evaluation.headline
