@@ -33,6 +33,7 @@ from hat.demo import InputError
 from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, Maps, SessionGallery, payload_path
 from hat.demo.pairmaps import region_view, word_view
 from hat.fetch import FetchError, resolve_checkpoint
+from hat.runtime import keep_freed_memory
 
 try:  # Hugging Face ZeroGPU: model work runs under @spaces.GPU; elsewhere it is a no-op.
     import spaces
@@ -456,6 +457,7 @@ def share_the_cores() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
+    keep_freed_memory()
     # systemd, Docker, Kubernetes and Spaces stop a process with SIGTERM: clean up as for Ctrl-C.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     cli = parser()

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hat.artifacts import OUTLIER_Z
 from hat.data.captions import read_karpathy
 from hat.demo_build.recipe import EVAL_SETS, cache_split, head_features
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.pointing import (
     artifact_pointing,
     outlier_statistics,
@@ -46,15 +46,15 @@ def main() -> None:
     parser.add_argument("--out", default="reports/artifact_tokens.json")
     args = parser.parse_args()
     start = time.perf_counter()
-    model, tokenizer = load_model(args.checkpoint, "cpu")
-    model.eval()
+    encoder = Encoder.from_pretrained(args.checkpoint, "cpu")
+    model = encoder.model
     _, file, split = EVAL_SETS["scenes_test"]
     data_dir = Path(args.data)
     data = read_karpathy(data_dir / file, data_dir / "images", split).first(args.images)
     cache = Path(args.work) / "cache" / f"scenes_test-{data.num_images}.safetensors"
     if not cache.is_file():
         parser.exit(1, f"{cache} is missing: run `hat build-demo` first\n")
-    cached = cache_split(model, tokenizer, data, cache)
+    cached = cache_split(encoder, data, cache)
     everything = torch.arange(data.num_images), torch.arange(len(data.captions))
     images, texts = head_features(model, cached, *everything)
     entries = split_entries(data_dir / file, split)[: data.num_images]
@@ -88,9 +88,7 @@ def main() -> None:
         "rule": f"modified z = 0.6745 (norm - median) / MAD > {OUTLIER_Z}, per image and level, "
         "on the projected level features",
         "tokens": tokens,
-        "pointing": artifact_pointing(
-            model, tokenizer, entries, data_dir / "images", images, texts
-        ),
+        "pointing": artifact_pointing(encoder, entries, data_dir / "images", images, texts),
         "seconds": round(time.perf_counter() - start, 1),
     }
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

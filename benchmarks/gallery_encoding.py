@@ -22,8 +22,8 @@ from common import demo_architecture_model, interleaved, timed, write_report
 from PIL import Image
 
 from hat.data.images import list_images, load_image
+from hat.encoder import Encoder
 from hat.gallery import PRECISIONS, BuildSettings, build_gallery, folder_collection
-from hat.transforms import eval_transform
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int] = (480, 360)) -> None:
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     checkpoint = Path(args.checkpoint or model.save_pretrained(work / "checkpoint", tokenizer))
     write_images(work / "images", args.images)
     collection = folder_collection(work / "images")
-    transform = eval_transform(model.config)
+    encoder = Encoder(model, tokenizer)
+    transform = encoder.transform
     pixels = torch.stack(
         [transform(load_image(work / "images" / e.path)) for e in collection.entries]
     )
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
             collection,
             cache or next(caches),
             settings,
-            model=model,
-            tokenizer=tokenizer,
+            encoder=encoder,
             batch_size=args.batch_size,
         )
 

@@ -39,6 +39,7 @@ import torch
 from common import stats_ms, write_report
 from query_latency import measure
 
+from hat.encoder import Encoder
 from hat.factory import load_model
 from hat.fileio import atomic_directory
 from hat.gallery import (
@@ -56,6 +57,7 @@ from hat.gallery import (
     write_gallery,
 )
 from hat.gallery.first_stage import IVF_PROBES
+from hat.runtime import keep_freed_memory
 from hat.search import Searcher
 
 CHUNK = 8192  # synthetic images written at once
@@ -94,16 +96,9 @@ def real_gallery(checkpoint: str, spec: str, images: int, cache: Path) -> Galler
     """The first ``images`` of ``spec`` encoded into a ``pq`` gallery (codebooks fitted on them)."""
     collection = collection_from_spec(spec)
     collection.entries = collection.entries[:images]
-    model, tokenizer = load_model(checkpoint)
-    return build_gallery(
-        checkpoint,
-        collection,
-        cache,
-        BuildSettings("pq"),
-        model=model,
-        tokenizer=tokenizer,
-        progress=True,
-    )
+    encoder = Encoder.from_pretrained(checkpoint)
+    settings = BuildSettings("pq")
+    return build_gallery(checkpoint, collection, cache, settings, encoder=encoder, progress=True)
 
 
 class Collage:
@@ -254,7 +249,7 @@ def rerank_paths(searcher: Searcher, captions: list[str], candidates: int) -> di
     times: dict[str, list[float]] = {"coordinates": [], "expanded": []}
     with torch.inference_mode():
         for caption in captions:
-            text = searcher.encode_text(caption)
+            text = searcher.encoder.encode_caption(caption)
             ids = search_index(gallery.image_index, model.text_embedding(text).numpy(), candidates)
             ids = np.sort(ids[0][ids[0] >= 0])
             start = time.perf_counter()
@@ -276,6 +271,7 @@ def disk_bytes(directory: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory()  # as the hat command and app.py do: queries reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--real", required=True, help="collection spec of the real images")
@@ -336,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"re-rank, 1 thread: {report['rerank_1_thread']}", flush=True)
     with torch.inference_mode():
         queries = torch.cat(
-            [searcher.model.text_embedding(searcher.encode_text(c)) for c in captions]
+            [searcher.model.text_embedding(searcher.encoder.encode_caption(c)) for c in captions]
         ).numpy()
     report["first_stage"] = first_stage(
         gallery.embeddings("image"), queries, args.candidates, min(args.hnsw_sample, args.size)

@@ -37,6 +37,7 @@ from hat.gallery import (
     write_gallery,
 )
 from hat.model import HATModel, ImageFeatures
+from hat.runtime import keep_freed_memory
 from hat.search import Searcher
 
 COLOURS = ["red", "brown", "yellow", "green", "blue", "white", "black", "pink"]
@@ -56,7 +57,7 @@ def queries(count: int) -> list[str]:
 
 @torch.inference_mode()
 def query_vectors(searcher: Searcher, captions: list[str]) -> np.ndarray:
-    texts = [searcher.encode_text(c) for c in captions]
+    texts = [searcher.encoder.encode_caption(c) for c in captions]
     return torch.cat([searcher.model.text_embedding(t) for t in texts]).float().numpy()
 
 
@@ -155,6 +156,7 @@ def measure(searcher: Searcher, captions: list[str], candidates: int, exact_ever
 
 
 def main(argv: list[str] | None = None) -> dict:
+    keep_freed_memory()  # as the hat command and app.py do: queries reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     parser.add_argument("--checkpoint", help="demo checkpoint (default: its architecture, random)")

@@ -24,7 +24,7 @@ import torch
 from common import write_report
 
 from hat.encode import score_matrix
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.gallery import BuildSettings, build_gallery, karpathy_collection
 from hat.gallery.codecs import PQ_TRAINING_VECTORS, kind_precision, new_codec
 from hat.metrics import candidate_recall, retrieval_metrics
@@ -51,11 +51,11 @@ def stored(levels: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
     return out
 
 
-def pointing(model, tokenizer, args, images: ImageFeatures, texts: TextFeatures) -> dict:
+def pointing(encoder: Encoder, args, images: ImageFeatures, texts: TextFeatures) -> dict:
     from hat.pointing import pointing_game, split_entries
 
     entries = split_entries(args.data, args.split)
-    game = pointing_game(model, tokenizer, entries, args.image_root, images, texts)
+    game = pointing_game(encoder, entries, args.image_root, images, texts)
     return {"words": game["words"], "levels": {k: round(v, 4) for k, v in game["levels"].items()}}
 
 
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
-    model, tokenizer = load_model(args.checkpoint)
+    encoder = Encoder.from_pretrained(args.checkpoint)
+    model = encoder.model
     collection = karpathy_collection(args.data, args.image_root, args.split)
     with tempfile.TemporaryDirectory(prefix="hat-quality-") as cache:
         gallery = build_gallery(
@@ -79,8 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
             collection,
             cache,
             BuildSettings("fp32"),
-            model=model,
-            tokenizer=tokenizer,
+            encoder=encoder,
         )
         ids = first_captions(gallery.caption_image, args.captions)
         owners = gallery.caption_image[ids]
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         if args.pointing:
             every_text = TextFeatures(stored(all_texts.levels, text_precision), all_texts.mask)
-            game = pointing(model, tokenizer, args, quantized_images, every_text)
+            game = pointing(encoder, args, quantized_images, every_text)
             report["precisions"][precision]["pointing_game"] = game
         print(f"{precision}: {report['precisions'][precision]}", flush=True)
     chosen = sims[args.precisions[-1]]

@@ -16,6 +16,7 @@ _EXPORTS = {
     "list_presets": "hat.config",
     "create_model": "hat.factory",
     "load_model": "hat.factory",
+    "Encoder": "hat.encoder",
     "HATModel": "hat.model",
     "ImageFeatures": "hat.model",
     "TextFeatures": "hat.model",

@@ -1,4 +1,4 @@
-"""Batch encoding of images and captions into stored per-level features, and full-matrix scoring."""
+"""Stored per-level features: joining caption batches, full-matrix scoring, first-stage products."""
 
 from __future__ import annotations
 
@@ -6,13 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hat.data.loader import ImageDataset, collate_images
 from hat.model import HATModel, ImageFeatures, TextFeatures
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
 
 
 def concat_text_features(parts: Sequence[TextFeatures]) -> TextFeatures:
@@ -28,54 +24,6 @@ def concat_text_features(parts: Sequence[TextFeatures]) -> TextFeatures:
 
     levels = [torch.cat([pad(p.levels[i]) for p in parts]) for i in range(len(parts[0].levels))]
     return TextFeatures(levels, torch.cat([pad(p.mask) for p in parts]))
-
-
-@torch.inference_mode()
-def encode_captions(
-    model: HATModel,
-    tokenizer,
-    captions: Sequence[str],
-    batch_size: int = 128,
-    progress: bool = False,
-) -> TextFeatures:
-    """Per-level word features of every caption, on the CPU."""
-    model.eval()
-    parts = []
-    for start in tqdm(range(0, len(captions), batch_size), desc="captions", disable=not progress):
-        batch = tokenize(
-            tokenizer, list(captions[start : start + batch_size]), model.config.max_text_len
-        )
-        feats = model.encode_text(
-            batch["input_ids"].to(model.device), batch["attention_mask"].to(model.device)
-        )
-        parts.append(feats.to("cpu"))
-    return concat_text_features(parts)
-
-
-@torch.inference_mode()
-def encode_images(
-    model: HATModel,
-    paths: Sequence,
-    batch_size: int = 32,
-    num_workers: int = 0,
-    skip_bad: bool = False,
-    progress: bool = False,
-) -> tuple[ImageFeatures, list[int]]:
-    """Per-level region features of every readable image (CPU) and the indices that were kept."""
-    model.eval()
-    dataset = ImageDataset(paths, eval_transform(model.config), skip_bad=skip_bad)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images
-    )
-    parts, kept = [], []
-    for batch in tqdm(loader, desc="images", disable=not progress):
-        if batch.pixel_values.numel():
-            parts.append(model.encode_image(batch.pixel_values.to(model.device)).to("cpu"))
-            kept.extend(batch.image_index.tolist())
-    if not parts:
-        raise ValueError("no image could be read")
-    levels = [torch.cat([p.levels[i] for p in parts]) for i in range(len(parts[0].levels))]
-    return ImageFeatures(levels), kept
 
 
 @torch.inference_mode()

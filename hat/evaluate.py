@@ -7,38 +7,63 @@ hat eval ... --data dataset_coco.json --split test --folds 5      # MSCOCO 5K an
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
-import torch
 
 from hat.data.captions import CaptionedImages
-from hat.encode import encode_captions, encode_images, first_stage_matrix, score_matrix
+from hat.encode import first_stage_matrix, score_matrix
+from hat.encoder import Encoder
 from hat.metrics import candidate_recall, fold_metrics, retrieval_metrics
 from hat.model import HATModel, ImageFeatures, TextFeatures
 
 FIRST_STAGE_RECALL = "first-stage recall of top-10"
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@dataclass
+class Evaluation:
+    """What :func:`evaluate` measures, by kind; :meth:`table` lays it out as reports store it."""
+
+    name: str
+    """The headline's row name, ``all <images>``."""
+    headline: dict[str, float]
+    """The whole split, all levels summed: what model selection and summaries read."""
+    folds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``<k>-fold <images>``: the average over image folds (empty with one fold)."""
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``<group> (<images>)``: the queries of each group, searched against the whole split."""
+    levels: dict[str, dict[str, float]] = field(default_factory=dict)
+    """``level <i> (<name>)``: each level alone (empty for a one-level model)."""
+    first_stage_recall: dict[str, float] = field(default_factory=dict)
+    """Share of the exact top-10 among the first stage's K candidates, ``t2i_K=..``/``i2t_K=..``."""
+
+    def table(self) -> dict[str, dict[str, float]]:
+        """Every result by row name, the headline first (``hat eval --out``, the demo reports)."""
+        return {
+            self.name: self.headline,
+            **self.folds,
+            **self.groups,
+            **self.levels,
+            FIRST_STAGE_RECALL: self.first_stage_recall,
+        }
 
 
 def evaluate(
-    model: HATModel,
-    tokenizer,
+    encoder: Encoder,
     data: CaptionedImages,
     folds: int = 1,
     batch_size: int = 32,
     num_workers: int = 0,
     progress: bool = False,
     groups: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> Evaluation:
     """Metrics of the whole split, of each level alone and, with ``folds > 1``, the fold average;
     ``groups`` as in :func:`evaluate_features`."""
-    images, _ = encode_images(
-        model, data.image_paths, batch_size, num_workers, skip_bad=False, progress=progress
+    images = encoder.encode_images(data.image_paths, batch_size, num_workers, progress=progress)
+    texts = encoder.encode_captions(data.captions, progress=progress)
+    return evaluate_features(
+        encoder.model, images, texts, data.caption_to_image, folds, progress, groups
     )
-    texts = encode_captions(model, tokenizer, data.captions, progress=progress)
-    return evaluate_features(model, images, texts, data.caption_to_image, folds, progress, groups)
 
 
 def evaluate_features(
@@ -49,23 +74,23 @@ def evaluate_features(
     folds: int = 1,
     progress: bool = False,
     groups: dict[str, np.ndarray] | None = None,
-) -> dict[str, dict[str, float]]:
-    """:func:`evaluate` on already encoded features (whole split first, then folds, then query
-    ``groups`` (name -> image mask, searched against the whole split), then levels, then the
-    first stage's candidate recall of the exact top-10 in both directions)."""
+) -> Evaluation:
+    """:func:`evaluate` on already encoded features; ``groups``: name -> image mask, whose
+    images' queries are also reported alone (searched against the whole split)."""
     per_level = score_matrix(model, images, texts, progress=progress).numpy()
     sims = per_level.sum(axis=0)
     n = images.levels[0].shape[0]
-    results = {f"all {n}": retrieval_metrics(sims, caption_to_image)}
+    result = Evaluation(f"all {n}", retrieval_metrics(sims, caption_to_image))
     if folds > 1:
-        results[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
+        result.folds[f"{folds}-fold {n // folds}"] = fold_metrics(sims, caption_to_image, folds)
     for name, mask in (groups or {}).items():
-        results[f"{name} ({int(np.sum(mask))})"] = retrieval_metrics(sims, caption_to_image, mask)
+        metrics = retrieval_metrics(sims, caption_to_image, mask)
+        result.groups[f"{name} ({int(np.sum(mask))})"] = metrics
     if len(per_level) > 1:
         for i, name in enumerate(model.config.level_names):
-            results[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
+            result.levels[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
     first = first_stage_matrix(model, images, texts).numpy()
     recall = {f"t2i_{k}": v for k, v in candidate_recall(sims.T, first.T).items()}
     recall.update({f"i2t_{k}": v for k, v in candidate_recall(sims, first).items()})
-    results[FIRST_STAGE_RECALL] = recall
-    return results
+    result.first_stage_recall = recall
+    return result

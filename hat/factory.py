@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
@@ -51,7 +52,7 @@ def create_model(
         tok = load_tokenizer(config, tokenizer)
     else:
         if tokenizer is not None:
-            config.tokenizer = tokenizer
+            config = replace(config, tokenizer=tokenizer)
         tok = load_tokenizer(config)
     model = HATModel(config, pretrained_image=image_source, pretrained_text=text_source)
     return model, tok

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -124,7 +125,6 @@ class HATModel(nn.Module):
         pretrained_text: str = "",
     ):
         super().__init__()
-        self.config = config
         image_file = pretrained_image if isinstance(pretrained_image, str) else ""
         self.image_tower = ImageTower(config, bool(pretrained_image), image_file)
         self.text_tower = TextTower(config, pretrained_text)
@@ -139,10 +139,12 @@ class HATModel(nn.Module):
             self.image_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
             self.text_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
             self.global_logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
-        # Checkpoints must rebuild the text tower offline: record its architecture.
-        self.config.text_backbone_config = self.text_tower.backbone.config.to_diff_dict()
-        self.config.text_backbone_config["model_type"] = self.text_tower.backbone.config.model_type
-        self.config.text_backbone_config.pop("transformers_version", None)
+        # Checkpoints must rebuild the text tower offline: record its architecture, in the
+        # model's own copy of the config (the caller's may build other models).
+        text_config = self.text_tower.backbone.config
+        architecture = {**text_config.to_diff_dict(), "model_type": text_config.model_type}
+        architecture.pop("transformers_version", None)
+        self.config = replace(copy.deepcopy(config), text_backbone_config=architecture)
 
     @property
     def device(self) -> torch.device:
@@ -238,6 +240,50 @@ class HATModel(nn.Module):
         return self.batch_scores(
             self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
         )
+
+    # ---------------------------------------------------------------- what trains
+    def lock_backbones(self, locked: bool = True) -> None:
+        """Freeze (or, ``locked=False``, unfreeze) both backbones, final norms included, as in the
+        reference recipe's first phase; level norms, projections and the global head always
+        train. The text pooler never trains: HAT does not use it."""
+        self.image_tower.backbone.requires_grad_(not locked)
+        self.text_tower.backbone.requires_grad_(not locked)
+        if (pooler := self._text_pooler()) is not None:
+            pooler.requires_grad_(False)
+
+    def trainable_parameters(self, part: str = "all") -> list[nn.Parameter]:
+        """The parameters an optimizer gets, in a stable order.
+
+        ``"all"``: everything that trains in some phase (all but the text pooler).
+        ``"heads"``: what :meth:`image_head` and :meth:`text_head` apply to cached backbone
+        outputs: new level norms, the image backbone's final norm where a level uses it, the
+        projections, and the global head.
+        ``"global_head"``: the first-stage global head alone (empty without one).
+        """
+        if part == "all":
+            pooler = self._text_pooler()
+            skip = {id(p) for p in pooler.parameters()} if pooler is not None else set()
+            return [p for p in self.parameters() if id(p) not in skip]
+        head = []
+        if self.global_logit_scale is not None:
+            head = [
+                *self.image_global.parameters(),
+                *self.text_global.parameters(),
+                self.global_logit_scale,
+            ]
+        if part == "global_head":
+            return head
+        if part != "heads":
+            raise ValueError(f"part must be 'all', 'heads' or 'global_head', got {part!r}")
+        tower = self.image_tower
+        modules = [tower.level_norms, self.image_proj, self.text_proj]
+        params = [p for m in modules for p in m.parameters()]
+        if tower.final_index in tower.levels:
+            params += list(tower.backbone.norm.parameters())
+        return params + head
+
+    def _text_pooler(self) -> nn.Module | None:
+        return getattr(self.text_tower.backbone, "pooler", None)
 
     # ---------------------------------------------------------------- persistence
     def save_pretrained(self, directory: str | Path, tokenizer=None, half: bool = False) -> Path:

@@ -17,7 +17,8 @@ from PIL import Image
 
 from hat.alignment_maps import alignment_maps
 from hat.artifacts import display_peak, modified_z, outlier_tokens
-from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.encoder import Encoder
+from hat.model import ImageFeatures, TextFeatures
 from hat.transforms import eval_resize
 
 FUNCTION_WORDS = frozenset(
@@ -91,12 +92,12 @@ def _inside(box, x: float, y: float) -> bool:
     return box[0] <= x <= box[2] and box[1] <= y <= box[3]
 
 
-def _grounded_maps(model, tokenizer, entries, image_root, images, texts):
+def _grounded_maps(encoder: Encoder, entries, image_root, images, texts):
     """``(image size, box, maps of the pair, token)`` for every grounded content word, in order.
 
     ``images`` and ``texts`` are the encoded split in :func:`read_karpathy` order.
     """
-    cfg = model.config
+    model, cfg = encoder.model, encoder.model.config
     caption_index = 0
     for image_index, entry in enumerate(entries):
         path = Path(image_root) / entry.get("filepath", "") / entry["filename"]
@@ -104,7 +105,7 @@ def _grounded_maps(model, tokenizer, entries, image_root, images, texts):
             size = im.size
         for sentence in entry["sentences"]:
             tokens = grounded_tokens(
-                tokenizer, sentence["raw"], sentence.get("groundings", []), cfg.max_text_len
+                encoder.tokenizer, sentence["raw"], sentence.get("groundings", []), cfg.max_text_len
             )
             if tokens:
                 maps = alignment_maps(
@@ -124,8 +125,7 @@ def _peak_pixel(row, col, grid, image_size, crop, resize) -> tuple[float, float]
 
 
 def pointing_game(
-    model: HATModel,
-    tokenizer,
+    encoder: Encoder,
     entries: list[dict],
     image_root: str | Path,
     images: ImageFeatures,
@@ -135,14 +135,12 @@ def pointing_game(
 
     ``images`` and ``texts`` are the encoded split in :func:`read_karpathy` order.
     """
-    cfg = model.config
+    cfg = encoder.model.config
     crop, resize = cfg.image_size, eval_resize(cfg.image_size)
     hits = np.zeros(cfg.num_levels)
     total = 0
     random_hits = centre_hits = 0.0
-    for size, box, maps, token in _grounded_maps(
-        model, tokenizer, entries, image_root, images, texts
-    ):
+    for size, box, maps, token in _grounded_maps(encoder, entries, image_root, images, texts):
         for level, level_maps in enumerate(maps):
             x, y = peak_to_pixel(level_maps.word_maps[token], size, crop, resize)
             hits[level] += _inside(box, x, y)
@@ -161,8 +159,7 @@ def pointing_game(
 
 
 def artifact_pointing(
-    model: HATModel,
-    tokenizer,
+    encoder: Encoder,
     entries: list[dict],
     image_root: str | Path,
     images: ImageFeatures,
@@ -171,13 +168,11 @@ def artifact_pointing(
     """Per level: how often a grounded word's map peaks on a high-norm outlier region, and the
     pointing game with the peak taken over all regions (as scored) and over the regions that are
     no outliers (as the maps display it; :func:`hat.artifacts.display_peak`)."""
-    cfg = model.config
+    cfg = encoder.model.config
     crop, resize = cfg.image_size, eval_resize(cfg.image_size)
     on_outlier, hits_all, hits_shown = (np.zeros(cfg.num_levels) for _ in range(3))
     total = 0
-    for size, box, maps, token in _grounded_maps(
-        model, tokenizer, entries, image_root, images, texts
-    ):
+    for size, box, maps, token in _grounded_maps(encoder, entries, image_root, images, texts):
         for level, level_maps in enumerate(maps):
             word_map, outliers = level_maps.word_maps[token], level_maps.outliers
             grid = word_map.shape

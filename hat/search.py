@@ -13,8 +13,6 @@ gallery instead (small galleries, evaluation). The final ranking is always the H
 
 from __future__ import annotations
 
-import ctypes
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,28 +24,21 @@ import torch
 from PIL import Image
 
 from hat.alignment import DEFAULT_BLOCK_ELEMENTS
-from hat.data.images import load_image
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.gallery import (
     CacheError,
     Gallery,
     build_gallery,
     checkpoint_fingerprint,
     collection_from_spec,
-    default_device,
     open_gallery,
-    run_in_pieces,
     search_index,
 )
 from hat.model import HATModel, ImageFeatures, TextFeatures
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
+from hat.runtime import block_size, default_device, free_memory, run_in_pieces
 
 DEFAULT_CANDIDATES = 100
 TEXT_BLOCK = 4096  # captions gathered at once when scoring the whole caption bank
-# fp32 bytes of the features of one scoring block: adapts to free memory, never above this.
-MAX_BLOCK_BYTES = 1 << 30
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 
 
 @dataclass
@@ -68,34 +59,6 @@ class SearchResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of giving it back to the OS at once.
-
-    A query allocates ~100 MB of short-lived fp32 features; by default glibc unmaps them on free
-    and the next query page-faults them back, which cost as much CPU as the scoring itself
-    (benchmarks/query_latency.py). Process-wide and harmless elsewhere; a no-op without glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 25)  # glibc's maximum: 32 MiB blocks come from the heap
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes that may be used now on ``device`` (free GPU memory, or available RAM)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def block_size(item_bytes: int, device: torch.device) -> int:
-    """Items per scoring block: a quarter of free memory at most, so no gallery can exhaust it."""
-    budget = min(MAX_BLOCK_BYTES, free_memory(device) // 4)
-    return max(1, budget // max(item_bytes, 1))
-
-
 def top_hits(scores: torch.Tensor, ids: np.ndarray, k: int) -> list[tuple[int, float, list[float]]]:
     """Best ``k`` of ``(levels, n)`` scores as (id, total, per-level), highest total first.
 
@@ -109,11 +72,9 @@ def top_hits(scores: torch.Tensor, ids: np.ndarray, k: int) -> list[tuple[int, f
 class Searcher:
     """Text → image and image → text search over a built gallery with its model."""
 
-    def __init__(self, gallery: Gallery, model: HATModel, tokenizer):
-        keep_freed_memory()
+    def __init__(self, gallery: Gallery, encoder: Encoder):
         self.gallery = gallery
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        self.encoder = encoder
 
     @classmethod
     def open(cls, directory: str | Path, device: str | None = None) -> Searcher:
@@ -124,8 +85,7 @@ class Searcher:
             raise CacheError(
                 f"{checkpoint} changed since {directory} was built: run `hat index build` again"
             )
-        model, tokenizer = load_model(checkpoint, device or default_device())
-        return cls(gallery, model, tokenizer)
+        return cls(gallery, Encoder.from_pretrained(checkpoint, device or default_device()))
 
     @classmethod
     def build(
@@ -133,30 +93,18 @@ class Searcher:
     ) -> Searcher:
         """Load ``checkpoint`` and open the gallery of ``spec`` (:func:`collection_from_spec`),
         building it in ``cache_dir`` first unless the cache already holds it."""
-        model, tokenizer = load_model(checkpoint, device or default_device())
+        encoder = Encoder.from_pretrained(checkpoint, device or default_device())
         collection = collection_from_spec(spec)
-        gallery = build_gallery(
-            checkpoint, collection, cache_dir, model=model, tokenizer=tokenizer, progress=True
-        )
-        return cls(gallery, model, tokenizer)
+        gallery = build_gallery(checkpoint, collection, cache_dir, encoder=encoder, progress=True)
+        return cls(gallery, encoder)
+
+    @property
+    def model(self) -> HATModel:
+        return self.encoder.model
 
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-    # ---------------------------------------------------------------- query encoding
-    @torch.inference_mode()
-    def encode_text(self, caption: str) -> TextFeatures:
-        batch = tokenize(self.tokenizer, [caption], self.model.config.max_text_len)
-        return self.model.encode_text(
-            batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        )
-
-    @torch.inference_mode()
-    def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:
-        image = image if isinstance(image, Image.Image) else load_image(image)
-        pixels = eval_transform(self.model.config)(image)[None].to(self.device)
-        return self.model.encode_image(pixels)
 
     # ---------------------------------------------------------------- scoring
     def _in_blocks(
@@ -231,7 +179,7 @@ class Searcher:
     ) -> SearchResult:
         """The ``k`` gallery images with the highest HAT score for ``caption``."""
         start = time.perf_counter()
-        text = self.encode_text(caption)
+        text = self.encoder.encode_caption(caption)
         timings = {"encode": time.perf_counter() - start}
         embedding = self.model.text_embedding(text)
         hits, scored = self._search(
@@ -257,7 +205,7 @@ class Searcher:
     ) -> SearchResult:
         """The ``k`` captions of the caption bank with the highest HAT score for ``image``."""
         start = time.perf_counter()
-        features = self.encode_image(image)
+        features = self.encoder.encode_image(image)
         timings = {"encode": time.perf_counter() - start}
         hits, scored = self._search(
             self.model.image_embedding(features),

@@ -18,7 +18,9 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,12 +30,12 @@ from tqdm.auto import tqdm
 
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, read_karpathy
-from hat.data.loader import PairCollator, PairDataset
+from hat.data.loader import Batch, PairCollator, PairDataset
 from hat.distributed import DistInfo, replicas_in_sync
-from hat.evaluate import FIRST_STAGE_RECALL, evaluate
+from hat.encoder import Encoder
+from hat.evaluate import Evaluation, evaluate
 from hat.factory import create_model
 from hat.loss import training_loss
-from hat.model import HATModel
 from hat.training_state import load_training_state, save_training_state
 from hat.transforms import train_transform
 
@@ -44,32 +46,97 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_backbones_trainable(model: HATModel, trainable: bool) -> None:
-    """Freeze or unfreeze both backbones; projections and new level norms always train.
-
-    The text pooler is never trained: HAT does not use it.
-    """
-    model.image_tower.backbone.requires_grad_(trainable)
-    model.text_tower.backbone.requires_grad_(trainable)
-    pooler = getattr(model.text_tower.backbone, "pooler", None)
-    if pooler is not None:
-        pooler.requires_grad_(False)
-
-
-def trainable_parameters(model: HATModel) -> list[torch.nn.Parameter]:
-    """Everything that trains in some phase (all but the pooler), in a stable order."""
-    pooler = getattr(model.text_tower.backbone, "pooler", None)
-    skip = {id(p) for p in pooler.parameters()} if pooler is not None else set()
-    return [p for p in model.parameters() if id(p) not in skip]
-
-
 def load_config(name_or_path: str) -> HATConfig:
     path = Path(name_or_path)
     return HATConfig.load(path) if path.suffix == ".json" else get_preset(name_or_path)
 
 
 class Trainer:
-    """One training run; works alone or as one process of a torchrun group."""
+    """The one training loop, shared by ``hat train`` (:class:`TrainingRun`) and ``hat
+    build-demo`` (on cached backbone outputs): per batch, ``batch_loss(batch)`` (``None`` skips
+    the batch), one optimizer step through the loss scaler and, with ``scheduler_step="step"``,
+    a scheduler step; per epoch, the scheduler (``"epoch"``) and the caller's ``end_of_epoch``.
+
+    What a batch is, which parameters train and what an epoch's end does are the caller's.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        batch_loss: Callable[[Any], torch.Tensor | None],
+        *,
+        scheduler_step: str = "epoch",
+        scaler: torch.amp.GradScaler | None = None,
+        log: Callable[[dict], None] | None = None,
+        log_every: int = 0,
+        desc: str = "epoch",
+        show_progress: bool = True,
+        step: int = 0,
+    ):
+        if scheduler_step not in ("epoch", "step"):
+            raise ValueError(f"scheduler_step must be 'epoch' or 'step', got {scheduler_step!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.batch_loss = batch_loss
+        self.scheduler_step = scheduler_step
+        self.scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+        self.log = log
+        self.log_every = log_every
+        self.desc = desc
+        self.show_progress = show_progress
+        self.step = step  # optimizer steps taken, across epochs and resumes
+
+    def train_epoch(self, epoch: int, batches: Iterable, total: int) -> float:
+        """At most ``total`` batches; returns their mean loss (NaN when every batch was skipped)."""
+        self.model.train()
+        losses = []
+        bar = tqdm(
+            batches, total=total, desc=f"{self.desc} {epoch}", disable=not self.show_progress
+        )
+        for n, batch in enumerate(bar):
+            if n >= total:
+                break
+            loss = self.batch_loss(batch)
+            if loss is None:
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.scheduler_step == "step":
+                self.scheduler.step()
+            self.step += 1
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if self.log is not None and self.log_every and self.step % self.log_every == 0:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log({"epoch": epoch, "step": self.step, "loss": loss.item(), "lr": lr})
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def fit(
+        self,
+        epochs: int,
+        batches: Callable[[int], tuple[Iterable, int]],
+        end_of_epoch: Callable[[int, float], None],
+        start_epoch: int = 0,
+        start_of_epoch: Callable[[int], None] | None = None,
+    ) -> None:
+        """Epochs ``start_epoch`` to ``epochs - 1``; ``batches(epoch) -> (batches, how many)``."""
+        for epoch in range(start_epoch, epochs):
+            if start_of_epoch is not None:
+                start_of_epoch(epoch)
+            loss = self.train_epoch(epoch, *batches(epoch))
+            if self.scheduler_step == "epoch":
+                self.scheduler.step()
+            end_of_epoch(epoch, loss)
+
+
+class TrainingRun:
+    """``hat train``: one run of the reference recipe; works alone or as one process of a
+    torchrun group."""
 
     def __init__(self, args: argparse.Namespace, dist_info: DistInfo):
         self.args = args
@@ -86,7 +153,7 @@ class Trainer:
         self.config = self.model.config
         self.train_data = self._read(args.train_split, args.restval)
         self.val_data = self._read(args.val_split, False) if args.val_split else None
-        self.optimizer = torch.optim.Adam(trainable_parameters(self.model), lr=args.lr)
+        self.optimizer = torch.optim.Adam(self.model.trainable_parameters(), lr=args.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(
             self.optimizer, step_size=args.lr_step, gamma=args.lr_gamma
         )
@@ -99,6 +166,18 @@ class Trainer:
             )
         self.ddp_model: torch.nn.Module = self.model
         self.frozen: bool | None = None
+        self.summary: dict = {}
+        self.trainer = Trainer(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.batch_loss,
+            scaler=self.scaler,
+            log=self.log,
+            log_every=args.log_every,
+            show_progress=dist_info.is_main,
+            step=self.progress["step"],
+        )
 
     def _read(self, split: str, restval: bool) -> CaptionedImages:
         return read_karpathy(self.args.data, self.args.image_root, split, restval)
@@ -114,7 +193,7 @@ class Trainer:
         if frozen == self.frozen:
             return
         self.frozen = frozen
-        set_backbones_trainable(self.model, not frozen)
+        self.model.lock_backbones(frozen)
         if self.dist.enabled:  # DDP registers the trainable set at wrap time: wrap again
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
@@ -145,79 +224,67 @@ class Trainer:
             persistent_workers=False,
         )
 
-    def train_epoch(self, epoch: int) -> float:
-        self.model.train()
-        losses = []
-        batches = self.loader(epoch)
-        total = len(batches)
+    def batches(self, epoch: int) -> tuple[DataLoader, int]:
+        loader = self.loader(epoch)
+        total = len(loader)
         if self.args.max_steps_per_epoch:
             total = min(total, self.args.max_steps_per_epoch)
-        bar = tqdm(batches, total=total, desc=f"epoch {epoch}", disable=not self.dist.is_main)
-        for n, batch in enumerate(bar):
-            if n >= total:
-                break
-            self.progress["skipped"] += batch.skipped
-            if batch.input_ids is None or len(batch.captions) < 2:
-                continue
-            autocast = (
-                torch.autocast("cuda", dtype=self.amp_dtype)
-                if self.amp_dtype
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                scores = self.ddp_model(
-                    batch.pixel_values.to(self.device, non_blocking=True),
-                    batch.input_ids.to(self.device),
-                    batch.attention_mask.to(self.device),
-                )
-            loss = training_loss(
-                scores.hat, scores.first_stage, self.config.margin, self.config.global_sharpness
-            )
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.progress["step"] += 1
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if self.progress["step"] % self.args.log_every == 0:
-                lr = self.optimizer.param_groups[0]["lr"]
-                self.log(
-                    {"epoch": epoch, "step": self.progress["step"], "loss": loss.item(), "lr": lr}
-                )
-        return float(np.mean(losses)) if losses else float("nan")
+        return loader, total
 
-    def validate(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Headline metrics of the val split, and the first stage's candidate recall."""
-        results = evaluate(
-            self.model, self.tokenizer, self.val_data, batch_size=self.args.batch_size
+    def batch_loss(self, batch: Batch) -> torch.Tensor | None:
+        """The reference loss of a batch of images and their captions (None: too few pairs)."""
+        self.progress["skipped"] += batch.skipped
+        if batch.input_ids is None or len(batch.captions) < 2:
+            return None
+        autocast = (
+            torch.autocast("cuda", dtype=self.amp_dtype)
+            if self.amp_dtype
+            else contextlib.nullcontext()
         )
-        return next(iter(results.values())), results[FIRST_STAGE_RECALL]
+        with autocast:
+            scores = self.ddp_model(
+                batch.pixel_values.to(self.device, non_blocking=True),
+                batch.input_ids.to(self.device),
+                batch.attention_mask.to(self.device),
+            )
+        return training_loss(
+            scores.hat, scores.first_stage, self.config.margin, self.config.global_sharpness
+        )
+
+    def validate(self) -> Evaluation:
+        encoder = Encoder(self.model, self.tokenizer)
+        return evaluate(encoder, self.val_data, batch_size=self.args.batch_size)
 
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.out / "args.json").write_text(json.dumps(vars(self.args), indent=2) + "\n")
-        start_epoch = self.progress["epoch"] + 1
-        summary: dict = {}
-        for epoch in range(start_epoch, self.args.epochs):
-            self._set_phase(epoch)
-            loss = self.train_epoch(epoch)
-            self.scheduler.step()
-            self.progress["epoch"] = epoch
-            summary = {"epoch": epoch, "train_loss": loss, "skipped": self.progress["skipped"]}
-            summary["replicas_in_sync"] = replicas_in_sync(self.model, self.dist)
-            if not summary["replicas_in_sync"]:
-                raise RuntimeError(f"DDP replicas diverged in epoch {epoch}")
-            if self.dist.is_main:
-                self._end_of_epoch(summary)
-            self.log(summary)
-        return summary
+        self.trainer.fit(
+            self.args.epochs,
+            self.batches,
+            self._end_of_epoch,
+            start_epoch=self.progress["epoch"] + 1,
+            start_of_epoch=self._set_phase,
+        )
+        return self.summary
 
-    def _end_of_epoch(self, summary: dict) -> None:
+    def _end_of_epoch(self, epoch: int, loss: float) -> None:
+        self.progress["epoch"] = epoch
+        self.progress["step"] = self.trainer.step
+        summary = {"epoch": epoch, "train_loss": loss, "skipped": self.progress["skipped"]}
+        summary["replicas_in_sync"] = replicas_in_sync(self.model, self.dist)
+        if not summary["replicas_in_sync"]:
+            raise RuntimeError(f"DDP replicas diverged in epoch {epoch}")
+        if self.dist.is_main:
+            self._checkpoint(summary)
+        self.log(summary)
+        self.summary = summary
+
+    def _checkpoint(self, summary: dict) -> None:
         if self.val_data is not None:
-            metrics, summary["val_first_stage"] = self.validate()
-            summary["val"] = metrics
+            evaluation = self.validate()
+            metrics = summary["val"] = evaluation.headline
+            summary["val_first_stage"] = evaluation.first_stage_recall
             selection = metrics["i2t_r1"] + metrics["t2i_r1"]
             if selection > self.progress["best"]:
                 self.progress["best"] = selection

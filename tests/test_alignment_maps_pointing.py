@@ -4,6 +4,7 @@ import torch
 
 from hat.alignment_maps import alignment_maps
 from hat.artifacts import outlier_tokens
+from hat.encoder import Encoder
 from hat.pointing import (
     artifact_pointing,
     grounded_tokens,
@@ -77,7 +78,7 @@ def test_pointing_game_counts_hits_and_baselines(tiny_model, tmp_path):
     ]
     image = model.encode_image(torch.randn(1, 3, 64, 64))
     text = model.encode_text(**tokenize(tokenizer, [caption], 32))
-    result = pointing_game(model, tokenizer, entries, tmp_path, image, text)
+    result = pointing_game(Encoder(model, tokenizer), entries, tmp_path, image, text)
     assert result["words"] == 2  # "red", "circle"
     assert result["random"] == pytest.approx(0.5)
     assert result["centre"] == 1.0  # (32, 32) lies on the box's edge
@@ -137,8 +138,8 @@ def test_artifact_pointing_agrees_with_the_pointing_game(tiny_model, tmp_path):
     image = model.encode_image(torch.randn(1, 3, 64, 64))
     image.levels[0][0, 5] *= 20  # one region of the first level becomes a norm outlier
     text = model.encode_text(**tokenize(tokenizer, [caption], 32))
-    game = pointing_game(model, tokenizer, entries, tmp_path, image, text)
-    study = artifact_pointing(model, tokenizer, entries, tmp_path, image, text)
+    game = pointing_game(Encoder(model, tokenizer), entries, tmp_path, image, text)
+    study = artifact_pointing(Encoder(model, tokenizer), entries, tmp_path, image, text)
     assert study["words"] == game["words"] == 4
     maps = alignment_maps(model, image, text)
     tokens = [t for t, _ in grounded_tokens(tokenizer, caption, spans, 32)]

@@ -182,7 +182,7 @@ def test_converted_model_has_the_official_level_shapes(official, converted):
     # Before projection: the official image_embeds_all[1], [2], [-1] and BERT layers 4, 10, 12.
     assert [tuple(x.shape) for x in image_levels] == [(1, 784, 256), (1, 196, 512), (1, 49, 1024)]
     assert [tuple(x.shape) for x in text_levels] == [(1, 8, 768)] * 3
-    # Level 1 (index 0) is the official norm_1 applied to Swin stage 1 (28×28×256, before patch merging).
+    # Level 1 (index 0) is the official norm_1 on Swin stage 1 (28×28×256, before patch merging).
     norm_1 = [state[f"vit_model.norm_1.{p}"].float() for p in ("weight", "bias")]
     expected = F.layer_norm(stage1[0].reshape(1, 784, 256), (256,), *norm_1)
     torch.testing.assert_close(image_levels[0], expected)

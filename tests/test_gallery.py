@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from hat import create_model
-from hat.encode import encode_images
+from hat.encoder import Encoder
 from hat.gallery import (
     BuildSettings,
     CacheError,
@@ -73,13 +73,11 @@ def build(checkpoint, folder, cache, **kwargs):
 
 
 def test_stored_features_match_direct_encoding(checkpoint, folder, tmp_path):
-    from hat import load_model
-
     gallery = build(checkpoint, folder, tmp_path / "cache", settings=BuildSettings("fp32"))
     assert gallery.num_images == 5 and gallery.num_captions == 10 and not gallery.skipped
     assert gallery.paths[0] == "img1.png" and "sub/img0.png" in gallery.paths
-    model, _ = load_model(checkpoint)
-    direct, _ = encode_images(model, [gallery.image_path(i) for i in range(5)])
+    encoder = Encoder.from_pretrained(checkpoint)
+    direct = encoder.encode_images([gallery.image_path(i) for i in range(5)])
     stored = gallery.image_features(range(5))
     for a, b in zip(direct.levels, stored.levels, strict=True):
         torch.testing.assert_close(a, b)
@@ -169,7 +167,7 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
         assert [h.index for h in model_b.text_to_image(caption, k=5, exact=True).hits] == want
     # The re-rank scores pq regions as PCA coordinates, never expanded: the same scores as the
     # decoded features give.
-    text = model_b.encode_text("a square of colour 3")
+    text = model_b.encoder.encode_caption("a square of colour 3")
     ids = [4, 0, 2]
     parts = reopened.image_parts(ids)
     dim = reopened.manifest["dim"]

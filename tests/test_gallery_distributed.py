@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hat import create_model, load_model
+from hat.encoder import Encoder
 from hat.gallery import build_gallery, folder_collection
 from hat.gallery.shards import chunk
 from hat.search import Searcher
@@ -81,7 +82,7 @@ def assert_same_gallery(distributed, single, model, tokenizer):
         np.testing.assert_allclose(
             distributed.embeddings(kind), single.embeddings(kind), rtol=1e-4, atol=1e-5
         )
-    searchers = [Searcher(g, model, tokenizer) for g in (distributed, single)]
+    searchers = [Searcher(g, Encoder(model, tokenizer)) for g in (distributed, single)]
     for query in QUERIES:
         a, b = (s.text_to_image(query, k=5) for s in searchers)
         assert [h.index for h in a.hits] == [h.index for h in b.hits]

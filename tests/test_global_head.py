@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from hat.data.captions import read_karpathy
 from hat.demo_build.recipe import Schedule, cache_split, evaluate_cached, train_global_head
-from hat.evaluate import FIRST_STAGE_RECALL
+from hat.encoder import Encoder
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.pooling import pool_words
 
@@ -85,16 +85,16 @@ def test_distilling_raises_candidate_recall_and_leaves_hat_alone(
     model, tokenizer = tiny_model
     json_path, image_root = synthetic_dataset
     data = read_karpathy(json_path, image_root, "train")  # 48 images, 240 captions
-    cached = cache_split(model, tokenizer, data, tmp_path / "train.safetensors")
+    cached = cache_split(Encoder(model, tokenizer), data, tmp_path / "train.safetensors")
     hat_state = {k: v.clone() for k, v in model.state_dict().items() if "global" not in k}
-    before_metrics, before = evaluate_cached(model, cached)
+    before = evaluate_cached(model, cached)
     schedule = Schedule(epochs=30, batch_size=16, lr=1e-2, seed=0)
     history = train_global_head(model, cached, cached, schedule, tmp_path / "log.jsonl")
-    after_metrics, after = evaluate_cached(model, cached)
-    assert after_metrics == before_metrics  # HAT's own scores did not move
+    after = evaluate_cached(model, cached)
+    assert after.headline == before.headline  # HAT's own scores did not move
     for key, value in model.state_dict().items():
         if key in hat_state:
             torch.testing.assert_close(value, hat_state[key], rtol=0, atol=0)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert after[FIRST_STAGE_RECALL]["i2t_K=50"] > before[FIRST_STAGE_RECALL]["i2t_K=50"] + 0.1
+    assert after.first_stage_recall["i2t_K=50"] > before.first_stage_recall["i2t_K=50"] + 0.1
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 30

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from hat import HATConfig, HATModel, create_model, get_preset, list_presets, load_model
-from hat.encode import concat_text_features, encode_captions, score_matrix
+from hat.encode import concat_text_features, score_matrix
+from hat.encoder import Encoder
 from hat.hub import PretrainedUnavailableError
 from hat.model import CheckpointFormatError
 from hat.tokenization import tokenize
@@ -159,7 +160,7 @@ def test_truncated_weights_are_named_as_such(tiny_model, tmp_path):
 def test_exact_scoring_of_stored_features_in_blocks(tiny_model):
     model, tokenizer = tiny_model
     images = model.encode_image(torch.randn(5, 3, 64, 64))
-    texts = encode_captions(model, tokenizer, CAPTIONS * 3, batch_size=2)
+    texts = Encoder(model, tokenizer).encode_captions(CAPTIONS * 3, batch_size=2)
     blocked = score_matrix(model, images, texts, image_block=2)
     assert blocked.shape == (3, 5, 9)
     torch.testing.assert_close(blocked, model.level_scores(images, texts))
@@ -181,3 +182,17 @@ def test_pretrained_weights_fail_fast_and_clearly_offline(monkeypatch):
         create_model("hat-tiny", pretrained_text="hub")
     with pytest.raises(PretrainedUnavailableError, match="not found"):
         create_model("hat-tiny", pretrained_image="/no/such/file.safetensors")
+
+
+def test_building_a_model_leaves_the_given_config_alone():
+    config = get_preset("hat-tiny")
+    before, architecture = config.to_dict(), config.text_backbone_config
+    model = HATModel(config)
+    assert config.to_dict() == before and config.text_backbone_config is architecture
+    assert model.config.text_backbone_config["hidden_size"] == 32
+    model.config.image_levels.append(99)  # the model's config is its own, lists included
+    assert config.to_dict() == before
+    model, tokenizer = create_model(config, tokenizer="bert-base-uncased-vocab.txt")
+    assert config.to_dict() == before
+    assert model.config.tokenizer == "bert-base-uncased-vocab.txt"
+    assert tokenizer.vocab_size > 30000  # the bundled BERT vocabulary, not the tiny one

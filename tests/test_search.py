@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from hat import cli, create_model, get_preset, load_model
-from hat import search as search_module
-from hat.gallery import CacheError, build_gallery, folder_collection, run_in_pieces
+from hat import cli, create_model, get_preset, load_model, runtime
+from hat.encoder import Encoder
+from hat.gallery import CacheError, build_gallery, folder_collection
+from hat.runtime import run_in_pieces
 from hat.search import Searcher, top_hits
 from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (fixtures)
 
@@ -17,8 +18,7 @@ from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (f
 @pytest.fixture()
 def searcher(checkpoint, folder, tmp_path):  # noqa: F811
     gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
-    model, tokenizer = load_model(checkpoint)
-    return Searcher(gallery, model, tokenizer)
+    return Searcher(gallery, Encoder.from_pretrained(checkpoint))
 
 
 def same_hits(a, b):
@@ -38,7 +38,7 @@ def test_two_stage_equals_exact_when_candidates_cover_the_gallery(searcher):
 
 def test_scores_are_the_models_hierarchical_scores(searcher):
     result = searcher.text_to_image("a square of colour 3", k=3)
-    text = searcher.encode_text("a square of colour 3")
+    text = searcher.encoder.encode_caption("a square of colour 3")
     ids = [h.index for h in result.hits]
     want = searcher.model.level_scores(searcher.gallery.image_features(ids), text)[:, :, 0]
     got = torch.tensor([h.level_scores for h in result.hits]).T
@@ -55,8 +55,8 @@ def test_fewer_candidates_rerank_only_those(searcher):
 
 def test_blocks_shrink_with_memory_and_scores_do_not_change(searcher, monkeypatch):
     reference = searcher.text_to_image("picture number 2", k=5, exact=True)
-    monkeypatch.setattr(search_module, "free_memory", lambda device: 4 * 4096)
-    assert search_module.block_size(4096, torch.device("cpu")) == 1
+    monkeypatch.setattr(runtime, "free_memory", lambda device: 4 * 4096)
+    assert runtime.block_size(4096, torch.device("cpu")) == 1
     same_hits(searcher.text_to_image("picture number 2", k=5, exact=True), reference)
     image = searcher.gallery.image_path(0)
     same_hits(searcher.image_to_text(image, k=4, exact=True), searcher.image_to_text(image, k=4))
@@ -134,3 +134,14 @@ def test_a_global_head_narrower_than_the_levels_builds_and_searches(folder, tmp_
     same_hits(searcher.text_to_image(query, k=3), searcher.text_to_image(query, k=3, exact=True))
     image = gallery.image_path(0)
     same_hits(searcher.image_to_text(image, k=4), searcher.image_to_text(image, k=4, exact=True))
+
+
+def test_a_searcher_leaves_malloc_alone(checkpoint, folder, tmp_path, monkeypatch):  # noqa: F811
+    from tests.test_runtime import FakeLibc
+
+    libc = FakeLibc()
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(runtime, "_freed_memory_kept", False)
+    gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
+    Searcher(gallery, Encoder.from_pretrained(checkpoint))
+    assert libc.calls == []

@@ -10,9 +10,10 @@ import torch
 from hat.cli.train import main as train_main
 from hat.data.captions import read_karpathy
 from hat.data.loader import PairCollator, PairDataset
-from hat.evaluate import evaluate
+from hat.encoder import Encoder
+from hat.evaluate import FIRST_STAGE_RECALL, evaluate, evaluate_features
 from hat.loss import training_loss
-from hat.train import set_backbones_trainable, trainable_parameters
+from hat.train import Trainer
 from hat.transforms import eval_transform
 
 
@@ -26,9 +27,9 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     dataset = PairDataset(data, eval_transform(model.config))
     # one caption per image: a batch of 16 distinct images
     batch = collate([dataset[i * 5 + (i % 5)] for i in range(16)])
-    before = evaluate(model, tokenizer, data)["all 16"]["rsum"]
-    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-3)
-    set_backbones_trainable(model, True)
+    before = evaluate(Encoder(model, tokenizer), data).headline["rsum"]
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    model.lock_backbones(False)
     model.eval()  # no dropout: a deterministic optimisation problem
     losses = []
     for _ in range(40):
@@ -39,24 +40,24 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    after = evaluate(model, tokenizer, data)["all 16"]["rsum"]
+    after = evaluate(Encoder(model, tokenizer), data).headline["rsum"]
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
     assert after > before + 30
 
 
 def test_pooler_never_trains_and_freezing_keeps_projections_norms_and_global_head(tiny_model):
     model, _ = tiny_model
-    set_backbones_trainable(model, False)
+    model.lock_backbones()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     heads = ("image_proj", "text_proj", "image_tower.level_norms", "image_global", "text_global")
     assert trainable and all(n.startswith((*heads, "global_logit_scale")) for n in trainable)
     assert {"global_logit_scale", "image_global.queries"} <= trainable
-    set_backbones_trainable(model, True)
+    model.lock_backbones(False)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == {n for n, _ in model.named_parameters() if ".pooler." in n}
     assert not any(
         p is q
-        for p in trainable_parameters(model)
+        for p in model.trainable_parameters()
         for q in model.text_tower.backbone.pooler.parameters()
     )
 
@@ -171,3 +172,82 @@ def test_ddp_two_gloo_processes_keep_replicas_identical(synthetic_dataset, tmp_p
     epochs = [r for r in records if "train_loss" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["replicas_in_sync"] for r in epochs)
+
+
+def test_head_parameters_are_what_cached_backbone_outputs_train(tiny_model):
+    model, _ = tiny_model
+    names = {id(p): n for n, p in model.named_parameters()}
+    heads = {names[id(p)] for p in model.trainable_parameters("heads")}
+    tower = model.image_tower
+    final_norm = {n for n in names.values() if n.startswith("image_tower.backbone.norm.")}
+    assert (tower.final_index in tower.levels) == bool(final_norm & heads)
+    prefixes = ("image_proj", "text_proj", "image_tower.level_norms", "image_global", "text_global")
+    assert all(n.startswith((*prefixes, "global_logit_scale")) for n in heads - final_norm)
+    assert any(n.startswith("image_tower.level_norms") for n in heads)
+    head = {names[id(p)] for p in model.trainable_parameters("global_head")}
+    assert head and head <= heads and all("global" in n for n in head)
+    with pytest.raises(ValueError, match="part must be"):
+        model.trainable_parameters("backbones")
+
+
+def test_trainer_skips_batches_steps_schedulers_and_logs():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    records = []
+
+    def batch_loss(batch):
+        return None if batch is None else model(batch).pow(2).mean()
+
+    def trainer(scheduler_step):
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return Trainer(
+            model,
+            optimizer,
+            scheduler,
+            batch_loss,
+            scheduler_step=scheduler_step,
+            log=records.append,
+            log_every=2,
+            show_progress=False,
+        )
+
+    batches = [torch.ones(3, 2), None, torch.ones(3, 2), torch.ones(3, 2), torch.ones(3, 2)]
+    ends = []
+    per_epoch = trainer("epoch")
+    per_epoch.fit(2, lambda epoch: (iter(batches), 4), lambda e, loss: ends.append((e, loss)))
+    assert per_epoch.step == 6 and [e for e, _ in ends] == [0, 1]  # 3 of the first 4, twice
+    assert per_epoch.optimizer.param_groups[0]["lr"] == 0.25
+    assert [r["step"] for r in records] == [2, 4, 6] and records[0]["lr"] == 1.0
+    per_step = trainer("step")
+    per_step.fit(1, lambda epoch: (iter(batches), 5), lambda e, loss: None, start_epoch=0)
+    assert per_step.step == 4 and per_step.optimizer.param_groups[0]["lr"] == 0.5**4
+    skipped = trainer("epoch")
+    assert np.isnan(skipped.train_epoch(0, iter([None, None]), 2)) and skipped.step == 0
+    with pytest.raises(ValueError, match="scheduler_step"):
+        trainer("batch")
+
+
+@torch.no_grad()
+def test_an_evaluation_names_its_parts_and_lays_them_out_headline_first(tiny_model):
+    model, tokenizer = tiny_model
+    torch.manual_seed(0)
+    images = model.encode_image(torch.randn(4, 3, 64, 64))
+    captions = [f"picture {i} caption {j}" for i in range(4) for j in range(2)]
+    texts = Encoder(model, tokenizer).encode_captions(captions)
+    owners = np.repeat(np.arange(4), 2)
+    groups = {"left": np.array([True, True, False, False])}
+    evaluation = evaluate_features(model, images, texts, owners, folds=2, groups=groups)
+    assert evaluation.name == "all 4" and 0 <= evaluation.headline["rsum"] <= 600
+    assert list(evaluation.folds) == ["2-fold 2"] and list(evaluation.groups) == ["left (2)"]
+    assert len(evaluation.levels) == model.config.num_levels
+    assert evaluation.first_stage_recall == {}  # K = 50 candidates: more than 4 or 8 items
+    table = evaluation.table()
+    assert list(table) == [
+        "all 4",
+        "2-fold 2",
+        "left (2)",
+        *evaluation.levels,
+        FIRST_STAGE_RECALL,
+    ]
+    assert table["all 4"] is evaluation.headline

@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from hat.runtime import keep_freed_memory
+
 # subcommand -> (module with main(argv), one-line help)
 COMMANDS = {
     "train": ("hat.cli.train", "train a model (torchrun-ready)"),
@@ -41,5 +43,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hat: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    keep_freed_memory()
     module.main(rest)
     return 0

@@ -10,9 +10,10 @@ from pathlib import Path
 import hat.evaluate
 from hat.cli.fetch import resolve_or_exit
 from hat.data.captions import karpathy_groups, read_karpathy
-from hat.evaluate import default_device, evaluate
-from hat.factory import load_model
+from hat.encoder import Encoder
+from hat.evaluate import evaluate
 from hat.metrics import format_table
+from hat.runtime import default_device
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -39,12 +40,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    model, tokenizer = load_model(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
+    encoder = Encoder.from_pretrained(resolve_or_exit(args.checkpoint, "hat eval"), args.device)
     data = read_karpathy(args.data, args.image_root, args.split)
     groups = karpathy_groups(args.data, args.split, args.group_by) if args.group_by else None
-    results = evaluate(
-        model, tokenizer, data, args.folds, args.batch_size, args.workers, True, groups
-    )
+    results = evaluate(encoder, data, args.folds, args.batch_size, args.workers, True, groups)
+    table = results.table()
     report = {
         "checkpoint": str(args.checkpoint),
         "data": str(args.data),
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
         "num_images": data.num_images,
         "num_captions": len(data.captions),
         "seconds": round(time.perf_counter() - start, 1),
-        "results": results,
+        "results": table,
     }
-    print(format_table(results))
+    print(format_table(table))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from hat.demo_build import examples
 from hat.demo_build.examples import DEFAULT_KINDS, choose_examples
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.gallery import build_gallery
 from hat.gallery.collection import collection_from_spec
 from hat.search import Searcher
@@ -28,12 +28,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--per-kind", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", default=list(DEFAULT_KINDS))
     args = parser.parse_args(argv)
-    model, tokenizer = load_model(args.checkpoint)
+    encoder = Encoder.from_pretrained(args.checkpoint)
     collection = collection_from_spec(args.gallery)
-    gallery = build_gallery(
-        args.checkpoint, collection, args.cache, model=model, tokenizer=tokenizer, progress=True
-    )
-    searcher = Searcher(gallery, model, tokenizer)
+    gallery = build_gallery(args.checkpoint, collection, args.cache, encoder=encoder, progress=True)
+    searcher = Searcher(gallery, encoder)
     chosen, counts = choose_examples(searcher, args.per_kind, args.kinds)
     out = Path(args.gallery) / "examples.json"
     out.write_text(json.dumps(chosen, indent=1) + "\n", encoding="utf-8")

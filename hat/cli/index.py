@@ -27,10 +27,10 @@ from hat.gallery import (
     build_gallery,
     build_gallery_distributed,
     default_cache_dir,
-    default_device,
     folder_collection,
     karpathy_collection,
 )
+from hat.runtime import default_device
 
 SHOW_SKIPPED = 20
 

@@ -6,8 +6,8 @@ import argparse
 
 from hat import train
 from hat.distributed import cleanup, init_distributed
-from hat.evaluate import default_device
-from hat.train import Trainer
+from hat.runtime import default_device
+from hat.train import TrainingRun
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -45,6 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     dist_info = init_distributed(args.device)
     try:
-        return Trainer(args, dist_info).run()
+        return TrainingRun(args, dist_info).run()
     finally:
         cleanup(dist_info)

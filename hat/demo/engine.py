@@ -31,19 +31,18 @@ from hat.demo.pairmaps import VIEW, PairMaps
 from hat.demo.rendering import model_view, render_grid
 from hat.demo.uploads import collect_uploads, write_captions
 from hat.demo.words import group_pieces
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.gallery import (
     CacheError,
     Gallery,
     build_gallery,
     collection_from_spec,
-    default_device,
     folder_collection,
 )
-from hat.model import ImageFeatures
+from hat.model import HATModel, ImageFeatures
 from hat.owners import Owner, sweep
+from hat.runtime import default_device
 from hat.search import Hit, Searcher, SearchResult
-from hat.tokenization import tokenize
 
 BUILTIN = "built-in"
 MINE = "mine"
@@ -137,8 +136,7 @@ class DemoEngine:
         self.checkpoint = Path(checkpoint)
         self.gallery_dir = Path(gallery_dir)
         self.device = device or default_device()
-        self.model, self.tokenizer = load_model(self.checkpoint, self.device)
-        self.model.eval()
+        self.encoder = Encoder.from_pretrained(self.checkpoint, self.device)
         loaded = time.perf_counter()
 
         def build() -> Gallery:
@@ -146,15 +144,14 @@ class DemoEngine:
                 self.checkpoint,
                 collection_from_spec(gallery_dir),
                 cache_dir,
-                model=self.model,
-                tokenizer=self.tokenizer,
+                encoder=self.encoder,
                 progress=progress,
             )
             # faiss indexes load lazily: load them now so that the first query is as fast as any.
             _ = gallery.image_index, gallery.text_index
             return gallery
 
-        self.builtin = BuiltinGallery(build, lambda g: Searcher(g, self.model, self.tokenizer))
+        self.builtin = BuiltinGallery(build, lambda g: Searcher(g, self.encoder))
         temp_root = Path(temp_dir or tempfile.gettempdir())
         temp_root.mkdir(parents=True, exist_ok=True)
         sweep(temp_root, TEMP_PREFIX)  # uploads of demo processes that were killed
@@ -212,6 +209,10 @@ class DemoEngine:
         )
 
     @property
+    def model(self) -> HATModel:
+        return self.encoder.model
+
+    @property
     def gallery(self) -> Gallery:
         """The built-in gallery (a rebuilt one, once a damaged one has been replaced)."""
         return self.builtin.gallery
@@ -248,7 +249,7 @@ class DemoEngine:
     def _searcher(self, gallery: Gallery) -> Searcher:
         if gallery is self.gallery:
             return self.searcher
-        return Searcher(gallery, self.model, self.tokenizer)
+        return Searcher(gallery, self.encoder)
 
     @contextmanager
     def _reading(self, gallery: Gallery) -> Iterator[None]:
@@ -291,8 +292,7 @@ class DemoEngine:
                 self.checkpoint,
                 folder_collection(directory / "images", captions),
                 directory / "cache",
-                model=self.model,
-                tokenizer=self.tokenizer,
+                encoder=self.encoder,
                 progress=True,
             )
             folder = f"{directory / 'images'}/"  # reasons name files by their upload path
@@ -323,13 +323,15 @@ class DemoEngine:
     def read_caption(self, caption: object) -> tuple[str, dict[str, torch.Tensor], list[str]]:
         """The cleaned caption, its token batch and its word pieces (what the model reads)."""
         caption = clean_caption(caption)
-        batch = tokenize(self.tokenizer, [caption], self.model.config.max_text_len)
+        batch = self.encoder.tokenize([caption])
         length = int(batch["attention_mask"][0].sum())
-        words = self.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, :length].tolist())
+        words = self.encoder.tokenizer.convert_ids_to_tokens(
+            batch["input_ids"][0, :length].tolist()
+        )
         return caption, batch, words
 
     def _truncation_note(self, caption: str, words: list[str]) -> str:
-        full = len(self.tokenizer(caption)["input_ids"])
+        full = len(self.encoder.tokenizer(caption)["input_ids"])
         if full > len(words):
             return f" The model read the first {len(words) - 2} of {full - 2} word pieces."
         return ""
@@ -382,7 +384,7 @@ class DemoEngine:
     def maps_for_image(self, image: object, caption: object) -> Maps:
         """Maps of an uploaded image with a caption (the image is encoded as for a query)."""
         picture = query_image(image)
-        features = self.searcher.encode_image(picture)
+        features = self.encoder.encode_image(picture)
         return self._maps(picture, features, caption)
 
     def maps_for_gallery_image(self, gallery: Gallery, index: int, caption: object) -> Maps:
@@ -393,10 +395,7 @@ class DemoEngine:
 
     def _maps(self, picture: Image.Image, features: ImageFeatures, caption: object) -> Maps:
         caption, batch, words = self.read_caption(caption)
-        with torch.inference_mode():
-            text = self.model.encode_text(
-                batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-            )
+        text = self.encoder.encode_tokens(batch)
         levels = alignment_maps(self.model, features, text)
         total = sum(level.score for level in levels)
         grid = render_grid(

@@ -33,16 +33,15 @@ from tqdm.auto import tqdm
 
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
-from hat.data.loader import ImageDataset, collate_images
 from hat.demo_build.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
 from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
-from hat.evaluate import FIRST_STAGE_RECALL, evaluate_features
+from hat.encoder import Encoder
+from hat.evaluate import Evaluation, evaluate_features
 from hat.factory import create_model
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
 from hat.model import HATModel
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
+from hat.train import Trainer
 
 SCENES_JSON = "dataset_tuxpaint_scenes.json"
 STAMPS_JSON = "dataset_tuxpaint_stamps.json"
@@ -68,7 +67,7 @@ class CachedSplit:
     pool: np.ndarray | None = None  # training only: the images batches draw from (None: all)
 
 
-def build_initial_model(config: HATConfig) -> tuple[HATModel, object]:
+def build_initial_model(config: HATConfig) -> Encoder:
     """HAT with the packaged DINOv2 and MiniLM weights; new norms and projections are random."""
     model, tokenizer = create_model(config, pretrained_text=str(find_minilm_dir()))
     state = dinov2_timm_state_dict(img_size=config.image_size)
@@ -80,14 +79,15 @@ def build_initial_model(config: HATConfig) -> tuple[HATModel, object]:
         raise RuntimeError(f"DINOv2 weights lack {missing}")
     backbone.load_state_dict({k: state[k] for k in own}, strict=True)
     print(f"image backbone: loaded {len(own)} tensors, {len(unused)} unused after pruning")
-    return model, tokenizer
+    return Encoder(model, tokenizer)
 
 
 @torch.inference_mode()
 def cache_split(
-    model: HATModel, tokenizer, data: CaptionedImages, path: Path, batch_size: int = 32
+    encoder: Encoder, data: CaptionedImages, path: Path, batch_size: int = 32
 ) -> CachedSplit:
     """Backbone level outputs of every image and caption of ``data``, stored at ``path``."""
+    model = encoder.model
     if path.is_file():
         tensors = load_file(str(path))
         n = model.config.num_levels
@@ -98,17 +98,14 @@ def cache_split(
             tensors["text_mask"].bool(),
         )
     model.eval()
-    loader = torch.utils.data.DataLoader(
-        ImageDataset(data.image_paths, eval_transform(model.config)),
-        batch_size=batch_size,
-        collate_fn=collate_images,
-    )
     image_parts = []
-    for batch in tqdm(loader, desc=f"images {path.stem}"):
+    for batch in tqdm(
+        encoder.image_loader(data.image_paths, batch_size), desc=f"images {path.stem}"
+    ):
         image_parts.append(
             [x.half() for x in model.image_tower.backbone_levels(batch.pixel_values)]
         )
-    tokens = tokenize(tokenizer, data.captions, model.config.max_text_len)
+    tokens = encoder.tokenize(data.captions)
     text_parts = []
     for start in tqdm(range(0, len(data.captions), 256), desc=f"captions {path.stem}"):
         ids = tokens["input_ids"][start : start + 256]
@@ -189,27 +186,6 @@ def _groups(cached: CachedSplit) -> np.ndarray:
     return np.unique(cached.groups, return_inverse=True)[1]
 
 
-def global_head_parameters(model: HATModel) -> list[torch.nn.Parameter]:
-    """The first-stage global head, empty for a model without one."""
-    if model.global_logit_scale is None:
-        return []
-    return [
-        *model.image_global.parameters(),
-        *model.text_global.parameters(),
-        model.global_logit_scale,
-    ]
-
-
-def head_parameters(model: HATModel) -> list[torch.nn.Parameter]:
-    """What trains while the backbones are frozen: new level norms, the projections and the
-    global head."""
-    modules = [model.image_tower.level_norms, model.image_proj, model.text_proj]
-    params = [p for m in modules for p in m.parameters()]
-    if model.image_tower.final_index in model.image_tower.levels:
-        params += list(model.image_tower.backbone.norm.parameters())
-    return params + global_head_parameters(model)
-
-
 class PairSampler:
     """Batches of training images (of ``pool``, default all), each with one of its captions
     drawn at random.
@@ -288,6 +264,7 @@ class Schedule:
 
 
 def fit(
+    model: HATModel,
     params: list[torch.nn.Parameter],
     train: CachedSplit,
     schedule: Schedule,
@@ -295,22 +272,22 @@ def fit(
     end_of_epoch: Callable[[int, float], None],
     desc: str,
 ) -> None:
-    """Train ``params`` on ``train`` by ``schedule``: ``batch_loss(images, captions)`` gives each
-    step's loss, ``end_of_epoch(epoch, mean loss)`` evaluates and logs."""
+    """Train ``params`` on ``train`` by ``schedule`` with the training loop of ``hat train``
+    (:class:`~hat.train.Trainer`): ``batch_loss(images, captions)`` gives each step's loss,
+    ``end_of_epoch(epoch, mean loss)`` evaluates and logs."""
     sampler = PairSampler(train.data, schedule.batch_size, schedule.seed, train.groups, train.pool)
     optimizer = torch.optim.Adam(params, lr=schedule.lr)
     total = schedule.epochs * len(sampler)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
-    for epoch in range(schedule.epochs):
-        losses = []
-        for images, captions in tqdm(sampler.epoch(), total=len(sampler), desc=f"{desc} {epoch}"):
-            loss = batch_loss(images, captions)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-        end_of_epoch(epoch, float(np.mean(losses)))
+    trainer = Trainer(
+        model,
+        optimizer,
+        scheduler,
+        lambda pair: batch_loss(*pair),
+        scheduler_step="step",
+        desc=desc,
+    )
+    trainer.fit(schedule.epochs, lambda epoch: (sampler.epoch(), len(sampler)), end_of_epoch)
 
 
 def log_record(log_path: Path, record: dict) -> None:
@@ -329,15 +306,15 @@ def train_heads(
     best, best_state, history = -math.inf, None, []
 
     def batch_loss(images: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
-        model.train()
         scores = model.batch_scores(*head_features(model, train, images, captions))
         return training_loss(scores.hat, scores.first_stage, cfg.margin, cfg.global_sharpness)
 
     def end_of_epoch(epoch: int, loss: float) -> None:
         nonlocal best, best_state
-        metrics, results = evaluate_cached(model, val)
+        evaluation = evaluate_cached(model, val)
+        metrics = evaluation.headline
         record = {"model": cfg.name, "epoch": epoch, "loss": loss, "val": metrics}
-        record["val_first_stage"] = results[FIRST_STAGE_RECALL]
+        record["val_first_stage"] = evaluation.first_stage_recall
         history.append(record)
         log_record(log_path, record)
         print(f"epoch {epoch}: loss {loss:.3f} val rsum {metrics['rsum']:.1f}")
@@ -346,8 +323,8 @@ def train_heads(
             best = selection
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    params = head_parameters(model)
-    fit(params, train, schedule, batch_loss, end_of_epoch, f"{cfg.name} epoch")
+    params = model.trainable_parameters("heads")
+    fit(model, params, train, schedule, batch_loss, end_of_epoch, f"{cfg.name} epoch")
     model.load_state_dict(best_state)
     return {"best_val_r1_sum": best, "history": history}
 
@@ -370,31 +347,30 @@ def train_global_head(
         return first_stage_distillation_loss(logits, teacher, model.config.global_sharpness)
 
     def end_of_epoch(epoch: int, loss: float) -> None:
-        recall = evaluate_cached(model, val)[1][FIRST_STAGE_RECALL]
+        recall = evaluate_cached(model, val).first_stage_recall
         record = {"model": f"{model.config.name} global head", "epoch": epoch, "loss": loss}
         record["val_first_stage"] = recall
         history.append(record)
         log_record(log_path, record)
         print(f"global head epoch {epoch}: loss {loss:.4f} val first stage {recall}")
 
-    params = global_head_parameters(model)
-    fit(params, train, schedule, batch_loss, end_of_epoch, "global head epoch")
+    params = model.trainable_parameters("global_head")
+    fit(model, params, train, schedule, batch_loss, end_of_epoch, "global head epoch")
     return history
 
 
 @torch.inference_mode()
-def evaluate_cached(model: HATModel, cached: CachedSplit, groups: dict | None = None):
-    """Metrics (whole split first) from cached backbone outputs; same code path as ``hat eval``."""
+def evaluate_cached(model: HATModel, cached: CachedSplit, groups: dict | None = None) -> Evaluation:
+    """Metrics from cached backbone outputs; same code path as ``hat eval``."""
     model.eval()
     all_images = torch.arange(cached.data.num_images)
     all_captions = torch.arange(len(cached.data.captions))
     image, text = head_features(model, cached, all_images, all_captions)
-    results = evaluate_features(model, image, text, cached.data.caption_to_image, groups=groups)
-    return next(iter(results.values())), results
+    return evaluate_features(model, image, text, cached.data.caption_to_image, groups=groups)
 
 
 def cache_all(
-    work: Path, dirs: dict[str, Path], model: HATModel, tokenizer, eval_images: int
+    work: Path, dirs: dict[str, Path], encoder: Encoder, eval_images: int
 ) -> dict[str, CachedSplit]:
     """Cache every split the recipe needs: both training sets, and the first ``eval_images`` of
     the others (``dirs``: "scenes" and "objects" data folders).
@@ -415,7 +391,7 @@ def cache_all(
             data = data.first(eval_images)
         start = time.perf_counter()
         path = work / "cache" / f"{name}-{data.num_images}.safetensors"
-        out[name] = cache_split(model, tokenizer, data, path)
+        out[name] = cache_split(encoder, data, path)
         print(
             f"cached {name}: {data.num_images} images, {len(data.captions)} captions "
             f"in {time.perf_counter() - start:.0f} s"
@@ -479,36 +455,35 @@ def eval_groups(dirs: dict[str, Path], name: str, num_images: int) -> dict | Non
 
 
 def evaluate_variant(
-    model: HATModel,
+    encoder: Encoder,
     variant: str,
     caches: dict[str, CachedSplit],
     dirs: dict[str, Path],
     reports: Path,
     names,
     keep: list[int],
-    tokenizer=None,
+    pointing: bool = False,
 ) -> dict:
     """Evaluate on the named sets (cached levels ``keep``), write
-    ``reports/<variant>_<set>.json``; the pointing game (scenes only) when a tokenizer is given."""
+    ``reports/<variant>_<set>.json``; with ``pointing``, the pointing game too (scenes only)."""
+    model = encoder.model
     out = {}
     for name in names:
         cached = select_levels(caches[name], keep)
-        headline, results = evaluate_cached(
-            model, cached, eval_groups(dirs, name, cached.data.num_images)
-        )
+        evaluation = evaluate_cached(model, cached, eval_groups(dirs, name, cached.data.num_images))
+        headline, table = evaluation.headline, evaluation.table()
         extra = {}
-        if tokenizer is not None and name.startswith("scenes"):
-            extra["pointing_game"] = pointing_report(model, tokenizer, dirs["scenes"], name, cached)
-        write_report(reports / f"{variant}_{name}.json", name, variant, cached, results, extra)
+        if pointing and name.startswith("scenes"):
+            extra["pointing_game"] = pointing_report(encoder, dirs["scenes"], name, cached)
+        write_report(reports / f"{variant}_{name}.json", name, variant, cached, table, extra)
         out[name] = {
             "rsum": headline["rsum"],
             **{k: v for k, v in headline.items() if k[:3] in ("i2t", "t2i")},
-            "first_stage": results[FIRST_STAGE_RECALL],
+            "first_stage": evaluation.first_stage_recall,
             **extra,
         }
-        groups = {k: v for k, v in results.items() if k.startswith(EVAL_GROUP_BY.get(name, "-"))}
-        if groups:
-            out[name]["groups"] = groups
+        if evaluation.groups:
+            out[name]["groups"] = evaluation.groups
         print(f"{variant} {name}: rsum {headline['rsum']:.1f}")
     return out
 
@@ -529,10 +504,13 @@ def run(args: argparse.Namespace) -> dict:
     dirs = {"scenes": Path(args.data), "objects": Path(args.objects)}
     work, reports = Path(args.work), Path(args.reports)
     ensure_data(dirs, args.seed)
-    config = get_preset(args.config)
     torch.manual_seed(args.seed)  # the new norms, projections and global head start from it
-    shipped, tokenizer = build_initial_model(config)
-    caches = cache_all(work, dirs, shipped, tokenizer, args.eval_images)
+    encoder = build_initial_model(get_preset(args.config))
+    shipped, tokenizer = encoder.model, encoder.tokenizer
+    # The shipped model's config records the text tower's architecture: the ablation models
+    # below are built from it offline.
+    config = shipped.config
+    caches = cache_all(work, dirs, encoder, args.eval_images)
     train_sets = training_sets(caches, dirs["objects"] / OBJECTS_JSON)
     summary = {"seconds": {}, "variants": {}, "ablation": {}}
     summary["seconds"]["data_and_cache"] = round(time.perf_counter() - start, 1)
@@ -553,14 +531,14 @@ def run(args: argparse.Namespace) -> dict:
             entry["global_head"] = train_global_head(model, train, val, schedule, log)
         entry["train_seconds"] = round(time.perf_counter() - t0, 1)
         entry["eval"] = evaluate_variant(
-            model,
+            Encoder(model, tokenizer),
             variant,
             caches,
             dirs,
             reports,
             EVAL_SETS,
             keep,
-            tokenizer if variant == "hat" else None,
+            pointing=variant == "hat",
         )
         summary["variants"][variant] = entry
         if variant == "hat":  # the deliverable first: an interrupted ablation loses nothing
@@ -577,7 +555,7 @@ def run(args: argparse.Namespace) -> dict:
         entry = {"train_images": images, "train_seconds": 0.0}
         entry["train_seconds"] = round(time.perf_counter() - t0, 1)
         entry["eval"] = evaluate_variant(
-            model,
+            Encoder(model, tokenizer),
             re.sub(r"[^a-z0-9]+", "_", ingredient).strip("_"),
             caches,
             dirs,
@@ -701,12 +679,12 @@ REAL_PHOTOS_NOTE = (
 
 
 @torch.inference_mode()
-def pointing_report(model, tokenizer, data_dir: Path, name: str, cached: CachedSplit) -> dict:
+def pointing_report(encoder: Encoder, data_dir: Path, name: str, cached: CachedSplit) -> dict:
     from hat.pointing import pointing_game, split_entries
 
     _folder, file, split = EVAL_SETS[name]
-    model.eval()
+    model = encoder.model.eval()
     everything = torch.arange(cached.data.num_images), torch.arange(len(cached.data.captions))
     images, texts = head_features(model, cached, *everything)
     entries = split_entries(data_dir / file, split)[: cached.data.num_images]
-    return pointing_game(model, tokenizer, entries, data_dir / "images", images, texts)
+    return pointing_game(encoder, entries, data_dir / "images", images, texts)

@@ -33,11 +33,9 @@ group, one segment per rank).
 from hat.gallery.builder import (
     build_gallery,
     default_cache_dir,
-    default_device,
     discard,
     encode_segment,
     gallery_header,
-    run_in_pieces,
     stage_segment,
     write_gallery,
 )
@@ -84,7 +82,6 @@ __all__ = [
     "checkpoint_fingerprint",
     "collection_from_spec",
     "default_cache_dir",
-    "default_device",
     "dequantize",
     "discard",
     "encode_segment",
@@ -94,7 +91,6 @@ __all__ = [
     "karpathy_collection",
     "open_gallery",
     "quantize",
-    "run_in_pieces",
     "search_index",
     "stage_segment",
     "write_gallery",

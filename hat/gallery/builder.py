@@ -7,7 +7,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any
 import faiss
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hat.config import HATConfig
 from hat.data.images import ImageLoadError, load_image
-from hat.data.loader import ImageDataset, collate_images
-from hat.factory import load_model
+from hat.encoder import Encoder
 from hat.fileio import atomic_directory, atomic_write_text, cache_home
 from hat.gallery.collection import (
     FORMAT_VERSION,
@@ -47,10 +45,9 @@ from hat.gallery.reader import (
     read_manifest,
 )
 from hat.gallery.storage import SegmentWriter
-from hat.model import CONFIG_NAME, HATModel, ImageFeatures
+from hat.model import CONFIG_NAME, ImageFeatures
 from hat.owners import sweep
-from hat.tokenization import tokenize
-from hat.transforms import eval_transform
+from hat.runtime import default_device, run_in_pieces
 
 if TYPE_CHECKING:
     from hat.gallery.shards import Team
@@ -60,27 +57,6 @@ TEXT_BATCH = 128
 
 def default_cache_dir() -> Path:
     return cache_home() / "galleries"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def run_in_pieces(fn: Callable[[Any], Any], batch: Any, size: int) -> Iterator[tuple[slice, Any]]:
-    """``fn`` on ``batch[:size]``-style pieces; a piece that runs out of GPU memory is halved."""
-    start = 0
-    while start < len(batch):
-        piece = slice(start, min(start + size, len(batch)))
-        try:
-            result = fn(batch[piece])
-        except torch.OutOfMemoryError:
-            if size == 1:
-                raise
-            torch.cuda.empty_cache()
-            size //= 2
-            continue
-        yield piece, result
-        start = piece.stop
 
 
 def _failure_reason(path: Path) -> str:
@@ -182,8 +158,7 @@ def _link_segment(source: Path, target: Path) -> None:
 
 @torch.inference_mode()
 def encode_segment(
-    model: HATModel,
-    tokenizer,
+    encoder: Encoder,
     paths: Sequence[Path],
     captions: Sequence[Sequence[str]],
     directory: Path,
@@ -196,24 +171,18 @@ def encode_segment(
 
     Unreadable images are skipped (their rows stay zero); returns the rows that were encoded.
     """
-    model.eval()
-    device = model.device
+    model = encoder.model.eval()
     size = model.config.image_size
-    probe = model.encode_image(torch.zeros(1, 3, size, size, device=device))
+    probe = encoder.encode_pixels(torch.zeros(1, 3, size, size))
     flat = [c for caps in captions for c in caps]
-    tokens = tokenize(tokenizer, flat or ["-"], model.config.max_text_len)
+    tokens = encoder.tokenize(flat or ["-"])
     lengths = tokens["attention_mask"].sum(dim=1).numpy()[: len(flat)]
     shapes = [tuple(x.shape[1:]) for x in probe.levels]
     writer = SegmentWriter(directory, precision, len(paths), shapes, lengths, model.first_stage_dim)
-    loader = DataLoader(
-        ImageDataset(paths, eval_transform(model.config), skip_bad=True),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_images,
-    )
+    loader = encoder.image_loader(paths, batch_size, num_workers, skip_bad=True)
 
     def encode_images(pixels: torch.Tensor) -> tuple[ImageFeatures, torch.Tensor]:
-        features = model.encode_image(pixels.to(device))
+        features = encoder.encode_pixels(pixels)
         return features.to("cpu"), model.image_embedding(features).cpu()
 
     kept: list[int] = []
@@ -230,7 +199,7 @@ def encode_segment(
         mask = tokens["attention_mask"][start : start + TEXT_BATCH]
         width = int(mask.sum(dim=1).max())
         ids = tokens["input_ids"][start : start + TEXT_BATCH, :width]
-        features = model.encode_text(ids.to(device), mask[:, :width].to(device))
+        features = encoder.encode_tokens({"input_ids": ids, "attention_mask": mask[:, :width]})
         writer.put_texts(start, features.to("cpu"), model.text_embedding(features).cpu())
     writer.close()
     return kept
@@ -363,8 +332,7 @@ def build_gallery(
     cache_dir: str | Path | None = None,
     settings: BuildSettings | None = None,
     *,
-    model: HATModel | None = None,
-    tokenizer=None,
+    encoder: Encoder | None = None,
     batch_size: int = 32,
     num_workers: int = 0,
     device: str | None = None,
@@ -375,7 +343,7 @@ def build_gallery(
     """The gallery of ``collection`` under ``checkpoint``: opened from the cache when it is valid,
     else built, encoding only images that no earlier gallery of this checkpoint holds.
 
-    ``model``/``tokenizer`` (already loaded from ``checkpoint``) save loading them again. A
+    ``encoder`` (already loaded from ``checkpoint``) saves loading the model again. A
     successful build removes the galleries it supersedes (same source, checkpoint and settings,
     any storage format); one that finds an earlier gallery's segment damaged discards it
     (:func:`discard`) and encodes those images again.
@@ -411,21 +379,13 @@ def build_gallery(
     )
 
     def encode(entries: list[ImageEntry], target: Path) -> list[int]:
-        nonlocal model, tokenizer
-        if model is None:
-            model, tokenizer = load_model(checkpoint, device or default_device())
+        nonlocal encoder
+        if encoder is None:
+            encoder = Encoder.from_pretrained(checkpoint, device or default_device())
         paths = [collection.root / e.path for e in entries]
         captions = [e.captions for e in entries]
         return encode_segment(
-            model,
-            tokenizer,
-            paths,
-            captions,
-            target,
-            settings.precision,
-            batch_size,
-            num_workers,
-            progress,
+            encoder, paths, captions, target, settings.precision, batch_size, num_workers, progress
         )
 
     if not team.leads:

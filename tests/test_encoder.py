@@ -1,0 +1,86 @@
+"""The Encoder: batched, single-query and direct model encodings agree, wherever they run."""
+
+import pytest
+import torch
+from PIL import Image
+
+from hat.data.images import ImageLoadError
+from hat.encoder import Encoder
+from hat.tokenization import tokenize
+
+CAPTIONS = ["a red circle", "two blue squares on the left of a green triangle", "a star"]
+
+
+def write_images(folder, count=3):
+    paths = []
+    for i in range(count):
+        path = folder / f"img{i}.png"
+        Image.new("RGB", (70 + 10 * i, 64), (40 * i, 100, 200 - 30 * i)).save(path)
+        paths.append(path)
+    return paths
+
+
+@torch.no_grad()
+def test_captions_in_batches_equal_the_model_on_one_batch(tiny_model):
+    model, tokenizer = tiny_model
+    encoder = Encoder(model, tokenizer)
+    batched = encoder.encode_captions(CAPTIONS * 2, batch_size=4)
+    direct = model.encode_text(**tokenize(tokenizer, CAPTIONS * 2, model.config.max_text_len))
+    assert torch.equal(batched.mask, direct.mask) and batched.levels[0].device.type == "cpu"
+    for a, b in zip(batched.levels, direct.levels, strict=True):
+        torch.testing.assert_close(a, b)
+    one = encoder.encode_caption(CAPTIONS[1])
+    torch.testing.assert_close(one.levels[-1], direct[1:2].levels[-1])
+
+
+@torch.no_grad()
+def test_images_from_paths_and_pictures_agree(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    encoder = Encoder(model, tokenizer)
+    paths = write_images(tmp_path)
+    batched = encoder.encode_images(paths, batch_size=2)
+    assert len(batched) == 3
+    with Image.open(paths[2]) as picture:
+        single = encoder.encode_image(picture.convert("RGB"))
+    pixels = torch.stack([encoder.transform(Image.open(p).convert("RGB")) for p in paths])
+    direct = model.encode_image(pixels)
+    for a, b, c in zip(batched.levels, direct.levels, single.levels, strict=True):
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(c, b[2:])
+    torch.testing.assert_close(encoder.encode_image(paths[2]).levels[0], single.levels[0])
+
+
+def test_batches_evaluate_a_model_left_in_training_mode(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    encoder = Encoder(model, tokenizer)
+    model.train()
+    encoder.encode_captions(CAPTIONS)
+    assert not model.training
+    model.train()
+    encoder.encode_images(write_images(tmp_path, 1))
+    assert not model.training
+
+
+def test_unreadable_and_missing_images(tiny_model, tmp_path):
+    encoder = Encoder(*tiny_model)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ImageLoadError):
+        encoder.encode_images([bad])
+    with pytest.raises(ValueError, match="no images"):
+        encoder.encode_images([])
+    loader = encoder.image_loader([bad, *write_images(tmp_path, 1)], skip_bad=True)
+    (batch,) = list(loader)
+    assert batch.skipped == 1 and batch.image_index.tolist() == [1]
+
+
+def test_from_pretrained_binds_the_checkpoints_tokenizer(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    folder = model.save_pretrained(tmp_path / "ckpt", tokenizer)
+    encoder = Encoder.from_pretrained(folder)
+    assert not encoder.model.training and encoder.device.type == "cpu"
+    assert encoder.tokenize(["a star"])["input_ids"].tolist() == (
+        tokenize(tokenizer, ["a star"], model.config.max_text_len)["input_ids"].tolist()
+    )
+    again = Encoder(model, tokenizer).encode_caption("a star")
+    torch.testing.assert_close(encoder.encode_caption("a star").levels[0], again.levels[0])
