@@ -88,7 +88,8 @@ def evaluate_features(
         result.groups[f"{name} ({int(np.sum(mask))})"] = metrics
     if len(per_level) > 1:
         for i, name in enumerate(model.config.level_names):
-            result.levels[f"level {i} ({name})"] = retrieval_metrics(per_level[i], caption_to_image)
+            metrics = retrieval_metrics(per_level[i], caption_to_image)
+            result.levels[f"level {i + 1} ({name})"] = metrics
     first = first_stage_matrix(model, images, texts).numpy()
     recall = {f"t2i_{k}": v for k, v in candidate_recall(sims.T, first.T).items()}
     recall.update({f"i2t_{k}": v for k, v in candidate_recall(sims, first).items()})

@@ -139,7 +139,7 @@ def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
     assert set(results) == {
         "all 16",
         "2-fold 8",
-        *(f"level {i} (image {i + 1} ↔ text {i + 1})" for i in range(3)),
+        *(f"level {i + 1} (image {i + 1} ↔ text {i + 1})" for i in range(3)),
         "first-stage recall of top-10",
     }
     assert 0 <= results["all 16"]["rsum"] <= 600
