@@ -139,7 +139,7 @@ def synthetic_gallery(
 ) -> tuple[Path, dict]:
     """Write ``size`` collage images as a gallery in ``work``; returns its folder and timings."""
     collage = Collage(real, grids, seed=0)
-    shapes = [(values.shape[1], real.manifest["dim"]) for values in collage.codes]
+    shapes = [(values.shape[1], real.manifest.dim) for values in collage.codes]
     timings: dict[str, float] = {}
 
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
@@ -150,7 +150,7 @@ def synthetic_gallery(
             len(entries),
             shapes,
             np.zeros(0, np.int64),
-            real.manifest["embedding_dim"],
+            real.manifest.embedding_dim,
             codecs=collage.codecs,
         )
         for first in range(0, len(entries), CHUNK):

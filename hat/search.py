@@ -80,8 +80,8 @@ class Searcher:
     def open(cls, directory: str | Path, device: str | None = None) -> Searcher:
         """Open a gallery and load the checkpoint it was built with (which must be unchanged)."""
         gallery = open_gallery(directory)
-        checkpoint = gallery.manifest["checkpoint"]
-        if checkpoint_fingerprint(checkpoint) != gallery.manifest["model_key"]:
+        checkpoint = gallery.manifest.checkpoint
+        if checkpoint_fingerprint(checkpoint) != gallery.manifest.model_key:
             raise CacheError(
                 f"{checkpoint} changed since {directory} was built: run `hat index build` again"
             )
@@ -125,7 +125,7 @@ class Searcher:
     def score_images(self, ids: Sequence[int], text: TextFeatures) -> torch.Tensor:
         """Exact per-level scores ``(levels, len(ids))`` of gallery images against one caption."""
         text = text.to(self.device)
-        image_bytes = 4 * self.gallery.manifest["dim"] * sum(self.gallery.regions())
+        image_bytes = 4 * self.gallery.manifest.dim * sum(self.gallery.regions())
 
         def score(block: np.ndarray) -> torch.Tensor:
             out = torch.empty(self.gallery.num_levels, len(block))
@@ -140,7 +140,7 @@ class Searcher:
     def score_captions(self, ids: Sequence[int], image: ImageFeatures) -> torch.Tensor:
         """Exact per-level scores ``(levels, len(ids))`` of one image against bank captions."""
         image = image.to(self.device)
-        text_bytes = 4 * self.gallery.manifest["dim"] * self.model.config.max_text_len
+        text_bytes = 4 * self.gallery.manifest.dim * self.model.config.max_text_len
         size = min(TEXT_BLOCK, block_size(text_bytes * self.gallery.num_levels, self.device))
 
         def score(block: np.ndarray) -> torch.Tensor:

@@ -18,6 +18,8 @@ from hat.encoder import Encoder
 from hat.gallery import (
     BuildSettings,
     CacheError,
+    FileEntry,
+    Manifest,
     build_gallery,
     build_index,
     dequantize,
@@ -170,10 +172,28 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
     text = model_b.encoder.encode_caption("a square of colour 3")
     ids = [4, 0, 2]
     parts = reopened.image_parts(ids)
-    dim = reopened.manifest["dim"]
+    dim = reopened.manifest.dim
     assert [tuple(b.shape) for _, f in parts for b in f.bases] == [(min(dim, 96), dim)] * 3
     decoded = model_b.model.level_scores(reopened.image_features(ids), text)[:, :, 0]
     torch.testing.assert_close(model_b.score_images(ids, text), decoded, atol=1e-5, rtol=0)
+
+
+def test_the_manifest_is_typed_and_refuses_what_it_cannot_read(checkpoint, folder, tmp_path):
+    gallery = build(checkpoint, folder, tmp_path / "cache")
+    manifest = gallery.manifest
+    assert isinstance(manifest, Manifest) and manifest.settings == BuildSettings()
+    assert manifest.num_images == gallery.num_images and manifest.segments
+    assert all(isinstance(f, FileEntry) and f.size > 0 for f in manifest.files.values())
+    written = json.loads((gallery.directory / "manifest.json").read_text())
+    assert Manifest.from_dict(written) == manifest and json.loads(manifest.to_json()) == written
+    for damage, message in (
+        ({**written, "format": 99}, "storage format 99 is not supported"),
+        ({k: v for k, v in written.items() if k != "dim"}, "is not a gallery manifest"),
+        ({**written, "settings": {"precision": "int4"}}, "is not a gallery manifest"),
+    ):
+        (gallery.directory / "manifest.json").write_text(json.dumps(damage))
+        with pytest.raises(CacheError, match=message):
+            open_gallery(gallery.directory)
 
 
 def test_damaged_pq_codebooks_are_never_used(checkpoint, folder, tmp_path):
@@ -429,7 +449,7 @@ def test_added_images_are_encoded_and_old_features_untouched(checkpoint, folder,
     second = build(checkpoint, folder, tmp_path / "cache")
     assert (second.report.encoded_images, second.report.reused_images) == (2, 5)
     assert second.num_images == 7 and len(second.segments) == 2
-    old_segment = second.directory / "segments" / first.manifest["segments"][0]
+    old_segment = second.directory / "segments" / first.manifest.segments[0]
     assert {p.name: p.stat().st_ino for p in old_segment.iterdir()} == old_files  # hard links
     ids = [second.paths.index(p) for p in first.paths]
     for a, b in zip(old.levels, second.image_features(ids).levels, strict=True):

@@ -127,7 +127,7 @@ def test_a_global_head_narrower_than_the_levels_builds_and_searches(folder, tmp_
     model, tokenizer = create_model(config)
     ckpt = model.eval().save_pretrained(tmp_path / "ckpt", tokenizer)
     gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache")
-    assert gallery.manifest["embedding_dim"] == 40 == gallery.image_index.d == gallery.text_index.d
+    assert gallery.manifest.embedding_dim == 40 == gallery.image_index.d == gallery.text_index.d
     assert gallery.embeddings("image").shape == (5, 40)
     searcher = Searcher.open(gallery.directory)
     query = "a square of colour 2"

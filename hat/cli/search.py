@@ -10,7 +10,7 @@ from pathlib import Path
 from hat import search
 from hat.cli.fetch import resolve_or_exit
 from hat.gallery import default_cache_dir
-from hat.gallery.reader import MANIFEST
+from hat.gallery.manifest import MANIFEST
 from hat.search import DEFAULT_CANDIDATES, Searcher, SearchResult
 
 

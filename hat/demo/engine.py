@@ -224,7 +224,7 @@ class DemoEngine:
     @property
     def gallery_root(self) -> Path:
         """The built-in gallery's image folder (the app may serve files from it)."""
-        return Path(self.gallery.manifest["root"])
+        return Path(self.gallery.manifest.root)
 
     def describe(self) -> dict[str, Any]:
         """Model, device, levels, gallery size and start-up timings (the ``/info`` endpoint)."""

@@ -57,6 +57,7 @@ from hat.gallery.first_stage import (
     build_index,
     search_index,
 )
+from hat.gallery.manifest import FileEntry, GalleryHeader, Manifest
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
 from hat.gallery.shards import Team, TeamError, build_gallery_distributed
 from hat.gallery.storage import Segment, SegmentWriter
@@ -70,8 +71,11 @@ __all__ = [
     "CacheError",
     "Collection",
     "CorruptionError",
+    "FileEntry",
     "Gallery",
+    "GalleryHeader",
     "ImageEntry",
+    "Manifest",
     "Segment",
     "SegmentWriter",
     "Team",

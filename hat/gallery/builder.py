@@ -8,9 +8,9 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -31,9 +31,9 @@ from hat.gallery.collection import (
 )
 from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.first_stage import build_index
+from hat.gallery.manifest import MANIFEST, FileEntry, GalleryHeader, Manifest
 from hat.gallery.reader import (
     ITEMS,
-    MANIFEST,
     BuildReport,
     Gallery,
     check_files,
@@ -84,19 +84,19 @@ def _as_key(fingerprint: list) -> tuple:
 
 def _donors(
     cache_dir: Path, model_key: str, settings: BuildSettings
-) -> tuple[dict[tuple, _Location], dict[str, dict[str, Any]], list[dict[str, Any]]]:
+) -> tuple[dict[tuple, _Location], dict[str, FileEntry], list[Manifest]]:
     """Images already encoded by valid galleries of this checkpoint and settings.
 
     Returns their locations by fingerprint, the manifest entries of their files (so linked files
     are not hashed again) and the donors' manifests.
     """
     found: dict[tuple, _Location] = {}
-    files: dict[str, dict[str, Any]] = {}
+    files: dict[str, FileEntry] = {}
     manifests = []
     for directory in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
         try:
             manifest = read_manifest(directory)
-            if manifest["model_key"] != model_key or manifest["settings"] != asdict(settings):
+            if manifest.model_key != model_key or manifest.settings != settings:
                 continue
             check_files(directory, manifest, verify=False)
             items = load_json(directory, manifest, ITEMS)
@@ -106,30 +106,29 @@ def _donors(
         except (CacheError, OSError, ValueError, KeyError):
             continue
         manifests.append(manifest)
-        files.update({k: v for k, v in manifest["files"].items() if k.startswith("segments/")})
+        files.update({k: v for k, v in manifest.files.items() if k.startswith("segments/")})
         by_image: dict[int, list[int]] = {}
         for row, owner in zip(caption_rows[:, 1].tolist(), owners.tolist(), strict=True):
             by_image.setdefault(owner, []).append(row)
         for i, fingerprint in enumerate(items["fingerprints"]):
             seg, row = image_rows[i].tolist()
-            segment = manifest["segments"][seg]
+            segment = manifest.segments[seg]
             found[_as_key(fingerprint)] = _Location(directory, segment, row, by_image.get(i, []))
     return found, files, manifests
 
 
-def _superseded(cache_dir: Path, header: dict[str, Any]) -> list[Path]:
+def _superseded(cache_dir: Path, header: GalleryHeader) -> list[Path]:
     """Other galleries of ``header``'s source, checkpoint and settings, of any storage format
     (staging folders, hidden, are left to their builds)."""
-    same = ("source", "model_key", "settings")
     found = []
     for directory in cache_dir.iterdir():
-        if directory.name == header["key"] or directory.name.startswith("."):
+        if directory.name == header.key or directory.name.startswith("."):
             continue
         try:
             manifest = json.loads((directory / MANIFEST).read_text())
         except (OSError, ValueError):
             continue
-        if all(manifest.get(f) == header[f] for f in same):
+        if header.same_build(manifest):
             found.append(directory)
     return found
 
@@ -205,7 +204,7 @@ def encode_segment(
     return kept
 
 
-def _file_table(directory: Path, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _file_table(directory: Path, known: dict[str, FileEntry]) -> dict[str, FileEntry]:
     """Size and xxh3 digest of every file below ``directory`` (those of linked files are reused:
     a linked file's damage is still found, by its rows' digests or a verify)."""
     table = {}
@@ -213,8 +212,8 @@ def _file_table(directory: Path, known: dict[str, dict[str, Any]]) -> dict[str, 
         name = path.relative_to(directory).as_posix()
         size = path.stat().st_size
         info = known.get(name)
-        digest = info["xxh3"] if info and info["size"] == size else file_digest(path)
-        table[name] = {"size": size, "xxh3": digest}
+        digest = info.xxh3 if info and info.size == size else file_digest(path)
+        table[name] = FileEntry(size, digest)
     return table
 
 
@@ -242,8 +241,8 @@ def write_gallery(
     collection: Collection,
     located: dict[tuple, _Location],
     encode: Callable[[list[ImageEntry], Path], list[int]],
-    header: dict[str, Any],
-    known_files: dict[str, dict[str, Any]],
+    header: GalleryHeader,
+    known_files: dict[str, FileEntry],
     staged: dict[tuple, _Location | None] | None = None,
 ) -> int:
     """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
@@ -290,16 +289,15 @@ def write_gallery(
     np.save(staging / "image_rows.npy", np.asarray(image_rows, dtype=np.int64).reshape(-1, 2))
     np.save(staging / "caption_rows.npy", np.asarray(caption_rows, dtype=np.int64).reshape(-1, 2))
     np.save(staging / "caption_image.npy", np.asarray(owners, dtype=np.int64))
-    manifest = {**header, "segments": list(segments)}
-    manifest.update(num_images=len(image_rows), num_captions=len(caption_rows))
-    manifest["files"] = _file_table(staging, known_files)
+    files = _file_table(staging, known_files)
+    manifest = Manifest.complete(header, list(segments), len(image_rows), len(caption_rows), files)
     gallery = load_gallery(staging, manifest)  # checked: a damaged donor segment stops here
-    flat_max = header["settings"]["flat_index_max"]
+    flat_max = header.settings.flat_index_max
     for kind in ("image", "text"):
         index = build_index(gallery.embeddings(kind), flat_max)
         faiss.write_index(index, str(staging / f"{kind}.faiss"))
-    manifest["files"] = _file_table(staging, manifest["files"])
-    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1))
+    manifest = manifest.with_files(_file_table(staging, manifest.files))
+    atomic_write_text(staging / MANIFEST, manifest.to_json())
     return len(encoded)
 
 
@@ -310,20 +308,20 @@ def gallery_header(
     settings: BuildSettings,
     collection: Collection,
     config: HATConfig,
-) -> dict[str, Any]:
-    """The manifest fields that describe what a gallery is (counts and files come later)."""
-    return {
-        "format": FORMAT_VERSION,
-        "key": key,
-        "checkpoint": str(Path(checkpoint).resolve()),
-        "model_key": model_key,
-        "settings": asdict(settings),
-        "source": collection.source,
-        "root": str(collection.root),
-        "num_levels": config.num_levels,
-        "dim": config.embed_dim,
-        "embedding_dim": config.first_stage_dim,
-    }
+) -> GalleryHeader:
+    """What a gallery is (its counts and files come later)."""
+    return GalleryHeader(
+        format=FORMAT_VERSION,
+        key=key,
+        checkpoint=str(Path(checkpoint).resolve()),
+        model_key=model_key,
+        settings=settings,
+        source=collection.source,
+        root=str(collection.root),
+        num_levels=config.num_levels,
+        dim=config.embed_dim,
+        embedding_dim=config.first_stage_dim,
+    )
 
 
 def build_gallery(
@@ -366,8 +364,8 @@ def build_gallery(
     if team.leads and directory.exists():
         try:
             gallery = open_gallery(directory, verify)
-            if gallery.manifest.get("key") != key:
-                raise CacheError(f"{directory} holds gallery {gallery.manifest.get('key')}")
+            if gallery.manifest.key != key:
+                raise CacheError(f"{directory} holds gallery {gallery.manifest.key}")
             seconds = time.perf_counter() - start
             gallery.report = BuildReport(True, reused_images=gallery.num_images, seconds=seconds)
             return gallery
@@ -402,7 +400,7 @@ def build_gallery(
             break
         except CorruptionError as exc:
             removed = {d.name for d in discard(exc)}
-            if not removed & {m["key"] for m in donors}:
+            if not removed & {m.key for m in donors}:
                 raise  # not damage that an earlier gallery brought in
             reason = f"{reason}; {exc}" if reason else str(exc)
             located, known_files, donors = _donors(cache_dir, model_key, settings)

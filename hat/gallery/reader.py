@@ -20,12 +20,11 @@ import numpy as np
 import torch
 import xxhash
 
-from hat.gallery.collection import FORMAT_VERSION
 from hat.gallery.errors import CacheError, CorruptionError
+from hat.gallery.manifest import MANIFEST, Manifest
 from hat.gallery.storage import Segment, Stored
 from hat.model import ImageFeatures, TextFeatures
 
-MANIFEST = "manifest.json"
 ITEMS = "items.json"
 CHUNK = 1 << 22
 
@@ -39,19 +38,19 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_checked(directory: Path, manifest: dict[str, Any], name: str) -> bytes:
+def read_checked(directory: Path, manifest: Manifest, name: str) -> bytes:
     """The bytes of ``directory/name``, if their digest is the manifest's."""
     data = (directory / name).read_bytes()
-    if xxhash.xxh3_64_hexdigest(data) != manifest["files"][name]["xxh3"]:
+    if xxhash.xxh3_64_hexdigest(data) != manifest.files[name].xxh3:
         raise CorruptionError(directory, name, "does not match its checksum in the manifest")
     return data
 
 
-def load_array(directory: Path, manifest: dict[str, Any], name: str) -> np.ndarray:
+def load_array(directory: Path, manifest: Manifest, name: str) -> np.ndarray:
     return np.load(io.BytesIO(read_checked(directory, manifest, name)))
 
 
-def load_json(directory: Path, manifest: dict[str, Any], name: str) -> Any:
+def load_json(directory: Path, manifest: Manifest, name: str) -> Any:
     return json.loads(read_checked(directory, manifest, name))
 
 
@@ -85,7 +84,7 @@ class Gallery:
     """An opened gallery: metadata in memory, features memory-mapped, indexes loaded lazily."""
 
     directory: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     paths: list[str]
     captions: list[str]
     caption_image: np.ndarray
@@ -106,10 +105,10 @@ class Gallery:
 
     @property
     def num_levels(self) -> int:
-        return int(self.manifest["num_levels"])
+        return self.manifest.num_levels
 
     def image_path(self, index: int) -> Path:
-        return Path(self.manifest["root"]) / self.paths[index]
+        return Path(self.manifest.root) / self.paths[index]
 
     def _read_images(self, ids: Sequence[int]) -> list[tuple[Segment, np.ndarray, Stored]]:
         """Stored values of images ``ids``, per segment: (segment, positions in ``ids``, values)."""
@@ -131,7 +130,7 @@ class Gallery:
                 segment, _, stored = parts[0]  # ids in file order: no copy
                 levels.append(segment.decode("image", level, stored[level]))
                 continue
-            out = torch.empty(len(ids), regions, int(self.manifest["dim"]))
+            out = torch.empty(len(ids), regions, self.manifest.dim)
             for segment, positions, stored in parts:
                 out[torch.from_numpy(positions)] = segment.decode("image", level, stored[level])
             levels.append(out)
@@ -163,7 +162,7 @@ class Gallery:
             lengths[positions] = offsets[seg_rows + 1] - offsets[seg_rows]
             self.segments[seg].prefetch("text", offsets[seg_rows], lengths[positions])
         width = max(int(lengths.max(initial=0)), 1)
-        dim = int(self.manifest["dim"])
+        dim = self.manifest.dim
         levels = [torch.zeros(len(rows), width, dim) for _ in range(self.num_levels)]
         for seg, positions in _by_segment(rows):
             segment, seg_rows = self.segments[seg], rows[positions, 1]
@@ -178,7 +177,7 @@ class Gallery:
     def embeddings(self, kind: str) -> np.ndarray:
         """First-stage vectors of every image (``kind="image"``) or caption (``"text"``)."""
         rows = self.image_rows if kind == "image" else self.caption_rows
-        out = np.empty((len(rows), int(self.manifest["embedding_dim"])), dtype=np.float32)
+        out = np.empty((len(rows), self.manifest.embedding_dim), dtype=np.float32)
         for seg, positions in _by_segment(rows):
             segment = self.segments[seg]
             out[positions] = segment.read_embeddings(kind, rows[positions, 1], self.checked)
@@ -192,10 +191,8 @@ class Gallery:
 
     def bytes_per_image(self) -> float:
         """Stored bytes of the image side (region features, embeddings, index) per image."""
-        files = self.manifest["files"]
-        total = sum(
-            v["size"] for k, v in files.items() if k.rpartition("/")[2].startswith("image.")
-        )
+        files = self.manifest.files
+        total = sum(v.size for k, v in files.items() if k.rpartition("/")[2].startswith("image."))
         return total / max(self.num_images, 1)
 
     def _index(self, kind: str) -> faiss.Index:
@@ -216,30 +213,33 @@ class Gallery:
         check_files(self.directory, self.manifest, verify=True)
 
 
-def check_files(directory: Path, manifest: dict[str, Any], verify: bool) -> None:
+def check_files(directory: Path, manifest: Manifest, verify: bool) -> None:
     """Every file of the manifest is there with its size (and, with ``verify``, its digest)."""
-    for name, info in manifest["files"].items():
+    for name, info in manifest.files.items():
         path = directory / name
         if not path.is_file():
             raise CacheError(f"{path} is missing")
         size = path.stat().st_size
-        if size != info["size"]:
-            raise CacheError(f"{path} has {size} bytes, the manifest says {info['size']}")
-        if verify and file_digest(path) != info["xxh3"]:
+        if size != info.size:
+            raise CacheError(f"{path} has {size} bytes, the manifest says {info.size}")
+        if verify and file_digest(path) != info.xxh3:
             raise CorruptionError(directory, name, "does not match its checksum in the manifest")
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Manifest:
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        data = json.loads((directory / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CacheError(f"{directory} has no readable {MANIFEST}: {exc}") from None
-    if manifest.get("format") != FORMAT_VERSION:
-        raise CacheError(f"{directory}: storage format {manifest.get('format')} is not supported")
-    return manifest
+    try:
+        return Manifest.from_dict(data)
+    except CacheError as exc:
+        raise CacheError(f"{directory}: {exc}") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"{directory}: {MANIFEST} is not a gallery manifest ({exc!r})") from None
 
 
-def load_gallery(directory: Path, manifest: dict[str, Any]) -> Gallery:
+def load_gallery(directory: Path, manifest: Manifest) -> Gallery:
     """The gallery at ``directory`` as ``manifest`` describes it, every file read whole checked
     against its digest."""
 
@@ -253,7 +253,7 @@ def load_gallery(directory: Path, manifest: dict[str, Any]) -> Gallery:
 
     try:
         items = load_json(directory, manifest, ITEMS)
-        segments = [segment(name) for name in manifest["segments"]]
+        segments = [segment(name) for name in manifest.segments]
         arrays = {
             name: load(f"{name}.npy") for name in ("caption_image", "image_rows", "caption_rows")
         }

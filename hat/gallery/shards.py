@@ -29,6 +29,7 @@ import torch.distributed as dist
 from hat.distributed import DistInfo
 from hat.gallery.builder import _file_table, _Location, build_gallery, stage_segment
 from hat.gallery.collection import Collection, ImageEntry
+from hat.gallery.manifest import FileEntry
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
 
 Encode = Callable[[list[ImageEntry], Path], list[int]]
@@ -103,7 +104,7 @@ class Team:
 
     def encode(
         self, staging: Path, collection: Collection, located: dict[tuple, Any], encode: Encode
-    ) -> tuple[Staged, dict[str, dict[str, Any]]]:
+    ) -> tuple[Staged, dict[str, FileEntry]]:
         """Leader: have every rank encode its chunk of the images not ``located`` into segments
         of ``staging``; returns where each one's features are and the segments' file tables.
         Alone: nothing (:func:`~hat.gallery.builder.write_gallery` encodes them itself)."""

@@ -26,6 +26,7 @@ from hat.gallery.codecs import (
     training_sample,
 )
 from hat.gallery.errors import CorruptionError
+from hat.gallery.manifest import Manifest
 from hat.model import ImageFeatures, TextFeatures
 
 KINDS = ("image", "text")
@@ -91,12 +92,12 @@ class Segment:
         self,
         directory: Path,
         name: str,
-        manifest: dict,
+        manifest: Manifest,
         load: Callable[[str], np.ndarray],
     ):
         self.directory, self.name = directory, name
-        levels, dim = int(manifest["num_levels"]), int(manifest["dim"])
-        precision = manifest["settings"]["precision"]
+        levels, dim = manifest.num_levels, manifest.dim
+        precision = manifest.settings.precision
         self.offsets = load("text.offsets.npy")
         self.digests = {kind: load(f"{kind}.xxh3.npy") for kind in KINDS}
         rows = {"image": len(self.digests["image"]), "text": int(self.offsets[-1])}
@@ -120,7 +121,7 @@ class Segment:
 
         self.image = [pair("image", i) for i in range(levels)]
         self.text = [pair("text", i) for i in range(levels)]
-        width = int(manifest["embedding_dim"])
+        width = manifest.embedding_dim
         self.image_embedding = self._map("image.embedding.npy", np.float32, rows["image"], width)
         self.text_embedding = self._map(
             "text.embedding.npy", np.float32, len(self.offsets) - 1, width
