@@ -64,7 +64,7 @@ def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ops(inplace: bool) -> tuple[Callable, Callable]:
-    """mul and exp, in place when nothing needs a gradient (~15 % faster on a CPU)."""
+    """mul and exp, in place when nothing needs a gradient: fewer allocations and memory traffic."""
     if inplace:
         return torch.Tensor.mul_, torch.Tensor.exp_
     return torch.mul, torch.exp

@@ -8,13 +8,14 @@
   codes (a sub-vector's nearest of 256 centroids). The projection and codebooks are trained on the
   segment's own vectors when it is written and stored beside them, so any checkpoint's features
   compress without a separate training step, and a segment reused by a later gallery keeps its
-  codebooks. Decoding is a table lookup, cheap enough to do for a query's candidates only.
+  codebooks. Decoding is a table lookup to the PCA coordinates, cheap enough to do for a
+  query's candidates only; scoring uses the coordinates as they are (:mod:`hat.alignment`).
 
-Why these choices (measured on the demo test split, reports in benchmarks/results): at a fixed 32
-bytes per region, dropping the weakest PCA directions and quantising 3 dimensions per code keeps
-retrieval much closer to fp32 than 8 dimensions per code on all 256 (plain PQ), and the PCA
-trains in seconds where an OPQ rotation took minutes per level. Caption tokens lose more to
-quantisation than regions do and are few next to them, so they keep int8.
+Why these choices (reports/README.md): at a fixed 32 bytes per region, dropping the weakest PCA
+directions and quantising 3 dimensions per code keeps retrieval much closer to fp32 than 8
+dimensions per code on all 256 (plain PQ), and the PCA trains far faster than an OPQ rotation.
+Caption tokens lose more to quantisation than regions do and are few next to them, so they keep
+int8.
 """
 
 from __future__ import annotations
