@@ -96,11 +96,11 @@ def overlay(view: np.ndarray, heat: np.ndarray) -> np.ndarray:
     return np.round(blended).astype(np.uint8)
 
 
-def _font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+def label_font(size: int = FONT_SIZE) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+def fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
     """``text`` cut with an ellipsis so that it fits ``width`` pixels."""
     if draw.textlength(text, font=font) <= width:
         return text
@@ -136,10 +136,10 @@ def render_grid(
     height = HEADER + len(levels) * cell + FOOTER
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     x_of = [LABEL_WIDTH] + [LABEL_WIDTH + GAP + (i + 1) * cell for i in range(len(words))]
     for x, word in zip(x_of, [WHOLE_CAPTION, *words], strict=True):
-        label = _fit(draw, word, cell - 6, font)
+        label = fit_text(draw, word, cell - 6, font)
         draw.text((x + cell / 2, HEADER / 2), label, fill=INK, font=font, anchor="mm")
     for row, (level, lines) in enumerate(zip(levels, row_labels, strict=True)):
         y = HEADER + row * cell
@@ -147,7 +147,7 @@ def render_grid(
         for x, grid in zip(x_of, maps, strict=True):
             canvas.paste(Image.fromarray(overlay(view, upsample(grid, cell))), (x, y))
         for n, line in enumerate(lines):
-            text = _fit(draw, line, LABEL_WIDTH - 12, font)
+            text = fit_text(draw, line, LABEL_WIDTH - 12, font)
             draw.text((6, y + 8 + n * (FONT_SIZE + 5)), text, fill=INK, font=font)
     _colour_bar(draw, canvas, HEADER + len(levels) * cell, font)
     return canvas

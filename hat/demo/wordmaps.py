@@ -17,7 +17,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hat.alignment_maps import LevelMaps
-from hat.demo.rendering import BACKGROUND, INK, _fit, _font, colormap, overlay, scale, smooth
+from hat.demo.rendering import (
+    BACKGROUND,
+    INK,
+    colormap,
+    fit_text,
+    label_font,
+    overlay,
+    scale,
+    smooth,
+)
 from hat.demo.words import Word, word_weights
 
 PANEL = 336  # pixels per level's map (readable: the 16 × 16 cells are 21 px each)
@@ -94,13 +103,13 @@ def render_word_levels(
     width = PAD + len(levels) * (PANEL + PAD)
     canvas = Image.new("RGB", (width, TITLE + PANEL + BAR + PAD), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     for n, (grid, mask, (low, high), lines) in enumerate(
         zip(maps, masks, ranges, titles, strict=True)
     ):
         x = PAD + n * (PANEL + PAD)
         for i, line in enumerate(lines[:2]):
-            draw.text((x, 6 + i * 18), _fit(draw, line, PANEL, font), fill=INK, font=font)
+            draw.text((x, 6 + i * 18), fit_text(draw, line, PANEL, font), fill=INK, font=font)
         heat = smooth(scale(grid, low, high), PANEL)
         canvas.paste(Image.fromarray(overlay(base, heat)), (x, TITLE))
         _mark_outliers(draw, mask, x, TITLE)
@@ -149,16 +158,16 @@ def render_region_words(
     height = TITLE + len(words) * ROW + PAD
     canvas = Image.new("RGB", (PAD + len(weights) * column, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font()
+    font = label_font()
     largest = max(float(values.max()) for _, values in weights) or 1.0
     for n, ((cell, values), title) in enumerate(zip(weights, titles, strict=True)):
         x = PAD + n * column
-        draw.text((x, 6), _fit(draw, title, column - 10, font), fill=INK, font=font)
+        draw.text((x, 6), fit_text(draw, title, column - 10, font), fill=INK, font=font)
         draw.text((x, 24), f"region row {cell[0] + 1}, col {cell[1] + 1}", fill=INK, font=font)
         for i, (word, value) in enumerate(zip(words, values, strict=True)):
             y = TITLE + i * ROW
             ink = MINOR_INK if word.minor else INK
-            draw.text((x, y + 4), _fit(draw, word.text, 95, font), fill=ink, font=font)
+            draw.text((x, y + 4), fit_text(draw, word.text, 95, font), fill=ink, font=font)
             length = round(BAR_WIDTH * float(value) / largest)
             colour = tuple(int(c) for c in colormap(np.float32(value / largest)))
             draw.rectangle((x + 100, y + 4, x + 100 + max(1, length), y + 16), fill=colour)

@@ -68,7 +68,7 @@ def _failure_reason(path: Path) -> str:
 
 
 @dataclass
-class _Location:
+class ImageLocation:
     """Where an image's features are: a gallery directory, a segment, its row, its caption rows."""
 
     directory: Path
@@ -84,13 +84,13 @@ def _as_key(fingerprint: list) -> tuple:
 
 def _donors(
     cache_dir: Path, model_key: str, settings: BuildSettings
-) -> tuple[dict[tuple, _Location], dict[str, FileEntry], list[Manifest]]:
+) -> tuple[dict[tuple, ImageLocation], dict[str, FileEntry], list[Manifest]]:
     """Images already encoded by valid galleries of this checkpoint and settings.
 
     Returns their locations by fingerprint, the manifest entries of their files (so linked files
     are not hashed again) and the donors' manifests.
     """
-    found: dict[tuple, _Location] = {}
+    found: dict[tuple, ImageLocation] = {}
     files: dict[str, FileEntry] = {}
     manifests = []
     for directory in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
@@ -113,7 +113,9 @@ def _donors(
         for i, fingerprint in enumerate(items["fingerprints"]):
             seg, row = image_rows[i].tolist()
             segment = manifest.segments[seg]
-            found[_as_key(fingerprint)] = _Location(directory, segment, row, by_image.get(i, []))
+            found[_as_key(fingerprint)] = ImageLocation(
+                directory, segment, row, by_image.get(i, [])
+            )
     return found, files, manifests
 
 
@@ -204,7 +206,7 @@ def encode_segment(
     return kept
 
 
-def _file_table(directory: Path, known: dict[str, FileEntry]) -> dict[str, FileEntry]:
+def file_table(directory: Path, known: dict[str, FileEntry]) -> dict[str, FileEntry]:
     """Size and xxh3 digest of every file below ``directory`` (those of linked files are reused:
     a linked file's damage is still found, by its rows' digests or a verify)."""
     table = {}
@@ -221,7 +223,7 @@ def stage_segment(
     staging: Path,
     entries: list[ImageEntry],
     encode: Callable[[list[ImageEntry], Path], list[int]],
-) -> dict[tuple, _Location | None]:
+) -> dict[tuple, ImageLocation | None]:
     """``encode(entries, segment_dir) -> rows read`` into a new segment of ``staging``; where each
     entry's features are (``None``: unreadable). Separate so that processes can stage segments
     side by side in one staging folder (:mod:`hat.gallery.shards`)."""
@@ -229,21 +231,21 @@ def stage_segment(
         return {}
     name = f"seg-{secrets.token_hex(8)}"
     first = np.cumsum([0] + [len(e.captions) for e in entries]).tolist()
-    staged: dict[tuple, _Location | None] = {e.fingerprint: None for e in entries}
+    staged: dict[tuple, ImageLocation | None] = {e.fingerprint: None for e in entries}
     for row in encode(entries, staging / "segments" / name):
         rows = list(range(first[row], first[row + 1]))
-        staged[entries[row].fingerprint] = _Location(staging, name, row, rows)
+        staged[entries[row].fingerprint] = ImageLocation(staging, name, row, rows)
     return staged
 
 
 def write_gallery(
     staging: Path,
     collection: Collection,
-    located: dict[tuple, _Location],
+    located: dict[tuple, ImageLocation],
     encode: Callable[[list[ImageEntry], Path], list[int]],
     header: GalleryHeader,
     known_files: dict[str, FileEntry],
-    staged: dict[tuple, _Location | None] | None = None,
+    staged: dict[tuple, ImageLocation | None] | None = None,
 ) -> int:
     """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
     images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment, then
@@ -289,14 +291,14 @@ def write_gallery(
     np.save(staging / "image_rows.npy", np.asarray(image_rows, dtype=np.int64).reshape(-1, 2))
     np.save(staging / "caption_rows.npy", np.asarray(caption_rows, dtype=np.int64).reshape(-1, 2))
     np.save(staging / "caption_image.npy", np.asarray(owners, dtype=np.int64))
-    files = _file_table(staging, known_files)
+    files = file_table(staging, known_files)
     manifest = Manifest.complete(header, list(segments), len(image_rows), len(caption_rows), files)
     gallery = load_gallery(staging, manifest)  # checked: a damaged donor segment stops here
     flat_max = header.settings.flat_index_max
     for kind in ("image", "text"):
         index = build_index(gallery.embeddings(kind), flat_max)
         faiss.write_index(index, str(staging / f"{kind}.faiss"))
-    manifest = manifest.with_files(_file_table(staging, manifest.files))
+    manifest = manifest.with_files(file_table(staging, manifest.files))
     atomic_write_text(staging / MANIFEST, manifest.to_json())
     return len(encoded)
 

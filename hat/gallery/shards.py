@@ -27,13 +27,13 @@ from typing import Any
 import torch.distributed as dist
 
 from hat.distributed import DistInfo
-from hat.gallery.builder import _file_table, _Location, build_gallery, stage_segment
+from hat.gallery.builder import ImageLocation, build_gallery, file_table, stage_segment
 from hat.gallery.collection import Collection, ImageEntry
 from hat.gallery.manifest import FileEntry
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
 
 Encode = Callable[[list[ImageEntry], Path], list[int]]
-Staged = dict[tuple, _Location | None]
+Staged = dict[tuple, ImageLocation | None]
 
 
 class TeamError(RuntimeError):
@@ -95,7 +95,7 @@ class Team:
             files = {
                 f"segments/{name}/{file}": info
                 for name in names
-                for file, info in _file_table(staging / "segments" / name, {}).items()
+                for file, info in file_table(staging / "segments" / name, {}).items()
             }
             report: tuple = (True, staged, files)
         except Exception as exc:  # every rank hears of it, then it is raised
