@@ -664,16 +664,8 @@ def build_scenes(
             sentid += len(entry["sentids"])
             images.append(entry)
     _copy_license(stamps_root, out_dir)
-    dataset = {
-        "dataset": "tuxpaint_scenes",
-        "seed": seed,
-        "image_size": image_size,
-        "source": _source_info(scan, seen, held),
-        "images": images,
-    }
-    path = out_dir / SCENES_JSON
-    write_json(dataset, path)
-    return path
+    info = {"seed": seed, "image_size": image_size, "source": _source_info(scan, seen, held)}
+    return _write_dataset("tuxpaint_scenes", info, images, out_dir / SCENES_JSON)
 
 
 def build_stamp_set(
@@ -714,15 +706,13 @@ def build_stamp_set(
         }
         images.append(karpathy_image(record, filename, "test", imgid, imgid))
     _copy_license(stamps_root, out_dir)
-    dataset = {
-        "dataset": "tuxpaint_stamps",
-        "seed": seed,
-        "image_size": image_size,
-        "source": _source_info(scan, seen, held),
-        "images": images,
-    }
-    path = out_dir / STAMPS_JSON
-    write_json(dataset, path)
+    info = {"seed": seed, "image_size": image_size, "source": _source_info(scan, seen, held)}
+    return _write_dataset("tuxpaint_stamps", info, images, out_dir / STAMPS_JSON)
+
+
+def _write_dataset(name: str, info: dict, images: list[dict], path: Path) -> Path:
+    """A Karpathy-style JSON: the dataset's name, how it was made (``info``), its images."""
+    write_json({"dataset": name, **info, "images": images}, path)
     return path
 
 
