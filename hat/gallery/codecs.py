@@ -151,9 +151,10 @@ class PQCodec(Codec):
         self, values: np.ndarray, scales: None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
-        coordinates = torch.zeros(len(codes), self.matrix.shape[0])
         if len(codes):
             coordinates = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
+        else:
+            coordinates = torch.zeros(0, self.matrix.shape[0])
         return coordinates.reshape(*values.shape[:-1], -1), self.matrix
 
     def to_array(self) -> np.ndarray:

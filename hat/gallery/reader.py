@@ -22,7 +22,7 @@ import xxhash
 
 from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.manifest import MANIFEST, Manifest
-from hat.gallery.storage import Segment, Stored
+from hat.gallery.storage import Segment
 from hat.model import ImageFeatures, TextFeatures
 
 ITEMS = "items.json"
@@ -110,38 +110,30 @@ class Gallery:
     def image_path(self, index: int) -> Path:
         return Path(self.manifest.root) / self.paths[index]
 
-    def _read_images(self, ids: Sequence[int]) -> list[tuple[Segment, np.ndarray, Stored]]:
-        """Stored values of images ``ids``, per segment: (segment, positions in ``ids``, values)."""
-        rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
-        by_segment = list(_by_segment(rows))
-        for seg, positions in by_segment:
-            self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
-        return [
-            (segment, positions, segment.read_images(rows[positions, 1], self.checked))
-            for segment, positions in ((self.segments[s], p) for s, p in by_segment)
-        ]
-
     def image_features(self, ids: Sequence[int]) -> ImageFeatures:
         """fp32 region features of images ``ids`` (in that order), one tensor per level."""
-        parts = self._read_images(ids)
-        levels = []
-        for level, regions in enumerate(self.regions()):
-            if len(parts) == 1 and np.array_equal(parts[0][1], np.arange(len(ids))):
-                segment, _, stored = parts[0]  # ids in file order: no copy
-                levels.append(segment.decode("image", level, stored[level]))
-                continue
-            out = torch.empty(len(ids), regions, self.manifest.dim)
-            for segment, positions, stored in parts:
-                out[torch.from_numpy(positions)] = segment.decode("image", level, stored[level])
-            levels.append(out)
+        parts = [(positions, part.expanded()) for positions, part in self.image_parts(ids)]
+        if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(len(ids))):
+            return parts[0][1]  # ids in file order: no copy
+        levels = [torch.empty(len(ids), regions, self.manifest.dim) for regions in self.regions()]
+        for positions, part in parts:
+            index = torch.from_numpy(positions)
+            for out, values in zip(levels, part.levels, strict=True):
+                out[index] = values
         return ImageFeatures(levels)
 
     def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
         where a compressed segment gives coordinates in its own bases (``ImageFeatures.bases``)
         so that its regions are never expanded to full width."""
+        rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
+        by_segment = list(_by_segment(rows))
+        for seg, positions in by_segment:
+            self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
         out = []
-        for segment, positions, stored in self._read_images(ids):
+        for seg, positions in by_segment:
+            segment = self.segments[seg]
+            stored = segment.read_images(rows[positions, 1], self.checked)
             levels, bases = zip(
                 *(
                     segment.decode_coordinates("image", i, values)
