@@ -7,12 +7,12 @@ Shared by the Tux Paint Scenes and the object datasets, so both read the same in
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from hat.fileio import atomic_write_text
 
 JPEG_QUALITY = 90
 
@@ -49,13 +49,4 @@ def save_jpeg(image: Image.Image, path: Path) -> None:
 
 def write_json(obj: dict, path: Path) -> None:
     """Atomic write, so a reader never sees a half-written dataset file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, ensure_ascii=False, separators=(",", ":"))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dataset file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
