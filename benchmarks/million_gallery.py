@@ -108,25 +108,29 @@ class Collage:
         self.rng = np.random.default_rng(seed)
         segment = real.segments[0]
         rows = real.image_rows[:, 1]
-        self.codes = [values for values, _ in segment.read_images(rows)]
+        self.stored = segment.read_images(rows)  # codes and mean region of every level
         self.vectors = real.embeddings("image")
         self.grids = grids
         self.codecs = segment.codecs
 
-    def chunk(self, count: int) -> tuple[list[np.ndarray], np.ndarray]:
-        """Codes of every level and first-stage vectors of ``count`` new images."""
+    def chunk(self, count: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+        """Codes and mean region of every level, and first-stage vectors, of ``count`` new
+        images; the means, like the first-stage vectors, are a's and b's weighted by area."""
         n = len(self.vectors)
         a, b = self.rng.integers(0, n, count), self.rng.integers(0, n, count)
         side = np.sqrt(self.rng.uniform(0.1, 0.5, count))  # rectangle of 10-50 % of the area
         top, left = self.rng.uniform(0, 1 - side), self.rng.uniform(0, 1 - side)
         levels, area = [], np.zeros(count)
-        for codes, (h, w) in zip(self.codes, self.grids, strict=True):
+        for (codes, means), (h, w) in zip(self.stored, self.grids, strict=True):
             ys, xs = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
             inside_y = (ys[None] >= top[:, None]) & (ys[None] < (top + side)[:, None])
             inside_x = (xs[None] >= left[:, None]) & (xs[None] < (left + side)[:, None])
             inside = (inside_y[:, :, None] & inside_x[:, None, :]).reshape(count, h * w)
-            levels.append(np.where(inside[..., None], codes[b], codes[a]))
             area = inside.mean(axis=1)
+            mixed = (1 - area)[:, None] * means[a] + area[:, None] * means[b]
+            levels.append(
+                (np.where(inside[..., None], codes[b], codes[a]), mixed.astype(np.float16))
+            )
         noise = self.rng.standard_normal(self.vectors[a].shape) / np.sqrt(self.vectors.shape[1])
         vectors = (1 - area)[:, None] * self.vectors[a] + area[:, None] * self.vectors[b]
         vectors += NOISE * noise
@@ -139,7 +143,7 @@ def synthetic_gallery(
 ) -> tuple[Path, dict]:
     """Write ``size`` collage images as a gallery in ``work``; returns its folder and timings."""
     collage = Collage(real, grids, seed=0)
-    shapes = [(values.shape[1], real.manifest.dim) for values in collage.codes]
+    shapes = [(values.shape[1], real.manifest.dim) for values, _ in collage.stored]
     timings: dict[str, float] = {}
 
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
@@ -156,7 +160,7 @@ def synthetic_gallery(
         for first in range(0, len(entries), CHUNK):
             rows = np.arange(first, min(first + CHUNK, len(entries)))
             levels, vectors = collage.chunk(len(rows))
-            writer.put_encoded_images(rows, [(codes, None) for codes in levels], vectors)
+            writer.put_encoded_images(rows, levels, vectors)
         writer.close()
         timings["write_features_s"] = time.perf_counter() - start
         return list(range(len(entries)))

@@ -46,7 +46,7 @@ def stored(levels: list[torch.Tensor], precision: str) -> list[torch.Tensor]:
     for x in levels:
         codec = new_codec(precision, x.shape[-1])
         if codec.needs_training:
-            codec.train(x.reshape(-1, x.shape[-1])[:PQ_TRAINING_VECTORS].numpy())
+            codec.train(codec.training_vectors(x)[:PQ_TRAINING_VECTORS])
         out.append(codec.decode(*codec.encode(x)))
     return out
 

@@ -24,7 +24,9 @@ The pair score is the sum of the level scores. How it is computed fast:
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
-  and norms come from the full words. The score is exactly that of the expanded regions.
+  and norms come from the full words. The score is exactly that of the expanded regions. B may
+  end in rows of each image's own (:class:`Basis`); their few coordinates add one broadcast term
+  to the similarities.
 """
 
 from __future__ import annotations
@@ -42,6 +44,40 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 21
 # Captions per block: few enough that cutting a block to its longest caption removes most padding,
 # and blocks then grow along the images, which keeps the GEMM wide.
 CAPTION_BLOCK = 16
+
+
+@dataclass
+class Basis:
+    """Orthonormal rows that a level's region coordinates ``(I, K, d + e)`` are taken in.
+
+    The first d coordinates are along ``shared`` ``(d, D)``, rows common to every image (a
+    compressed segment's PCA); the last e along ``own`` ``(I, e, D)``, rows of each image's own
+    (the part of its stored mean region outside the PCA). Each image's d + e rows are orthonormal,
+    so dot products and norms of coordinates are those of the features.
+    """
+
+    shared: torch.Tensor
+    own: torch.Tensor | None = None
+
+    def __getitem__(self, index) -> Basis:
+        return Basis(self.shared, None if self.own is None else self.own[index])
+
+    def to(self, device: torch.device | str) -> Basis:
+        own = None if self.own is None else self.own.to(device)
+        return Basis(self.shared.to(device), own)
+
+    def expand(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """Features ``(I, K, D)`` of coordinates ``(I, K, d + e)``."""
+        shared = self.shared.shape[0]
+        features = coordinates[..., :shared] @ self.shared
+        if self.own is not None:
+            features += coordinates[..., shared:] @ self.own
+        return features
+
+    def project(self, words: torch.Tensor) -> torch.Tensor:
+        """Words ``(T, L, D)`` along the shared rows, zero along the own ones: ``(T, L, d + e)``."""
+        projected = words @ self.shared.T
+        return projected if self.own is None else F.pad(projected, (0, self.own.shape[1]))
 
 
 @dataclass
@@ -103,11 +139,13 @@ def _block_scores(
     direction: str,
     slope: float,
     projected_words: torch.Tensor | None = None,
+    own_words: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores ``(I, T)``, unnormalised attention ``(T, L, I, K)`` and local cosines of a block.
 
-    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. ``projected_words``:
-    the words in the basis the regions are coordinates of (see the module docstring).
+    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. Regions given as
+    coordinates in a :class:`Basis` take ``projected_words`` (``Basis.project``) and, where the
+    basis has rows of each image's own, ``own_words`` ``(T, L, I, e)``: the words along them.
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = words.shape
@@ -115,6 +153,11 @@ def _block_scores(
     mul, _ = _ops(inplace)
     probe = words if projected_words is None else projected_words
     sims = (probe.reshape(-1, dim) @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
+    if own_words is not None:  # the own rows' term: word along row j times region coordinate j
+        shared = dim - own_words.shape[3]
+        for j in range(own_words.shape[3]):
+            along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
+            sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
     attn = _exp_logits(sims, word_mask, lambda_softmax, direction, slope, inplace)
     if direction == "i2t":
         gram = words @ words.transpose(1, 2)  # (T, L, L)
@@ -151,13 +194,13 @@ def level_scores(
     direction: str = "i2t",
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    projected_words: torch.Tensor | None = None,
+    basis: Basis | None = None,
 ) -> torch.Tensor:
     """Score every image against every caption at one level: ``(I, K, D) × (T, L, D) → (I, T)``.
 
     Pairs are processed in blocks of at most ``block_elements`` region–word similarities so that
-    memory stays bounded for any gallery size. Regions that are coordinates ``(I, K, d)`` in an
-    orthonormal basis ``B`` ``(d, D)`` take ``projected_words = words @ B.T`` ``(T, L, d)``.
+    memory stays bounded for any gallery size. Regions may be coordinates ``(I, K, d + e)`` in
+    ``basis``; they score exactly as ``basis.expand(regions)`` does.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
@@ -166,8 +209,9 @@ def level_scores(
     n_txt = words.shape[0]
     order, widths = _by_length(word_mask)
     words, word_mask = words[order], word_mask[order]
-    if projected_words is not None:
-        projected_words = _as_compute_dtype(projected_words)[order]
+    projected_words = own = None
+    if basis is not None:
+        projected_words, own = basis.project(words), basis.own
     out = regions.new_empty(n_img, n_txt)
     t = 0
     while t < n_txt:
@@ -182,6 +226,9 @@ def level_scores(
         if projected_words is not None:
             block_projected = projected_words[t : t + txt_step, :width]
         for i in range(0, n_img, img_step):
+            own_words = None
+            if own is not None:
+                own_words = torch.einsum("tlD,ieD->tlie", block_words, own[i : i + img_step])
             out[i : i + img_step, cols] = _block_scores(
                 regions[i : i + img_step],
                 block_words,
@@ -190,6 +237,7 @@ def level_scores(
                 direction,
                 slope,
                 block_projected,
+                own_words,
             )[0]
         t += txt_step
     return out
@@ -203,20 +251,20 @@ def hierarchical_scores(
     direction: str = "i2t",
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
-    projected_levels: list[torch.Tensor | None] | None = None,
+    bases: list[Basis | None] | None = None,
 ) -> torch.Tensor:
     """Per-level scores ``(num_levels, I, T)``; the HAT pair score is their sum over levels.
 
-    ``projected_levels``: per level, the words in the basis of that level's region coordinates
-    (None where the regions are plain features); see :func:`level_scores`.
+    ``bases``: per level, the basis that level's regions are coordinates in (None where they are
+    plain features); see :func:`level_scores`.
     """
     if len(image_levels) != len(text_levels):
         raise ValueError(f"{len(image_levels)} image levels but {len(text_levels)} text levels")
-    projected_levels = projected_levels or [None] * len(text_levels)
+    bases = bases or [None] * len(text_levels)
     return torch.stack(
         [
-            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, p)
-            for v, t, p in zip(image_levels, text_levels, projected_levels, strict=True)
+            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, b)
+            for v, t, b in zip(image_levels, text_levels, bases, strict=True)
         ]
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hat.alignment import hierarchical_scores
+from hat.alignment import Basis, hierarchical_scores
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
 from hat.filekind import describe
@@ -43,21 +44,24 @@ class ImageFeatures:
     """Projected region features, one ``(N, K_i, D)`` tensor per level.
 
     A compressed gallery may hand out a level as coordinates ``(N, K_i, d)`` in an orthonormal
-    basis ``bases[i]`` ``(d, D)`` (features = coordinates @ basis): scoring uses them as they
-    are (exactly, see :mod:`hat.alignment`), and :meth:`expanded` gives the features.
+    basis ``bases[i]`` (:class:`hat.alignment.Basis`): scoring uses them as they are (exactly,
+    see :mod:`hat.alignment`), and :meth:`expanded` gives the features.
     """
 
     levels: list[torch.Tensor]
-    bases: list[torch.Tensor | None] | None = None
+    bases: list[Basis | None] | None = None
 
     def __len__(self) -> int:
         return self.levels[0].shape[0]
 
+    def _bases(self, method: Callable[[Basis], Basis]) -> list[Basis | None] | None:
+        return None if self.bases is None else [b if b is None else method(b) for b in self.bases]
+
     def __getitem__(self, index) -> ImageFeatures:
-        return ImageFeatures([x[index] for x in self.levels], self.bases)
+        return ImageFeatures([x[index] for x in self.levels], self._bases(lambda b: b[index]))
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        bases = None if self.bases is None else [_to(b, device) for b in self.bases]
+        bases = self._bases(lambda b: b.to(device))
         return ImageFeatures([x.to(device) for x in self.levels], bases)
 
     def expanded(self) -> ImageFeatures:
@@ -65,12 +69,8 @@ class ImageFeatures:
         if self.bases is None:
             return self
         return ImageFeatures(
-            [x if b is None else x @ b for x, b in zip(self.levels, self.bases, strict=True)]
+            [x if b is None else b.expand(x) for x, b in zip(self.levels, self.bases, strict=True)]
         )
-
-
-def _to(x: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
-    return None if x is None else x.to(device)
 
 
 @dataclass
@@ -173,12 +173,6 @@ class HATModel(nn.Module):
             if cfg.scoring == "pooled":
                 images = images.expanded()
                 return pooled_level_scores(images.levels, texts.levels, texts.mask)
-            projected = None
-            if images.bases is not None:
-                projected = [
-                    None if b is None else t.float() @ b.T
-                    for t, b in zip(texts.levels, images.bases, strict=True)
-                ]
             return hierarchical_scores(
                 images.levels,
                 texts.levels,
@@ -186,7 +180,7 @@ class HATModel(nn.Module):
                 lambda_softmax=cfg.lambda_softmax,
                 direction=cfg.direction,
                 slope=cfg.leaky_relu_slope,
-                projected_levels=projected,
+                bases=images.bases,
                 **kwargs,
             )
 

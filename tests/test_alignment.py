@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.alignment import align_pair, hierarchical_scores, level_scores
+from hat.alignment import Basis, align_pair, hierarchical_scores, level_scores
 
 
 def reference_pair_score(regions, words, lam, direction, slope=0.1):
@@ -98,17 +98,37 @@ def test_hierarchical_scores_stack_levels_and_sum_is_the_pair_score():
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_regions_given_as_coordinates_in_a_basis_score_exactly_as_expanded(direction):
-    """A compressed gallery's regions y with x = y B (B: orthonormal rows, d < D) and the words
-    projected into B score exactly as x does; the words' own Gram and norms stay full."""
+    """A compressed gallery's regions: coordinates y along rows B (orthonormal, d < D) shared by
+    all images, then one row u_i of each image's own (orthogonal to B), scored with the words
+    projected into them, give exactly the scores of x = y B + y' u_i; the words' own Gram and
+    norms stay full."""
     images, texts, mask, _ = random_batch(dim=9, seed=6)
-    basis = torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0].T  # (4, 9)
-    coordinates = images @ basis.T  # (I, K, 4)
-    expanded = coordinates @ basis
+    shared = torch.linalg.qr(torch.randn(9, 4, dtype=torch.float64))[0].T  # (4, 9)
+    outside = torch.randn(images.shape[0], 9, dtype=torch.float64)
+    outside -= outside @ shared.T @ shared
+    own = (outside / outside.norm(dim=1, keepdim=True))[:, None]  # (I, 1, 9)
+    along_own = torch.randn(images.shape[0], 1, 1, dtype=torch.float64).expand(
+        -1, images.shape[1], 1
+    )
+    coordinates = torch.cat([images @ shared.T, along_own], dim=2)  # (I, K, 5)
+    basis = Basis(shared, own)
+    expanded = basis.expand(coordinates)
+    torch.testing.assert_close(
+        expanded, images @ shared.T @ shared + along_own * own, atol=1e-12, rtol=0
+    )
     want = level_scores(expanded, texts, mask, 9.0, direction)
-    got = level_scores(coordinates, texts, mask, 9.0, direction, projected_words=texts @ basis.T)
+    got = level_scores(coordinates, texts, mask, 9.0, direction, basis=basis)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
-    # The full words matter: their parts outside the basis change the Gram matrix and norms.
-    projected_only = texts @ basis.T @ basis
+    # Every part counts: the own rows' term ...
+    shared_only = level_scores(
+        coordinates[..., :4], texts, mask, 9.0, direction, basis=Basis(shared)
+    )
+    assert not torch.allclose(shared_only, want)
+    torch.testing.assert_close(
+        shared_only, level_scores(images @ shared.T @ shared, texts, mask, 9.0, direction)
+    )
+    # ... and the full words: their parts outside the basis change the Gram matrix and norms.
+    projected_only = texts @ shared.T @ shared
     assert not torch.allclose(level_scores(expanded, projected_only, mask, 9.0, direction), want)
 
 

@@ -110,38 +110,51 @@ def low_rank(count: int, dim: int = 256, rank: int = 48, seed: int = 0) -> np.nd
     return (x + 0.02 * rng.standard_normal((count, dim))).astype(np.float32)
 
 
-def test_pq_codec_keeps_structured_vectors_close_in_32_bytes():
-    """32 bytes per 256-d vector (1/32 of fp32): directions kept, and better than plain PQ at the
-    same size on features that, like real ones, lie near a subspace."""
-    x = low_rank(6000)
+def structured_images(count: int, regions: int = 10, seed: int = 0) -> np.ndarray:
+    """Images ``(count, regions, 256)`` as the model gives them: regions near a low-dimensional
+    subspace, around a mean of each image's own that mostly lies outside it."""
+    x = low_rank(count * regions, seed=seed).reshape(count, regions, 256)
+    means = np.random.default_rng(seed + 1).standard_normal((count, 1, 256)).astype(np.float32)
+    return x + 0.5 * means
+
+
+def relative_errors(back: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(back - x, axis=-1) / np.linalg.norm(x, axis=-1)
+
+
+def test_pq_codec_keeps_structured_images_close_in_32_bytes_per_region():
+    """32 bytes per 256-d region (1/32 of fp32) and one fp16 mean per image: much closer than
+    plain PQ, or the PCA + PQ of the regions themselves, at the same code size."""
+    x = structured_images(600)
     codec = new_codec("pq", 256)
-    codec.train(training_sample(x))
-    codes, scales = codec.encode(torch.from_numpy(x[:500]).reshape(50, 10, 256))
-    assert codes.shape == (50, 10, PQ_BYTES) and codes.dtype == np.uint8 and scales is None
-    back = codec.decode(codes, None).reshape(500, 256).numpy()
-    error = np.linalg.norm(back - x[:500], axis=1) / np.linalg.norm(x[:500], axis=1)
-    cosine = (
-        (back * x[:500]).sum(1) / np.linalg.norm(back, axis=1) / np.linalg.norm(x[:500], axis=1)
-    )
+    codec.train(training_sample(codec.training_vectors(torch.from_numpy(x))))
+    test = x[:50]
+    codes, means = codec.encode(torch.from_numpy(test))
+    assert codes.shape == (50, 10, PQ_BYTES) and codes.dtype == np.uint8
+    assert means.shape == (50, 256) and means.dtype == np.float16
+    back = codec.decode(codes, means).numpy()
+    error = relative_errors(back, test)
+    cosine = (back * test).sum(-1) / np.linalg.norm(back, axis=-1) / np.linalg.norm(test, axis=-1)
     assert cosine.min() > 0.9
-    plain = faiss.index_factory(256, f"PQ{PQ_BYTES}np")
-    plain.train(x)
-    plain_back = plain.sa_decode(plain.sa_encode(x[:500]))
-    plain_error = np.linalg.norm(plain_back - x[:500], axis=1) / np.linalg.norm(x[:500], axis=1)
-    assert np.median(error) < 0.8 * np.median(plain_error)
-    # The decoder's BLAS path is faiss's own decoder; a stored codec decodes the same.
-    np.testing.assert_allclose(back, codec.index.sa_decode(codes.reshape(-1, PQ_BYTES)), atol=1e-4)
+    flat = x.reshape(-1, 256)
+    for spec in (f"PQ{PQ_BYTES}np", f"PCAR96,PQ{PQ_BYTES}np"):
+        other = faiss.index_factory(256, spec)
+        other.train(flat)
+        other_back = other.sa_decode(other.sa_encode(test.reshape(-1, 256))).reshape(test.shape)
+        assert np.median(error) < 0.7 * np.median(relative_errors(other_back, test)), spec
+    # The decoder's BLAS path is faiss's own decoder plus the mean; a stored codec decodes the same.
+    differences = codec.index.sa_decode(codes.reshape(-1, PQ_BYTES)).reshape(test.shape)
+    np.testing.assert_allclose(back, differences + means[:, None].astype(np.float32), atol=1e-4)
     again = PQCodec.from_array(256, codec.to_array())
-    assert torch.equal(again.decode(codes, None), codec.decode(codes, None))
+    assert torch.equal(again.decode(codes, means), codec.decode(codes, means))
 
 
 def test_pq_codec_stores_a_tiny_sample_closely_and_refuses_odd_widths():
-    x = low_rank(40)
+    x = torch.from_numpy(structured_images(4))
     codec = new_codec("pq", 256)
-    codec.train(x)  # fewer points than centroids: the points become centroids
-    back = codec.decode(codec.encode(torch.from_numpy(x))[0], None).numpy()
-    error = np.linalg.norm(back - x, axis=1) / np.linalg.norm(x, axis=1)
-    assert error.max() < 0.05  # a big sample's codes are ~0.2 off (test above)
+    codec.train(codec.training_vectors(x))  # fewer points than centroids: they become centroids
+    back = codec.decode(*codec.encode(x)).numpy()
+    assert relative_errors(back, x.numpy()).max() < 0.05  # a big sample's are ~0.2 off (above)
     with pytest.raises(ValueError, match="divisible by 32"):
         new_codec("pq", 100)
     with pytest.raises(ValueError, match="precision must be one of"):
@@ -154,8 +167,9 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
     exact = build(checkpoint, folder, tmp_path / "a", settings=BuildSettings("fp32"))
     small = build(checkpoint, folder, tmp_path / "b", settings=BuildSettings("pq"))
     segment = small.segments[0]
-    codes, no_scales = segment.image[0]
-    assert codes.dtype == np.uint8 and codes.shape[-1] == PQ_BYTES and no_scales is None
+    codes, means = segment.image[0]
+    assert codes.dtype == np.uint8 and codes.shape[-1] == PQ_BYTES
+    assert means.dtype == np.float16 and means.shape == (codes.shape[0], small.manifest.dim)
     assert [type(c).__name__ for c in segment.codecs["image"]] == ["PQCodec"] * 3
     assert [type(c).__name__ for c in segment.codecs["text"]] == ["Int8Codec"] * 3
     exact_levels, small_levels = (g.image_features(range(5)).levels for g in (exact, small))
@@ -173,7 +187,8 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
     ids = [4, 0, 2]
     parts = reopened.image_parts(ids)
     dim = reopened.manifest.dim
-    assert [tuple(b.shape) for _, f in parts for b in f.bases] == [(min(dim, 96), dim)] * 3
+    shapes = [(tuple(b.shared.shape), tuple(b.own.shape)) for _, f in parts for b in f.bases]
+    assert shapes == [((min(dim, 96), dim), (len(ids), 1, dim))] * 3
     decoded = model_b.model.level_scores(reopened.image_features(ids), text)[:, :, 0]
     torch.testing.assert_close(model_b.score_images(ids, text), decoded, atol=1e-5, rtol=0)
 

@@ -10,7 +10,8 @@ build settings (:func:`gallery_key` hashes all three)::
     image.faiss, text.faiss    first-stage indexes over the global vectors
     segments/<name>/           immutable .npy arrays of one encoding run (memory-mapped):
         image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8;
-                               (rows, regions, 32) codes for pq, + .codec.npy (OPQ + codebooks)
+                               (rows, regions, 32) codes for pq, + .mean.npy (rows, D) and
+                               .codec.npy (PCA + codebooks)
         text.<level>.npy       (tokens, D) real tokens of all captions back to back, likewise
         text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
         image.embedding.npy, text.embedding.npy   first-stage vectors (fp32)

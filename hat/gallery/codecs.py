@@ -3,19 +3,23 @@
 - ``fp32`` / ``fp16``: the floats.
 - ``int8``: symmetric int8 with one fp16 scale per vector (absmax over D). A per-vector scale
   keeps every vector's direction and norm, which is all the alignment uses.
-- ``pq`` (image regions; caption tokens stay ``int8``): faiss product quantisation after a PCA
-  to ``PQ_DIMS`` dimensions with a random rotation: each region becomes ``PQ_BYTES`` one-byte
-  codes (a sub-vector's nearest of 256 centroids). The projection and codebooks are trained on the
-  segment's own vectors when it is written and stored beside them, so any checkpoint's features
-  compress without a separate training step, and a segment reused by a later gallery keeps its
-  codebooks. Decoding is a table lookup to the PCA coordinates, cheap enough to do for a
-  query's candidates only; scoring uses the coordinates as they are (:mod:`hat.alignment`).
+- ``pq`` (image regions; caption tokens stay ``int8``): each image keeps its mean region (fp16),
+  and each region's difference from it becomes ``PQ_BYTES`` one-byte codes: faiss product
+  quantisation (a sub-vector's nearest of 256 centroids) after a PCA to ``PQ_DIMS`` dimensions
+  with a random rotation. The projection and codebooks are trained on the segment's own vectors
+  when it is written and stored beside them, so any checkpoint's features compress without a
+  separate training step, and a segment reused by a later gallery keeps its codebooks. Decoding
+  is a table lookup to the PCA coordinates, cheap enough to do for a query's candidates only;
+  scoring uses the coordinates as they are (:mod:`hat.alignment`), with the part of the mean
+  outside the PCA as one more coordinate along a row of the image's own.
 
 Why these choices (reports/README.md): at a fixed 32 bytes per region, dropping the weakest PCA
 directions and quantising 3 dimensions per code keeps retrieval much closer to fp32 than 8
 dimensions per code on all 256 (plain PQ), and the PCA trains far faster than an OPQ rotation.
-Caption tokens lose more to quantisation than regions do and are few next to them, so they keep
-int8.
+The mean matters most: a PCA of the regions themselves drops part of every image's mean, an
+error shared by all its regions that shifts all its scores alike and costs far more retrieval
+than the per-region noise. Caption tokens lose more to quantisation than regions do and are few
+next to them, so they keep int8.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import torch
+
+from hat.alignment import Basis
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
 FLOATS = {"fp32": np.float32, "fp16": np.float16}
@@ -35,11 +41,15 @@ PQ_SEED = 1234
 
 
 class Codec:
-    """Per-vector storage of ``(..., dim)`` tensors: ``encode`` → (values, scales or None)."""
+    """Storage of ``(..., dim)`` tensors: ``encode`` → (values per vector, side array or None).
+
+    The side array (``side`` names it, fp16) holds what a codec keeps beside the values: int8's
+    per-vector scales, pq's per-image mean.
+    """
 
     precision: str
     value_dtype: type
-    has_scales = False
+    side: str | None = None
     needs_training = False
 
     def __init__(self, dim: int):
@@ -50,19 +60,27 @@ class Codec:
         """Stored values per vector."""
         return self.dim
 
+    def side_shape(self, leading: tuple[int, ...]) -> tuple[int, ...] | None:
+        """Shape of the side array of values ``(*leading, value_width)``; None: no side array."""
+        return None
+
+    def training_vectors(self, x: torch.Tensor) -> np.ndarray:
+        """The vectors ``(n, dim)`` of ``x`` that a codec which needs training is fitted on."""
+        return x.float().reshape(-1, self.dim).numpy()
+
     def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
-    def decode(self, values: np.ndarray, scales: np.ndarray | None) -> torch.Tensor:
+    def decode(self, values: np.ndarray, side: np.ndarray | None) -> torch.Tensor:
         """fp32 tensor ``(..., dim)`` of stored values."""
         raise NotImplementedError
 
     def decode_coordinates(
-        self, values: np.ndarray, scales: np.ndarray | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Stored values as coordinates ``(..., d)`` in an orthonormal basis ``(d, dim)``, or as
+        self, values: np.ndarray, side: np.ndarray | None
+    ) -> tuple[torch.Tensor, Basis | None]:
+        """Stored values as coordinates in an orthonormal :class:`~hat.alignment.Basis`, or as
         features with basis None: what scoring needs, without expanding a reduced codec."""
-        return self.decode(values, scales), None
+        return self.decode(values, side), None
 
 
 class FloatCodec(Codec):
@@ -78,7 +96,10 @@ class FloatCodec(Codec):
 
 
 class Int8Codec(Codec):
-    precision, value_dtype, has_scales = "int8", np.int8, True
+    precision, value_dtype, side = "int8", np.int8, "scale"
+
+    def side_shape(self, leading: tuple[int, ...]) -> tuple[int, ...]:
+        return leading
 
     def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         x = x.detach().float().cpu()
@@ -93,9 +114,11 @@ class Int8Codec(Codec):
 
 
 class PQCodec(Codec):
-    """PCA + random rotation + product quantiser (faiss ``PCAR<d>,PQ<m>``), trained before use."""
+    """Per-image mean + PCA, random rotation and product quantiser (faiss ``PCAR<d>,PQ<m>``) of
+    the regions' differences from it. Encodes images ``(..., regions, dim)``; trained before use.
+    """
 
-    precision, value_dtype, needs_training = "pq", np.uint8, True
+    precision, value_dtype, side, needs_training = "pq", np.uint8, "mean", True
 
     def __init__(self, dim: int, index: faiss.Index | None = None):
         super().__init__(dim)
@@ -117,14 +140,28 @@ class PQCodec(Codec):
     def value_width(self) -> int:
         return PQ_BYTES
 
+    def side_shape(self, leading: tuple[int, ...]) -> tuple[int, ...]:
+        return (*leading[:-1], self.dim)
+
     @property
     def trained(self) -> bool:
         return self.index is not None
 
+    @staticmethod
+    def _mean(x: torch.Tensor) -> torch.Tensor:
+        """Each image's mean region ``(..., dim)`` as stored (fp16)."""
+        return x.float().mean(dim=-2).half()
+
+    def training_vectors(self, x: torch.Tensor) -> np.ndarray:
+        """What the codebooks model: the regions' differences from their image's stored mean."""
+        residuals = x.float() - self._mean(x).float().unsqueeze(-2)
+        return residuals.reshape(-1, self.dim).numpy()
+
     def train(self, sample: np.ndarray) -> None:
-        """Fit the rotation and codebooks on ``sample`` ``(n, dim)``. k-means needs at least as
-        many points as centroids: a smaller sample is repeated, so its points become centroids
-        (a tiny segment is then stored almost exactly); an empty one trains on a zero vector."""
+        """Fit the rotation and codebooks on ``sample`` ``(n, dim)`` (:meth:`training_vectors`).
+        k-means needs at least as many points as centroids: a smaller sample is repeated, so its
+        points become centroids (a tiny segment is then stored almost exactly); an empty one
+        trains on a zero vector."""
         sample = np.asarray(sample, dtype=np.float32).reshape(-1, self.dim)
         if len(sample) == 0:
             sample = np.zeros((1, self.dim), dtype=np.float32)
@@ -138,24 +175,36 @@ class PQCodec(Codec):
         index.train(np.ascontiguousarray(sample))
         self._use(index)
 
-    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, None]:
-        x = np.ascontiguousarray(x.detach().float().cpu().numpy(), dtype=np.float32)
-        codes = self.index.sa_encode(x.reshape(-1, self.dim))
-        return codes.reshape(*x.shape[:-1], PQ_BYTES), None
+    def encode(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        x = x.detach().float().cpu()
+        mean = self._mean(x)
+        residuals = np.ascontiguousarray((x - mean.float().unsqueeze(-2)).numpy())
+        codes = self.index.sa_encode(residuals.reshape(-1, self.dim))
+        return codes.reshape(*x.shape[:-1], PQ_BYTES), mean.numpy()
 
-    def decode(self, values: np.ndarray, scales: None) -> torch.Tensor:
-        coordinates, basis = self.decode_coordinates(values, scales)
-        return coordinates @ basis
+    def decode(self, values: np.ndarray, side: np.ndarray) -> torch.Tensor:
+        coordinates, basis = self.decode_coordinates(values, side)
+        return basis.expand(coordinates)
 
     def decode_coordinates(
-        self, values: np.ndarray, scales: None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, values: np.ndarray, side: np.ndarray
+    ) -> tuple[torch.Tensor, Basis]:
+        """Coordinates ``(..., regions, d + 1)``: the decoded difference plus the mean's part in
+        the PCA, then the length of the mean's remaining part, along a row of the image's own."""
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
         if len(codes):
-            coordinates = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
+            differences = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
         else:
-            coordinates = torch.zeros(0, self.matrix.shape[0])
-        return coordinates.reshape(*values.shape[:-1], -1), self.matrix
+            differences = torch.zeros(0, self.matrix.shape[0])
+        differences = differences.reshape(*values.shape[:-1], -1)
+        mean = torch.from_numpy(np.ascontiguousarray(side)).float()
+        inside = mean @ self.matrix.T
+        outside = mean - inside @ self.matrix
+        length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
+        own = outside / length.clamp(min=torch.finfo(torch.float32).tiny)
+        along_own = length.unsqueeze(-2).expand_as(differences[..., :1])
+        coordinates = torch.cat([differences + inside.unsqueeze(-2), along_own], dim=-1)
+        return coordinates, Basis(self.matrix, own.unsqueeze(-2))
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)

@@ -21,7 +21,9 @@ from hat.training_state import STATE_NAME, TENSORS_NAME
 
 # 2: per-row xxh3 digests of the features; xxh3 instead of sha256 per file.
 # pq (format 2 too) adds codes and trained codebooks per level; other precisions are unchanged.
-FORMAT_VERSION = 2
+# 3: pq stores each image's mean region (image.<level>.mean.npy) and codes its regions'
+# differences from it.
+FORMAT_VERSION = 3
 KARPATHY_PREFIX = "karpathy:"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}
 

@@ -31,9 +31,9 @@ from hat.model import ImageFeatures, TextFeatures
 
 KINDS = ("image", "text")
 # Columns of a segment's ``<kind>.xxh3.npy``: one digest over a row's features (every level,
-# values then scales), one over its first-stage vector.
+# values then side arrays), one over its first-stage vector.
 FEATURES, EMBEDDING = 0, 1
-Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and int8 scales of every level
+Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and side array of every level
 CODEBOOKS = "codec.npy"  # suffix of a level's trained codec (serialised faiss), pq only
 
 
@@ -113,11 +113,10 @@ class Segment:
         def pair(kind: str, level: int) -> tuple[np.ndarray, np.ndarray | None]:
             name, codec = f"{kind}.{level}", self.codecs[kind][level]
             values = self._map(f"{name}.npy", codec.value_dtype, rows[kind], codec.value_width)
-            if not codec.has_scales:
+            side = codec.side_shape(values.shape[:-1])
+            if side is None:
                 return values, None
-            return values, self._map(
-                f"{name}.scale.npy", np.float16, rows[kind], *values.shape[1:-1]
-            )
+            return values, self._map(f"{name}.{codec.side}.npy", np.float16, rows[kind], *side[1:])
 
         self.image = [pair("image", i) for i in range(levels)]
         self.text = [pair("text", i) for i in range(levels)]
@@ -165,8 +164,8 @@ class Segment:
 
     def prefetch(self, kind: str, starts: np.ndarray, counts: np.ndarray) -> None:
         """Start reading rows ``starts[i] : starts[i] + counts[i]`` of every level of ``kind``."""
-        for values, scales in getattr(self, kind):
-            for array in (values, scales):
+        for values, side in getattr(self, kind):
+            for array in (values, side):
                 if array is not None:
                     _prefetch(array, starts, counts)
 
@@ -179,7 +178,7 @@ class Segment:
             )
 
     def read_images(self, rows: np.ndarray, check: bool = True) -> Stored:
-        """Stored values (and scales) of image ``rows``, every level, checked row by row."""
+        """Stored values (and side arrays) of image ``rows``, every level, checked row by row."""
         stored = [(v[rows], None if s is None else s[rows]) for v, s in self.image]
         if check:
             self._check("image", FEATURES, rows, _flat(stored), np.arange(len(rows) + 1))
@@ -251,8 +250,9 @@ class SegmentWriter:
     def _create_level(self, kind: str, level: int, leading: tuple[int, ...]) -> None:
         codec = self.codecs[kind][level]
         self._create(f"{kind}.{level}", codec.value_dtype, (*leading, codec.value_width))
-        if codec.has_scales:
-            self._create(f"{kind}.{level}.scale", np.float16, leading)
+        side = codec.side_shape(leading)
+        if side is not None:
+            self._create(f"{kind}.{level}.{codec.side}", np.float16, side)
 
     def _ready(self, kind: str) -> bool:
         return all(not c.needs_training or c.trained for c in self.codecs[kind])
@@ -261,8 +261,8 @@ class SegmentWriter:
         """Train ``kind``'s codecs on its pending batches, then write those batches."""
         for level, codec in enumerate(self.codecs[kind]):
             if codec.needs_training and not codec.trained:
-                vectors = [p[2][level].reshape(-1, codec.dim) for p in self.pending[kind]]
-                sample = torch.cat(vectors).numpy() if vectors else np.zeros((0, codec.dim))
+                vectors = [codec.training_vectors(p[2][level]) for p in self.pending[kind]]
+                sample = np.concatenate(vectors) if vectors else np.zeros((0, codec.dim))
                 codec.train(training_sample(sample))
         pending, self.pending[kind] = self.pending[kind], []
         for args in pending:
@@ -289,19 +289,19 @@ class SegmentWriter:
         the digests of both, taken from the bytes as stored."""
         parts = []
         for level, pair in enumerate(stored):
-            values, scales = (None if a is None else np.ascontiguousarray(a) for a in pair)
+            values, side = (None if a is None else np.ascontiguousarray(a) for a in pair)
             self.arrays[f"{kind}.{level}"][items] = values
             parts.append(values)
-            if scales is not None:
-                self.arrays[f"{kind}.{level}.scale"][items] = scales
-                parts.append(scales)
+            if side is not None:
+                self.arrays[f"{kind}.{level}.{self.codecs[kind][level].side}"][items] = side
+                parts.append(side)
         vectors = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32))
         self.arrays[f"{kind}.embedding"][rows] = vectors
         self.digests[kind][rows, FEATURES] = row_digests(parts, bounds)
         self.digests[kind][rows, EMBEDDING] = row_digests([vectors], np.arange(len(vectors) + 1))
 
     def put_encoded_images(self, rows: np.ndarray, stored: Stored, embedding: np.ndarray) -> None:
-        """Store image rows already encoded by this writer's codecs (values and scales of every
+        """Store image rows already encoded by this writer's codecs (values and side arrays of every
         level, as :meth:`Segment.read_images` returns them): copies, synthetic galleries."""
         if not self._ready("image"):
             raise ValueError("the image codecs are not trained yet")
