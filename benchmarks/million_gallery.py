@@ -16,8 +16,9 @@ Printed and saved: disk bytes per image, build time, peak memory; the first stag
 thread (exact scan against IVF at several probe counts, and HNSW on a sample: recall of the exact
 top-100 and latency); and two-stage text → image search at one thread (``Searcher``, real
 captions of the real images: tokenise, encode, first stage, gather and decode the K candidates,
-exact HAT re-rank), p50 / p95. The re-rank scores the ``pq`` regions as PCA coordinates; it is
-also timed side by side, on the same candidates, against expanding them to full width first.
+exact HAT re-rank), p50 / p95. The re-rank scores the ``pq`` regions as coordinates (PCA, plus
+one along each image's own row); it is also timed side by side, on the same candidates, against
+expanding them to full width first.
 
     nice -n 10 python benchmarks/million_gallery.py --checkpoint checkpoints/hat-tuxpaint \\
         --real karpathy:data/tuxpaint/dataset_tuxpaint_scenes.json:data/tuxpaint/images:train \\
@@ -248,7 +249,7 @@ def first_stage(vectors: np.ndarray, queries: np.ndarray, k: int, hnsw_sample: i
 
 def rerank_paths(searcher: Searcher, captions: list[str], candidates: int) -> dict:
     """Re-rank of the same first-stage candidates, one thread, two ways, interleaved: the
-    regions as PCA coordinates (what search does) and expanded to full width first."""
+    regions as coordinates (what search does) and expanded to full width first."""
     gallery, model = searcher.gallery, searcher.model
     times: dict[str, list[float]] = {"coordinates": [], "expanded": []}
     with torch.inference_mode():
