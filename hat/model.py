@@ -43,7 +43,7 @@ class CheckpointFormatError(ValueError):
 class ImageFeatures:
     """Projected region features, one ``(N, K_i, D)`` tensor per level.
 
-    A compressed gallery may hand out a level as coordinates ``(N, K_i, d)`` in an orthonormal
+    A compressed gallery may hand out a level as coordinates ``(N, K_i, d + e)`` in an orthonormal
     basis ``bases[i]`` (:class:`hat.alignment.Basis`): scoring uses them as they are (exactly,
     see :mod:`hat.alignment`), and :meth:`expanded` gives the features.
     """
