@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from hat import create_model
+from hat.alignment import level_scores
 from hat.encoder import Encoder
 from hat.gallery import (
     BuildSettings,
@@ -149,6 +150,24 @@ def test_pq_codec_keeps_structured_images_close_in_32_bytes_per_region():
     assert torch.equal(again.decode(codes, means), codec.decode(codes, means))
 
 
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_pq_coordinates_score_exactly_as_the_decoded_regions(direction):
+    """256-d regions: 96 PCA coordinates plus one along each image's own row (its mean's part
+    outside the PCA), orthonormal per image, score as the decoded features do."""
+    x = torch.from_numpy(structured_images(300))
+    codec = new_codec("pq", 256)
+    codec.train(training_sample(codec.training_vectors(x)))
+    coordinates, basis = codec.decode_coordinates(*codec.encode(x[:6]))
+    assert coordinates.shape == (6, 10, 97) and basis.own.shape == (6, 1, 256)
+    rows = torch.cat([basis.shared.expand(6, -1, -1), basis.own], dim=1)  # (6, 97, 256)
+    torch.testing.assert_close(rows @ rows.transpose(1, 2), torch.eye(97).expand(6, -1, -1))
+    words = torch.randn(4, 7, 256)
+    mask = torch.arange(7) < torch.tensor([7, 5, 3, 6])[:, None]
+    want = level_scores(basis.expand(coordinates), words, mask, 9.0, direction)
+    got = level_scores(coordinates, words, mask, 9.0, direction, basis=basis)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_pq_codec_stores_a_tiny_sample_closely_and_refuses_odd_widths():
     x = torch.from_numpy(structured_images(4))
     codec = new_codec("pq", 256)
@@ -181,14 +200,15 @@ def test_pq_gallery_stores_codes_and_searches_like_fp32(checkpoint, folder, tmp_
     for caption in ("a square of colour 3", "picture number 0"):
         want = [h.index for h in model_a.text_to_image(caption, k=5, exact=True).hits]
         assert [h.index for h in model_b.text_to_image(caption, k=5, exact=True).hits] == want
-    # The re-rank scores pq regions as PCA coordinates, never expanded: the same scores as the
-    # decoded features give.
+    # The re-rank scores pq regions as coordinates, never expanded: the same scores as the
+    # decoded features give. This tiny model's 32-d PCA keeps every dimension: no own rows.
     text = model_b.encoder.encode_caption("a square of colour 3")
     ids = [4, 0, 2]
     parts = reopened.image_parts(ids)
     dim = reopened.manifest.dim
-    shapes = [(tuple(b.shared.shape), tuple(b.own.shape)) for _, f in parts for b in f.bases]
-    assert shapes == [((min(dim, 96), dim), (len(ids), 1, dim))] * 3
+    assert [(tuple(b.shared.shape), b.own) for _, f in parts for b in f.bases] == [
+        ((dim, dim), None)
+    ] * 3
     decoded = model_b.model.level_scores(reopened.image_features(ids), text)[:, :, 0]
     torch.testing.assert_close(model_b.score_images(ids, text), decoded, atol=1e-5, rtol=0)
 

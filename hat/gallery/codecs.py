@@ -190,21 +190,29 @@ class PQCodec(Codec):
         self, values: np.ndarray, side: np.ndarray
     ) -> tuple[torch.Tensor, Basis]:
         """Coordinates ``(..., regions, d + 1)``: the decoded difference plus the mean's part in
-        the PCA, then the length of the mean's remaining part, along a row of the image's own."""
+        the PCA, then the length of the mean's remaining part, along a row of the image's own.
+        A PCA that keeps every dimension leaves no remaining part: ``d`` coordinates, no own row.
+        """
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
+        kept = self.matrix.shape[0]
         if len(codes):
             differences = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
         else:
-            differences = torch.zeros(0, self.matrix.shape[0])
-        differences = differences.reshape(*values.shape[:-1], -1)
+            differences = torch.zeros(0, kept)
+        differences = differences.reshape(*values.shape[:-1], kept)
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
+        coordinates = differences + inside.unsqueeze(-2)
+        if kept == self.dim:
+            return coordinates, Basis(self.matrix)
         outside = mean - inside @ self.matrix
+        outside -= (
+            outside @ self.matrix.T
+        ) @ self.matrix  # once more: orthogonal to float precision
         length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
         own = outside / length.clamp(min=torch.finfo(torch.float32).tiny)
         along_own = length.unsqueeze(-2).expand_as(differences[..., :1])
-        coordinates = torch.cat([differences + inside.unsqueeze(-2), along_own], dim=-1)
-        return coordinates, Basis(self.matrix, own.unsqueeze(-2))
+        return torch.cat([coordinates, along_own], dim=-1), Basis(self.matrix, own.unsqueeze(-2))
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)

@@ -1,4 +1,4 @@
-"""Feature storage: memory-mapped .npy arrays per segment, quantised per vector.
+"""Feature storage: memory-mapped .npy arrays per segment, in the format of a codec per level.
 
 A segment holds the features of one encoding run and is never modified after it is written, so
 later galleries can share it through hard links. Every row (an image's region features of all
