@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: app test lint install install-dev chromium
+.PHONY: app test lint install install-dev test-tools
 
 # Re-install only when a requirements file or pyproject.toml changes.
 .cache/installed: requirements.txt pyproject.toml
@@ -20,11 +20,13 @@ install-dev: .cache/installed-dev
 app: .cache/installed
 	$(PYTHON) app.py
 
-# The app's browser test drives Debian's chromium through Playwright (never a downloaded browser).
-chromium:
-	@test -x /usr/bin/chromium || { apt-get update -qq && apt-get install -y -qq chromium; }
+# Debian tools the tests drive: chromium for the app's browser test (through Playwright, never a
+# downloaded browser) and git-lfs for the Space build test.
+test-tools:
+	@test -x /usr/bin/chromium && git lfs version >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq chromium git-lfs; }
 
-test: .cache/installed-dev chromium
+test: .cache/installed-dev test-tools
 	$(PYTHON) -m pytest
 
 lint: .cache/installed-dev

@@ -1,8 +1,21 @@
-"""Minimal DistributedDataParallel plumbing for ``torchrun`` (NCCL on GPU, gloo on CPU)."""
+"""Minimal DistributedDataParallel plumbing for ``torchrun`` (NCCL on GPU, gloo on CPU).
+
+A process must not reach interpreter shutdown with the process group's threads still running:
+gloo's worker thread releases each finished collective, and releasing a tensor that Python has
+already dropped takes the GIL; during shutdown Python ends such a thread with ``pthread_exit``,
+whose unwinding through a ``noexcept`` frame aborts the process ("terminate called without an
+active exception", exit -6) although its work is done. A rank that leaves right after its last
+collective (a follower, while rank 0 writes the checkpoint) hits that window now and then.
+:func:`process_group` closes it: every rank meets at a barrier, then the group is destroyed and
+its threads joined while the interpreter still runs.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -58,6 +71,34 @@ def replicas_in_sync(model: torch.nn.Module, info: DistInfo) -> bool:
     return bool(same.item())
 
 
-def cleanup(info: DistInfo) -> None:
+@contextmanager
+def process_group(
+    device: str, backend: str | None = None, timeout: timedelta | None = None
+) -> Iterator[DistInfo]:
+    """Run the block in torchrun's process group (:func:`init_distributed`) and leave it cleanly.
+
+    When the block ends normally every rank waits for the others, so none tears the group down
+    while another still talks to it; then the group is destroyed. When it raises, the rank
+    leaves at once (the others may never reach a barrier) and torchrun stops them.
+    """
+    info = init_distributed(device, backend, timeout)
+    try:
+        yield info
+    except BaseException:
+        leave(info)
+        raise
+    if info.enabled:
+        dist.barrier()
+    leave(info)
+
+
+def leave(info: DistInfo) -> None:
+    """Destroy the process group and free it now, so that its threads stop here.
+
+    ``destroy_process_group`` only drops the registry's references; the group lives on while
+    anything else holds it, such as a ``DistributedDataParallel`` wrapper inside a reference
+    cycle (a training run and its bound methods), and only a garbage collection frees those.
+    """
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()

@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +12,9 @@ from hat.encoder import Encoder
 from hat.gallery import build_gallery, folder_collection
 from hat.gallery.shards import chunk
 from hat.search import Searcher
+from tests.multiprocess import PROBE, ROOT, ended_cleanly, torchrun
 from tests.test_gallery import write_folder, write_image
 
-ROOT = Path(__file__).resolve().parents[1]
 QUERIES = ["a square of colour 3", "picture number 7", "a red square", "something else entirely"]
 
 
@@ -28,16 +25,9 @@ def tiny_checkpoint(tmp_path_factory):
     return model.eval().save_pretrained(tmp_path_factory.mktemp("ckpt") / "m", tokenizer)
 
 
-def torchrun(*args, script=None, timeout=180):
+def index_build(*args, script=PROBE, timeout=180):
     """Two processes of ``hat index build`` (or of ``script``) under torchrun, on the CPU."""
-    target = [str(script)] if script else ["-m", "hat"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", "2", *target, "index", "build", *map(str, args)]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # a script imports hat too
-    return subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    return torchrun("index", "build", *args, script=script, timeout=timeout)
 
 
 def build_args(checkpoint, images, captions, cache) -> list:
@@ -50,8 +40,8 @@ def build_both_ways(checkpoint, images, captions, tmp_path):
     """The gallery built by torchrun (its printed summary too) and by one process."""
     cache = os.path.relpath(tmp_path / "dist", ROOT)  # relative: the ranks must agree on it
     args = [*build_args(checkpoint, images, captions, cache), "--workers", 0, "--json"]
-    run = torchrun(*args)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = index_build(*args)
+    assert ended_cleanly(run), run.stderr[-3000:] + run.stdout[-500:]
     info = json.loads(run.stdout[run.stdout.index("{") : run.stdout.rindex("}") + 1])
     assert run.stdout.count('"gallery"') == 1  # the summary is printed by rank 0 only
     single = build_gallery(checkpoint, folder_collection(images, captions), tmp_path / "single")
@@ -113,7 +103,7 @@ def test_torchrun_build_equals_one_process_and_reuses_images(tiny_checkpoint, tm
     assert np.bincount(distributed.image_rows[:, 0]).tolist() == [5, 5]
     assert_same_gallery(distributed, single, model, tokenizer)
 
-    again = torchrun(*build_args(tiny_checkpoint, images, captions, tmp_path / "dist"), "--json")
+    again = index_build(*build_args(tiny_checkpoint, images, captions, tmp_path / "dist"), "--json")
     assert again.returncode == 0, again.stderr[-3000:]
     hit = json.loads(again.stdout[again.stdout.index("{") : again.stdout.rindex("}") + 1])
     assert hit["cache_hit"] and hit["encoded_images"] == 0
@@ -154,7 +144,7 @@ def test_a_rank_that_fails_stops_every_rank_and_leaves_nothing(tiny_checkpoint, 
     script = tmp_path / "failing_rank.py"
     script.write_text(FAILING_RANK)
     cache = tmp_path / "cache"
-    run = torchrun(
+    run = index_build(
         *build_args(tiny_checkpoint, images, captions, cache), script=script, timeout=120
     )
     assert run.returncode != 0

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 
@@ -15,6 +14,7 @@ from hat.evaluate import FIRST_STAGE_RECALL, evaluate, evaluate_features
 from hat.loss import training_loss
 from hat.train import Trainer
 from hat.transforms import eval_transform
+from tests.multiprocess import ended_cleanly, torchrun
 
 
 def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_model):
@@ -149,29 +149,52 @@ def test_cli_train_resume_then_eval(synthetic_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_gloo_processes_keep_replicas_identical(synthetic_dataset, tmp_path):
+def test_ddp_two_gloo_processes_keep_replicas_identical_and_end_cleanly(
+    synthetic_dataset, tmp_path
+):
     json_path, root = synthetic_dataset
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-        "-m",
-        "hat",
-        "train",
-        *_train_args(json_path, root, out, 2, ["--val-split", ""]),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = torchrun("train", *_train_args(json_path, root, out, 2, ["--val-split", ""]))
+    # exit 0, and no rank leaves gloo's threads running into interpreter exit, where they can
+    # abort a finished run at random (hat/distributed.py)
+    assert ended_cleanly(run), run.stderr[-3000:] + run.stdout[-500:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "train_loss" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["replicas_in_sync"] for r in epochs)
+
+
+FAILING_RANK = """
+import os, runpy, sys
+import hat.train
+
+loss = hat.train.TrainingRun.batch_loss
+
+def fail_on_rank_1(self, batch):
+    if os.environ["RANK"] == "1" and self.trainer.step == 2:
+        raise OSError("no space left on device (injected)")
+    return loss(self, batch)
+
+hat.train.TrainingRun.batch_loss = fail_on_rank_1
+sys.argv = ["hat", *sys.argv[1:]]
+runpy.run_module("hat", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_the_others_and_is_named_with_its_error(
+    synthetic_dataset, tmp_path
+):
+    json_path, root = synthetic_dataset
+    script = tmp_path / "failing_rank.py"
+    script.write_text(FAILING_RANK)
+    args = _train_args(json_path, root, tmp_path / "run", 2, ["--val-split", ""])
+    run = torchrun("train", *args, script=script, timeout=300)  # gloo alone would wait 30 min
+    assert run.returncode != 0
+    # torchrun's report names the failed rank first, with the error its rank recorded
+    root_cause = run.stderr[run.stderr.index("Root Cause") :]
+    assert "rank      : 1 (local_rank: 1)" in root_cause
+    assert "OSError: no space left on device (injected)" in root_cause
 
 
 def test_head_parameters_are_what_cached_backbone_outputs_train(tiny_model):

@@ -19,7 +19,7 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from hat.cli.fetch import resolve_or_exit
-from hat.distributed import cleanup, init_distributed
+from hat.distributed import DistInfo, process_group
 from hat.gallery import (
     PRECISIONS,
     BuildSettings,
@@ -102,20 +102,8 @@ def format_summary(info: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> Gallery:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if bool(args.images) == bool(args.karpathy):
-        parser.error("give either --images or --karpathy (with --image-root)")
-    if args.karpathy:
-        if not args.image_root:
-            parser.error("--karpathy needs --image-root")
-        collection = karpathy_collection(args.karpathy, args.image_root, args.split)
-    else:
-        collection = folder_collection(args.images, args.captions)
-    device = args.device or default_device()
-    # Only small Python objects travel between the processes: gloo, even beside GPUs.
-    ranks = init_distributed(device, "gloo", timedelta(minutes=args.timeout))
+def _build(args: argparse.Namespace, ranks: DistInfo, collection, device: str) -> Gallery:
+    """This process's part of the build (all of it when alone)."""
     if ranks.enabled and not ranks.is_main:
         dist.barrier()  # rank 0 fetches an official checkpoint first, once for all
     checkpoint = resolve_or_exit(args.checkpoint, "hat index build")
@@ -131,15 +119,28 @@ def main(argv: list[str] | None = None) -> Gallery:
         "verify": args.verify,
     }
     settings = BuildSettings(precision=args.precision)
-    try:
-        if ranks.enabled:
-            gallery = build_gallery_distributed(
-                ranks, checkpoint, collection, args.cache, settings, **options
-            )
-        else:
-            gallery = build_gallery(checkpoint, collection, args.cache, settings, **options)
-    finally:
-        cleanup(ranks)
+    if ranks.enabled:
+        return build_gallery_distributed(
+            ranks, checkpoint, collection, args.cache, settings, **options
+        )
+    return build_gallery(checkpoint, collection, args.cache, settings, **options)
+
+
+def main(argv: list[str] | None = None) -> Gallery:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bool(args.images) == bool(args.karpathy):
+        parser.error("give either --images or --karpathy (with --image-root)")
+    if args.karpathy:
+        if not args.image_root:
+            parser.error("--karpathy needs --image-root")
+        collection = karpathy_collection(args.karpathy, args.image_root, args.split)
+    else:
+        collection = folder_collection(args.images, args.captions)
+    device = args.device or default_device()
+    # Only small Python objects travel between the processes: gloo, even beside GPUs.
+    with process_group(device, "gloo", timedelta(minutes=args.timeout)) as ranks:
+        gallery = _build(args, ranks, collection, device)
     if ranks.is_main:
         info = summary(gallery)
         print(json.dumps(info, indent=1) if args.json else format_summary(info))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from hat import train
-from hat.distributed import cleanup, init_distributed
+from hat.distributed import process_group
 from hat.runtime import default_device
 from hat.train import TrainingRun
 
@@ -43,8 +43,5 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    dist_info = init_distributed(args.device)
-    try:
+    with process_group(args.device) as dist_info:
         return TrainingRun(args, dist_info).run()
-    finally:
-        cleanup(dist_info)
