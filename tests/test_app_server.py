@@ -282,9 +282,15 @@ def test_empty_captions_get_a_clear_message(client, caption, before):
     assert "The caption is empty" in message
 
 
-def test_a_100k_character_caption_is_searched_by_its_first_word_pieces(client):
-    _, table, status = client.predict("red " * 25_000, 2, "built-in", api_name="/search_text")
+def test_a_long_caption_is_searched_by_its_first_word_pieces(client):
+    _, table, status = client.predict("red " * 2_000, 2, "built-in", api_name="/search_text")
     assert len(table["data"]) == 2 and "The model read the first 30 of" in status
+
+
+def test_a_100k_character_caption_is_refused_with_a_message(client):
+    caption = "red " * 25_000
+    message = refusal(lambda: client.predict(caption, 2, "built-in", api_name="/search_text"))
+    assert "The caption is 100,000 characters long; at most 10,000 are accepted" in message
 
 
 def test_html_and_control_characters_in_a_caption_stay_plain_text(client, server):
@@ -345,7 +351,7 @@ def test_an_uploaded_gallery_is_built_and_searched(server, before):
         "bomb-member.png": "over the limit of 32 MB per image",
         "readme.txt": "not an image file type",
         "not-an-image.png": "cannot identify image file 'not-an-image.png'",
-        "empty.jpg": "cannot identify image file 'empty.jpg'",
+        "empty.jpg": "empty (0 bytes)",
         "truncated.jpg": reasons["truncated.jpg"],
         "bomb.png": "9000x9000 pixels exceeds 64000000",
     }
@@ -358,22 +364,28 @@ def test_an_uploaded_gallery_is_built_and_searched(server, before):
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({f"{i}.png": b"" for i in range(20_000)}, "holds 20,000 files"),
-        ({f"{i}.png": bytes(30 << 20) for i in range(9)}, "MB are accepted"),
-        ({"readme.txt": b"hello"}, "None of the uploaded files is an image"),
+        ({f"{i}.png": b"" for i in range(20_000)}, "refused.zip: holds 20,000 files"),
+        ({f"{i}.png": bytes(30 << 20) for i in range(9)}, "refused.zip: unpacks to 270 MB"),
+        ({"readme.txt": b"hello"}, "readme.txt: not an image file type"),
+        (None, "refused.zip: not a readable zip file"),
     ],
-    ids=["20000-files", "zip-bomb", "no-image"],
+    ids=["20000-files", "zip-bomb", "no-image", "no-zip"],
 )
-def test_zips_that_break_a_limit_are_refused(server, client, members, message, before):
-    upload = make_zip(server.inputs / "refused.zip", members)
-    files = [handle_file(str(upload))]
-    assert message in refusal(lambda: client.predict(files, None, api_name="/build_gallery"))
+def test_a_bad_zip_is_left_out_and_the_rest_built(server, client, members, message, before):
+    upload = server.inputs / "refused.zip"
+    if members is None:
+        upload.write_bytes(b"not a zip at all")
+    else:
+        make_zip(upload, members)
+    alone = [handle_file(str(upload))]
+    refused = refusal(lambda: client.predict(alone, None, api_name="/build_gallery"))
+    assert "None of the uploaded files is an image" in refused and message in refused
+    good = image_file(server.inputs, "good.png", png_bytes())
+    status = client.predict([*alone, handle_file(good)], None, api_name="/build_gallery")
+    assert status.startswith("Your gallery: 1 images") and f"\n  {message}" in status
 
 
-def test_a_non_zip_and_a_bad_captions_file_are_refused(server, client, before):
-    fake = image_file(server.inputs, "fake.zip", b"not a zip at all")
-    message = refusal(lambda: client.predict([handle_file(fake)], None, api_name="/build_gallery"))
-    assert "fake.zip is not a readable zip file" in message
+def test_a_bad_captions_file_is_refused(server, client, before):
     good = image_file(server.inputs, "ok.png", png_bytes())
     captions = image_file(server.inputs, "captions.json", b"{broken")
     message = refusal(
