@@ -26,12 +26,14 @@ from pathlib import Path
 import faiss
 import gradio as gr
 import torch
+from fastapi.middleware import Middleware
 from gradio import route_utils
 from gradio_client.utils import encode_file_path
 
 from hat.demo import InputError
-from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, Maps, SessionGallery, payload_path
+from hat.demo.engine import BUILTIN, MAX_K, MINE, DemoEngine, Maps, SessionGallery
 from hat.demo.pairmaps import region_view, word_view
+from hat.demo.visitor_files import VisitorFiles
 from hat.fetch import FetchError, resolve_checkpoint
 from hat.runtime import keep_freed_memory
 
@@ -54,6 +56,7 @@ MODEL_THREADS = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="model")
 IN_PROGRESS = 2 * CONCURRENCY
 QUEUE_SIZE = 64  # waiting requests before new ones are turned away with "queue full"
 MAX_UPLOAD = "300mb"
+MAX_BODY = 1 << 20  # bytes of any other request: a caption of 10,000 characters needs < 0.2 MB
 EXAMPLES = 6
 TRACK_PROGRESS = gr.Progress(track_tqdm=True)  # shows the gallery build's tqdm bars in the page
 # System fonts only: the page must not fetch web fonts (nothing is downloaded at run time).
@@ -155,7 +158,7 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
     @on_model_threads
     def page_search_image(image, k, gallery, mine):
         results = captions_for(image, k, gallery, mine)
-        last = {"image": payload_path(image), "captions": [h.caption for h in results.hits]}
+        last = {"image": engine.input_path(image), "captions": [h.caption for h in results.hits]}
         return table(results), results.status, last
 
     @on_model_threads
@@ -199,7 +202,7 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
         else:
             rank = int(evt.row_value[0])  # not the row: a sorted table shows rows in another order
             image, caption = last["image"], last["captions"][rank - 1]
-            maps = engine.maps_for_image(image, caption)
+            maps = engine.maps_for_image(Path(image), caption)
         selected = gr.Tabs(selected="maps")
         return image, caption, *page_of(maps, per_level, skip_outliers), selected
 
@@ -234,8 +237,7 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
         """``files`` and ``captions`` come as uploaded (not preprocessed): any file is accepted
         here, and what is no image or zip is left out and listed with why."""
         progress(0, desc="copying the upload")
-        uploads = [payload_path(f) for f in files or []]
-        mine, status = engine.build_session_gallery(uploads, payload_path(captions), mine)
+        mine, status = engine.build_session_gallery(files, captions, mine)
         return status, mine, None  # results shown so far may point into the old gallery
 
     with gr.Blocks(
@@ -427,6 +429,14 @@ def build_ui(engine: DemoEngine) -> gr.Blocks:
     return demo
 
 
+def private_files(uploads: Path) -> Middleware:
+    """Each visitor's uploads and answer pictures served to that visitor only, under aliases
+    (hat/demo/visitor_files.py); request bodies capped at :data:`MAX_BODY`."""
+    return Middleware(
+        VisitorFiles, upload_dir=uploads, max_body=MAX_BODY, idle_seconds=SESSION_SECONDS
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     env = os.environ.get
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -467,6 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError, FetchError) as exc:  # no checkpoint or gallery, bad captions
         cli.exit(1, f"app.py: cannot start: {exc}\n")
     share_the_cores()  # after start-up, whose gallery build may use every core
+    # Gradio's uploads and answer pictures go into the app's own temp folder: removed when the app
+    # stops, and by the next start when it was killed.
+    os.environ["GRADIO_TEMP_DIR"] = str(engine.upload_dir)
     demo = build_ui(engine)
     info = engine.describe()
     print(
@@ -482,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
             max_file_size=MAX_UPLOAD,
             theme=THEME,
             css=CSS,
+            app_kwargs={"middleware": [private_files(engine.upload_dir)]},
         )
     finally:
         engine.close()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hat import create_model
 from hat.demo import InputError
-from hat.demo.caption_input import MAX_CAPTION_CHARS, clean_caption
+from hat.demo.caption_input import MAX_CAPTION_CHARS, REFUSED_CAPTION_CHARS, clean_caption
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
 from hat.demo.rendering import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
@@ -74,8 +74,19 @@ def test_captions_lose_control_characters_and_keep_html_literally():
 
 
 def test_long_captions_are_cut_at_a_word():
-    caption = clean_caption("word " * 20_000)
+    caption = clean_caption("word " * (REFUSED_CAPTION_CHARS // 5))
     assert len(caption) <= MAX_CAPTION_CHARS and caption.endswith("word")
+
+
+def test_captions_far_too_long_are_refused_before_anything_reads_them(engine):
+    with pytest.raises(InputError, match="at most 10,000 are accepted"):
+        clean_caption("x" * (REFUSED_CAPTION_CHARS + 1))
+    tokenize, engine.encoder.tokenize = engine.encoder.tokenize, None  # must not be reached
+    try:
+        with pytest.raises(InputError, match="is 50,000 characters long"):
+            engine.search_text("red " * 12_500, 3, BUILTIN)
+    finally:
+        engine.encoder.tokenize = tokenize
 
 
 # ---------------------------------------------------------------- uploads
@@ -130,27 +141,51 @@ def test_two_files_with_one_name_are_both_kept(tmp_path):
     assert collect_uploads([first, second], tmp_path / "out").images == ["a.png", "a-1.png"]
 
 
-@pytest.mark.parametrize(
-    ("members", "message"),
-    [
-        ({f"{i}.png": b"" for i in range(MAX_ZIP_MEMBERS + 1)}, "may hold at most"),
-        ({f"{i}.png": bytes(30 * MB) for i in range(9)}, "MB are accepted"),
-        ({"notes.txt": b"hi"}, "None of the uploaded files is an image"),
-    ],
-    ids=["too-many-members", "zip-bomb", "no-image"],
-)
-def test_zips_that_break_a_limit_are_refused_before_extraction(tmp_path, members, message):
-    upload = make_zip(tmp_path / "up.zip", members)
-    with pytest.raises(InputError, match=message):
+LIMIT_BREAKERS = {
+    "too-many-members": ({f"{i}.png": b"" for i in range(MAX_ZIP_MEMBERS + 1)}, "may hold at most"),
+    "zip-bomb": ({f"{i}.png": bytes(30 * MB) for i in range(9)}, "MB are accepted"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LIMIT_BREAKERS))
+def test_a_zip_that_breaks_a_limit_is_left_out_unread_and_the_rest_kept(tmp_path, kind):
+    members, message = LIMIT_BREAKERS[kind]
+    upload = make_zip(tmp_path / "bad.zip", members)
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes())
+    report = collect_uploads([upload, good], tmp_path / "out")
+    assert report.images == ["good.png"]
+    assert [name for name, _ in report.ignored] == ["bad.zip"]
+    assert message in dict(report.ignored)["bad.zip"]
+    with pytest.raises(InputError, match=message):  # alone, the reason is in the refusal
+        collect_uploads([upload], tmp_path / "alone")
+    assert not list((tmp_path / "alone").rglob("*.png"))
+
+
+def test_an_upload_without_images_is_refused(tmp_path):
+    upload = make_zip(tmp_path / "up.zip", {"notes.txt": b"hi"})
+    with pytest.raises(InputError, match="None of the uploaded files is an image"):
         collect_uploads([upload], tmp_path / "out")
-    assert not list((tmp_path / "out").rglob("*.png"))
 
 
-def test_a_file_named_zip_that_is_no_zip_is_refused(tmp_path):
+def test_a_file_named_zip_that_is_no_zip_is_left_out(tmp_path):
     fake = tmp_path / "fake.zip"
     fake.write_bytes(b"not a zip")
-    with pytest.raises(InputError, match="not a readable zip"):
-        collect_uploads([fake], tmp_path / "out")
+    good = tmp_path / "good.png"
+    good.write_bytes(png_bytes())
+    report = collect_uploads([fake, good], tmp_path / "out")
+    assert report.images == ["good.png"]
+    assert report.ignored == [("fake.zip", "not a readable zip file")]
+
+
+def test_empty_files_are_left_out_as_empty(tmp_path):
+    upload = make_zip(tmp_path / "up.zip", {"inside.png": b"", "ok.png": png_bytes()})
+    loose = tmp_path / "loose.jpg"
+    loose.write_bytes(b"")
+    report = collect_uploads([upload, loose], tmp_path / "out")
+    assert report.images == ["ok.png"]
+    assert dict(report.ignored) == {"inside.png": "empty (0 bytes)", "loose.jpg": "empty (0 bytes)"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png"]
 
 
 def test_captions_match_by_path_or_name_and_are_cleaned(tmp_path):

@@ -88,6 +88,7 @@ def launch(root: Path, checkpoint: Path, gallery: Path) -> Server:
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
+        "GRADIO_HEARTBEAT_INTERVAL": "1",  # a closed page is noticed within seconds
     }
     (root / "tmp").mkdir(exist_ok=True)
     (root / "inputs").mkdir(exist_ok=True)
@@ -165,12 +166,34 @@ def bad_images() -> dict[str, tuple[bytes, str]]:
     }
 
 
-def http_get(url: str) -> tuple[int, bytes]:
+def cookie_header(cookies: dict[str, str] | None) -> dict[str, str]:
+    return {"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())} if cookies else {}
+
+
+def http_get(url: str, cookies: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:
+        request = urllib.request.Request(url, headers=cookie_header(cookies))
+        with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
         return error.code, b""
+
+
+def call_api(server: Server, endpoint: str, data: list, cookies: dict[str, str] | None) -> str:
+    """``POST /gradio_api/call/<endpoint>`` as a plain HTTP client: the answer's event stream,
+    or ``refused <status>``."""
+    call = f"{server.url}gradio_api/call/{endpoint}"
+    headers = {"Content-Type": "application/json", **cookie_header(cookies)}
+    body = json.dumps({"data": data}).encode()
+    try:
+        request = urllib.request.Request(call, data=body, headers=headers)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            event = json.load(response)["event_id"]
+    except urllib.error.HTTPError as error:
+        return f"refused {error.code}"
+    request = urllib.request.Request(f"{call}/{event}", headers=cookie_header(cookies))
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.read().decode()
 
 
 def refusal(call) -> str:
@@ -282,9 +305,15 @@ def test_empty_captions_get_a_clear_message(client, caption, before):
     assert "The caption is empty" in message
 
 
-def test_a_100k_character_caption_is_searched_by_its_first_word_pieces(client):
-    _, table, status = client.predict("red " * 25_000, 2, "built-in", api_name="/search_text")
+def test_a_long_caption_is_searched_by_its_first_word_pieces(client):
+    _, table, status = client.predict("red " * 2_000, 2, "built-in", api_name="/search_text")
     assert len(table["data"]) == 2 and "The model read the first 30 of" in status
+
+
+def test_a_100k_character_caption_is_refused_with_a_message(client):
+    caption = "red " * 25_000
+    message = refusal(lambda: client.predict(caption, 2, "built-in", api_name="/search_text"))
+    assert "The caption is 100,000 characters long; at most 10,000 are accepted" in message
 
 
 def test_html_and_control_characters_in_a_caption_stay_plain_text(client, server):
@@ -345,7 +374,7 @@ def test_an_uploaded_gallery_is_built_and_searched(server, before):
         "bomb-member.png": "over the limit of 32 MB per image",
         "readme.txt": "not an image file type",
         "not-an-image.png": "cannot identify image file 'not-an-image.png'",
-        "empty.jpg": "cannot identify image file 'empty.jpg'",
+        "empty.jpg": "empty (0 bytes)",
         "truncated.jpg": reasons["truncated.jpg"],
         "bomb.png": "9000x9000 pixels exceeds 64000000",
     }
@@ -358,22 +387,28 @@ def test_an_uploaded_gallery_is_built_and_searched(server, before):
 @pytest.mark.parametrize(
     ("members", "message"),
     [
-        ({f"{i}.png": b"" for i in range(20_000)}, "holds 20,000 files"),
-        ({f"{i}.png": bytes(30 << 20) for i in range(9)}, "MB are accepted"),
-        ({"readme.txt": b"hello"}, "None of the uploaded files is an image"),
+        ({f"{i}.png": b"" for i in range(20_000)}, "refused.zip: holds 20,000 files"),
+        ({f"{i}.png": bytes(30 << 20) for i in range(9)}, "refused.zip: unpacks to 270 MB"),
+        ({"readme.txt": b"hello"}, "readme.txt: not an image file type"),
+        (None, "refused.zip: not a readable zip file"),
     ],
-    ids=["20000-files", "zip-bomb", "no-image"],
+    ids=["20000-files", "zip-bomb", "no-image", "no-zip"],
 )
-def test_zips_that_break_a_limit_are_refused(server, client, members, message, before):
-    upload = make_zip(server.inputs / "refused.zip", members)
-    files = [handle_file(str(upload))]
-    assert message in refusal(lambda: client.predict(files, None, api_name="/build_gallery"))
+def test_a_bad_zip_is_left_out_and_the_rest_built(server, client, members, message, before):
+    upload = server.inputs / "refused.zip"
+    if members is None:
+        upload.write_bytes(b"not a zip at all")
+    else:
+        make_zip(upload, members)
+    alone = [handle_file(str(upload))]
+    refused = refusal(lambda: client.predict(alone, None, api_name="/build_gallery"))
+    assert "None of the uploaded files is an image" in refused and message in refused
+    good = image_file(server.inputs, "good.png", png_bytes())
+    status = client.predict([*alone, handle_file(good)], None, api_name="/build_gallery")
+    assert status.startswith("Your gallery: 1 images") and f"\n  {message}" in status
 
 
-def test_a_non_zip_and_a_bad_captions_file_are_refused(server, client, before):
-    fake = image_file(server.inputs, "fake.zip", b"not a zip at all")
-    message = refusal(lambda: client.predict([handle_file(fake)], None, api_name="/build_gallery"))
-    assert "fake.zip is not a readable zip file" in message
+def test_a_bad_captions_file_is_refused(server, client, before):
     good = image_file(server.inputs, "ok.png", png_bytes())
     captions = image_file(server.inputs, "captions.json", b"{broken")
     message = refusal(
@@ -400,16 +435,69 @@ def test_files_that_are_no_images_are_left_out_and_named(server, before):
     assert "The captions file must be .json or .csv" in message
 
 
-def test_session_files_are_served_only_as_handed_out(server, before):
-    client = server.client()
-    upload = image_file(server.inputs, "private-7f3a.png", png_bytes((10, 200, 10)))
-    client.predict([handle_file(upload)], None, api_name="/build_gallery")
-    (stored,) = (server.root / "tmp").glob("hat-demo-*/session-*/images/private-7f3a.png")
-    assert http_get(f"{server.url}gradio_api/file={stored}")[0] == 403
-    images, _, _ = client.predict("green", 1, "mine", api_name="/search_text")
-    assert http_get(images[0]["image"]) == (200, stored.read_bytes())  # a copy in Gradio's cache
-    info = client.predict(api_name="/info")
+def served_copies(server: Server, name: str) -> list[Path]:
+    """Where the app keeps a visitor's file ``name`` (their session folder, Gradio's folder)."""
+    return [p for p in server.root.rglob(name) if not {"inputs", "downloads"} & set(p.parts)]
+
+
+def a_visitor_with_files(server: Server, name: str) -> tuple[Client, list[dict], bytes]:
+    """A client (its own visitor) that built a gallery of one photo ``name``, searched it and
+    drew maps of it; the photo and the two answers' file payloads (``path``, ``url``)."""
+    visitor = Client(server.url, verbose=False, download_files=False)
+    photo = png_bytes((10, 200, len(name)))
+    upload = image_file(server.inputs, name, photo)
+    visitor.predict([handle_file(upload)], None, api_name="/build_gallery")
+    images, _, _ = visitor.predict("green", 1, "mine", api_name="/search_text")
+    link = images[0]["image"]
+    found = {"path": link.split("/file=", 1)[1], "url": link}
+    maps, _, _ = visitor.predict(handle_file(upload), "a green square", api_name="/alignment_maps")
+    return visitor, [found, maps], photo
+
+
+def test_a_visitors_files_are_theirs_alone(server, before):
+    """Visitor A's upload, and the pictures made from it, reach A only: another visitor cannot
+    fetch them or use them as an input, and no answer shows a path of the server."""
+    a, (found, maps), photo = a_visitor_with_files(server, "private-7f3a.png")
+    other = server.client().cookies
+    assert str(server.root) not in json.dumps([found, maps])
+    assert http_get(found["url"], a.cookies) == (200, photo)
+    assert http_get(maps["url"], a.cookies)[0] == 200
+    assert "event: complete" in call_api(server, "alignment_maps", [found, "green"], a.cookies)
+    for url in (found["url"], maps["url"]):
+        assert http_get(url)[0] == 404 and http_get(url, other)[0] == 404
+    stored = served_copies(server, "private-7f3a.png")
+    assert len(stored) >= 2  # the session folder's copy and Gradio's
+    for path in stored:
+        assert http_get(f"{server.url}gradio_api/file={path}", a.cookies)[0] != 200
+    for name in (found["path"], maps["path"], *map(str, stored)):
+        as_file = {"path": name, "meta": {"_type": "gradio.FileData"}}
+        for cookies in (other, None):
+            answer = call_api(server, "alignment_maps", [as_file, "a green square"], cookies)
+            assert "event: complete" not in answer
+        answer = call_api(server, "alignment_maps", [name, "a green square"], other)
+        assert "event: complete" not in answer
+    info = a.predict(api_name="/info")
     assert info["checkpoint"] == "checkpoint" and str(server.root) not in json.dumps(info)
+
+
+def test_a_visitors_files_go_when_their_session_closes(server, before):
+    """A page, and gradio_client, hold a heartbeat stream open; when the visitor's last one
+    closes, their files are deleted and their links answer 404."""
+    a, (found, maps), _ = a_visitor_with_files(server, "private-closes.png")
+    in_gradio = [p for p in served_copies(server, "private-closes.png") if "gradio" in p.parts]
+    assert in_gradio and http_get(found["url"], a.cookies)[0] == 200
+    a.close()  # ends its heartbeat, as closing the page does
+    deadline = time.monotonic() + 30  # the server notices the disconnect at its next heartbeat
+    while http_get(found["url"], a.cookies)[0] == 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [http_get(f["url"], a.cookies)[0] for f in (found, maps)] == [404, 404]
+    assert not any(p.exists() for p in in_gradio)
+
+
+def test_request_bodies_are_capped(server):
+    caption = "x" * (2 << 20)
+    answer = call_api(server, "search_text", [caption, 3, "built-in"], None)
+    assert answer == "refused 413"
 
 
 # ---------------------------------------------------------------- load

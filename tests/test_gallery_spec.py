@@ -51,7 +51,7 @@ def test_the_app_engine_serves_a_karpathy_split(checkpoint, tmp_path):  # noqa: 
         hits = engine.search_text("a square of colour 1", 3, BUILTIN).hits
         assert sorted(h.image for h in hits) == ["im0.jpg", "im2.jpg", "val2014/im1.jpg"]
         image = tmp_path / "images" / "val2014" / "im1.jpg"
-        captions = {h.caption for h in engine.search_image(str(image), 6, BUILTIN).hits}
+        captions = {h.caption for h in engine.search_image(image, 6, BUILTIN).hits}
         assert "picture number 2" in captions and "picture number 3" not in captions  # test only
     finally:
         engine.close()

@@ -96,16 +96,8 @@ def _timings(result: SearchResult) -> str:
     return f"{sum(result.seconds.values()) * 1000:.0f} ms ({parts})"
 
 
-def payload_path(source: object) -> str | None:
-    """The file path of an image input: a path, or Gradio's unprocessed file payload."""
-    if isinstance(source, dict):
-        source = source.get("path")
-    return str(source) if source else None
-
-
-def query_image(source: object) -> Image.Image:
+def query_image(path: str | None) -> Image.Image:
     """An uploaded query image as RGB, or a refusal that says why it cannot be used."""
-    path = payload_path(source)
     if path is None:
         raise InputError("Upload an image first (or pick one of the examples).")
     name = Path(path).name
@@ -156,6 +148,8 @@ class DemoEngine:
         temp_root.mkdir(parents=True, exist_ok=True)
         sweep(temp_root, TEMP_PREFIX)  # uploads of demo processes that were killed
         self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=temp_root))
+        # Gradio's upload folder (app.py points GRADIO_TEMP_DIR here): it goes with the app.
+        self.upload_dir = self.temp_dir / "gradio"
         self._owner = Owner(self.temp_dir)
         self.startup = {
             "model_seconds": loaded - start,
@@ -245,6 +239,23 @@ class DemoEngine:
             "startup": self.startup,
         }
 
+    def input_path(self, source: object) -> str | None:
+        """The file a request names (Gradio's file payload or its path), which must lie in
+        Gradio's upload folder (the caller's own uploads: see hat/demo/visitor_files.py) or the
+        built-in gallery; or a :class:`Path` of the app's own. Anything else could name any file
+        of the server: refused."""
+        if isinstance(source, dict):
+            source = source.get("path")
+        if source is None or isinstance(source, Path):
+            return str(source) if source else None
+        if isinstance(source, str):
+            real = Path(source).resolve()
+            if real.is_relative_to(self.upload_dir.resolve()) or real.is_relative_to(
+                self.gallery_root
+            ):
+                return source
+        raise InputError("Upload the file (gradio_client: handle_file(path)), do not name a path.")
+
     # ---------------------------------------------------------------- galleries
     def _searcher(self, gallery: Gallery) -> Searcher:
         if gallery is self.gallery:
@@ -281,9 +292,11 @@ class DemoEngine:
         previous: SessionGallery | None = None,
     ) -> tuple[SessionGallery, str]:
         """A new gallery of uploaded images (and captions) replacing ``previous``; a summary."""
+        files = [self.input_path(f) for f in files or []]
+        captions_file = self.input_path(captions_file)
         directory = Path(tempfile.mkdtemp(prefix="session-", dir=self.temp_dir))
         try:
-            report = collect_uploads(files or [], directory / "images")
+            report = collect_uploads(files, directory / "images")
             captions = None
             if captions_file:
                 captions = directory / "captions.json"
@@ -366,7 +379,7 @@ class DemoEngine:
         gallery = self.pick(choice, mine)
         if gallery.num_captions == 0:
             raise InputError("This gallery has no captions: build it with a captions file.")
-        picture = query_image(image)
+        picture = query_image(self.input_path(image))
         with self._reading(gallery):
             result = self._searcher(gallery).image_to_text(picture, _clamp_k(k))
         rows = [
@@ -383,7 +396,7 @@ class DemoEngine:
     # ---------------------------------------------------------------- alignment maps
     def maps_for_image(self, image: object, caption: object) -> Maps:
         """Maps of an uploaded image with a caption (the image is encoded as for a query)."""
-        picture = query_image(image)
+        picture = query_image(self.input_path(image))
         features = self.encoder.encode_image(picture)
         return self._maps(picture, features, caption)
 

@@ -3,7 +3,8 @@
 Nothing an upload names can leave the folder: a zip member's path is checked before anything is
 written (absolute paths, ``..``, drive letters and NUL are refused) and the resolved target must
 lie inside the folder. Sizes in zip headers can lie, so every copy counts the bytes it writes and
-stops at the limit; a zip with too many members is refused before one is read.
+stops at the limit; a zip with too many members, or whose images would unpack past the limit, is
+left out before one member is read. Every file left out is listed with why; the rest is kept.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ MAX_CAPTIONS_PER_IMAGE = 20
 MAX_PATH_DEPTH = 8
 CHUNK = MB
 CAPTION_SUFFIXES = (".json", ".csv")
+TOO_MUCH = f"it would take the upload past {MAX_TOTAL_BYTES // MB} MB unpacked"
 
 
 @dataclass
@@ -115,9 +117,11 @@ class _Collector:
             self.ignore(name, f"over the limit of {MAX_IMAGE_BYTES // MB} MB per image")
             return
         if len(self.report.images) >= MAX_IMAGES:
-            raise InputError(f"Too many images: a gallery holds at most {MAX_IMAGES}.")
+            self.ignore(name, f"over the limit of {MAX_IMAGES} images per gallery")
+            return
         if self.report.bytes + size > MAX_TOTAL_BYTES:
-            raise InputError(f"The upload is larger than {MAX_TOTAL_BYTES // MB} MB unpacked.")
+            self.ignore(name, TOO_MUCH)
+            return
         target = _free_name(self.folder / relative)
         if not target.resolve().is_relative_to(self.folder):
             self.ignore(name, "unsafe path: it would be written outside the upload folder")
@@ -129,40 +133,44 @@ class _Collector:
                 written = _copy_limited(source, target, limit)
         except _TooLarge:
             target.unlink()
-            if limit < MAX_IMAGE_BYTES:
-                raise InputError(
-                    f"The upload is larger than {MAX_TOTAL_BYTES // MB} MB unpacked."
-                ) from None
-            self.ignore(name, f"over the limit of {MAX_IMAGE_BYTES // MB} MB per image")
+            too_large = f"over the limit of {MAX_IMAGE_BYTES // MB} MB per image"
+            self.ignore(name, TOO_MUCH if limit < MAX_IMAGE_BYTES else too_large)
             return
         except (OSError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as exc:
             target.unlink(missing_ok=True)
             self.ignore(name, f"could not be extracted ({exc})")
             return
+        if written == 0:
+            target.unlink()
+            self.ignore(name, "empty (0 bytes)")
+            return
         self.report.bytes += written
         self.report.images.append(target.relative_to(self.folder).as_posix())
 
     def add_zip(self, path: Path, name: str) -> None:
-        """Every image of the zip at ``path``; refused whole when it has too many members."""
+        """Every image of the zip at ``path``; the whole zip is left out, unread, when it has too
+        many members or its images would take the upload past :data:`MAX_TOTAL_BYTES`."""
         try:
             archive = zipfile.ZipFile(path)
         except (zipfile.BadZipFile, OSError):
-            raise InputError(f"{name} is not a readable zip file.") from None
+            self.ignore(name, "not a readable zip file")
+            return
         with archive:
             members = [m for m in archive.infolist() if not m.is_dir()]
             if len(members) > MAX_ZIP_MEMBERS:
-                raise InputError(
-                    f"{name} holds {len(members):,} files; a zip may hold at most "
-                    f"{MAX_ZIP_MEMBERS:,}."
-                )
+                limit = f"a zip may hold at most {MAX_ZIP_MEMBERS:,}"
+                self.ignore(name, f"holds {len(members):,} files; {limit}")
+                return
             declared = sum(
                 m.file_size for m in members if Path(m.filename).suffix.lower() in IMAGE_EXTENSIONS
             )
             if self.report.bytes + declared > MAX_TOTAL_BYTES:
-                raise InputError(
-                    f"{name} unpacks to {declared / MB:,.0f} MB of images; at most "
-                    f"{MAX_TOTAL_BYTES // MB} MB are accepted."
+                self.ignore(
+                    name,
+                    f"unpacks to {declared / MB:,.0f} MB of images; at most "
+                    f"{MAX_TOTAL_BYTES // MB} MB are accepted",
                 )
+                return
             for member in members:
                 self.add(member.filename, lambda m=member: archive.open(m), member.file_size)
 
@@ -170,7 +178,8 @@ class _Collector:
 def collect_uploads(files: Sequence[str | Path], folder: Path) -> UploadReport:
     """Copy the images among ``files`` (image files and zips of images) below ``folder``.
 
-    Raises :class:`InputError` when a limit is exceeded or no image is left.
+    A file or zip that breaks a limit is left out and listed; raises :class:`InputError` only
+    when no image is left.
     """
     if not files:
         raise InputError("Upload some images (several files or one zip) first.")
@@ -181,9 +190,14 @@ def collect_uploads(files: Sequence[str | Path], folder: Path) -> UploadReport:
             collector.add_zip(path, path.name)
         else:
             collector.add(path.name, lambda p=path: p.open("rb"), path.stat().st_size)
-    if not collector.report.images:
-        raise InputError("None of the uploaded files is an image (jpg, png, gif, webp, bmp, tif).")
-    return collector.report
+    report = collector.report
+    if not report.images:
+        reasons = "; ".join(f"{name}: {why}" for name, why in report.ignored[:3])
+        raise InputError(
+            "None of the uploaded files is an image (jpg, png, gif, webp, bmp, tif) that could be "
+            f"used{f' ({reasons})' if reasons else ''}."
+        )
+    return report
 
 
 def _read_table(path: Path) -> dict[str, list[str]]:
