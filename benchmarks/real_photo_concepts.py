@@ -40,7 +40,7 @@ from hat.factory import add_concepts
 from hat.metrics import candidate_recall, retrieval_metrics
 
 TEMPERATURES = (0.5, 1.0, 2.0)
-WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0)
+WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 FIRST_STAGE_WEIGHTS = (0.25, 0.5, 0.75)
 HEADLINE = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 
@@ -57,13 +57,13 @@ class ConceptLevels:
     """The concept level of every knob setting, from what is computed once: each teacher's class
     maps of the photos, each class-text style's table, the captions' word states."""
 
-    def __init__(self, encoder: Encoder, pixels: torch.Tensor, captions: list[str]):
+    def __init__(self, encoder: Encoder, pixels: torch.Tensor, captions: list[str], teachers):
         self.model = model = encoder.model
         backbone = model.text_tower.backbone
         texts = {style: class_texts(style) for style in CLASS_TEXT_STYLES}
         self.tables = {s: concept_table(backbone, encoder.tokenizer, t) for s, t in texts.items()}
         self.maps = {}
-        for teacher in TEACHERS:
+        for teacher in teachers:
             path = self.path(ConceptConfig(teacher=teacher))
             path.regions.teacher.load_state_dict(load_teacher(teacher).state_dict())
             with torch.inference_mode():
@@ -107,6 +107,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", default="checkpoints/hat-tuxpaint")
     parser.add_argument("--validation", type=int, default=100, help="photos for every choice")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--teachers",
+        nargs="+",
+        default=["lite0"],
+        choices=sorted(TEACHERS),
+        help="teachers to choose from (lite2 reads 260 px: about 2.5x lite0's encoding time)",
+    )
     parser.add_argument("--save", help="write the model with the chosen concept level here")
     parser.add_argument("--out", help="JSON report (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -143,13 +150,16 @@ def main(argv: list[str] | None = None) -> dict:
         m = retrieval_metrics(sims, identity, validation)
         return m["t2i_r5"] + m["i2t_r5"]
 
-    levels = ConceptLevels(encoder, pixels, captions)
+    levels = ConceptLevels(encoder, pixels, captions, args.teachers)
     trials, best, best_alone = [], None, None
-    grid = itertools.product(TEACHERS, CLASS_TEXT_STYLES, (False, True), TEMPERATURES, ("t2i",))
+    grid = itertools.product(
+        args.teachers, CLASS_TEXT_STYLES, (False, True), TEMPERATURES, ("t2i",)
+    )
     for teacher, style, centred, temperature, direction in grid:
         knobs = ConceptConfig(teacher, style, temperature, direction, centred=centred)
         concept = levels.scores(knobs)
-        described = {k: v for k, v in asdict(knobs).items() if k not in ("weight", "text_level")}
+        skip = ("weight", "first_stage_weight", "text_level")
+        described = {k: v for k, v in asdict(knobs).items() if k not in skip}
         alone = {**described, "weight": "concept only", "validation_r5_sum": selection(concept)}
         trials.append(alone)
         if best_alone is None or alone["validation_r5_sum"] > best_alone[0]["validation_r5_sum"]:
