@@ -54,9 +54,16 @@ def alignment_maps(
     grids = model.grid_sizes(image_size or cfg.image_size)
     length = int(text.mask[0].sum())
     out = []
-    for regions, words, (h, w), name, direction in zip(
-        image.levels, text.levels, grids, cfg.level_names, model.level_directions, strict=True
-    ):
+    levels = zip(
+        image.levels,
+        text.levels,
+        grids,
+        cfg.level_names,
+        model.level_directions,
+        model.level_weights,
+        strict=True,
+    )
+    for regions, words, (h, w), name, direction, weight in levels:
         detail = align_pair(
             regions[0], words[0, :length], cfg.lambda_softmax, direction, cfg.leaky_relu_slope
         )
@@ -69,6 +76,8 @@ def alignment_maps(
         norms = regions[0].float().norm(dim=-1).cpu().numpy()
         outliers = outlier_tokens(norms).reshape(h, w)
         out.append(
-            LevelMaps(name, float(detail.score), word_maps, caption_map, outliers, direction)
+            LevelMaps(
+                name, weight * float(detail.score), word_maps, caption_map, outliers, direction
+            )
         )
     return out

@@ -47,9 +47,13 @@ class ConceptConfig:
             raise ValueError("concepts.first_stage_weight must be in [0, 1)")
 
     @property
+    def teacher_name(self) -> str:
+        return f"EfficientNet-{self.teacher.capitalize()}"
+
+    @property
     def label(self) -> str:
         """How maps and tables name the level."""
-        return f"concepts (EfficientNet-{self.teacher.capitalize()})"
+        return f"concepts ({self.teacher_name})"
 
 
 @dataclass

@@ -165,6 +165,14 @@ class HATModel(nn.Module):
             directions.append(self.concepts.config.direction)
         return directions
 
+    @property
+    def level_weights(self) -> list[float]:
+        """Each level's weight in the pair score: 1, and the concept level's own."""
+        weights = [1.0] * len(self.config.image_levels)
+        if self.concepts is not None:
+            weights.append(self.concepts.config.weight)
+        return weights
+
     def grid_sizes(self, image_size: int) -> list[tuple[int, int]]:
         """Each level's region grid (H, W) for a square input, to draw heatmaps."""
         grids = self.image_tower.grid_sizes(image_size)
@@ -228,7 +236,8 @@ class HATModel(nn.Module):
                     scores = torch.cat([scores, concept])
             if self.concepts is None:
                 return scores
-            return torch.cat([scores[:-1], scores[-1:] * self.concepts.config.weight])
+            weights = torch.tensor(self.level_weights, device=scores.device)
+            return scores * weights[:, None, None]
 
     def score(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
         """HAT pair scores ``(num_images, num_texts)``: the sum of the level scores."""

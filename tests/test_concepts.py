@@ -9,9 +9,11 @@ from hat.alignment import level_scores
 from hat.alignment_maps import alignment_maps
 from hat.concepts import PROMPT, ConceptRegions, class_texts, concept_table, load_teacher
 from hat.config import ConceptConfig, get_preset
+from hat.demo.engine import BUILTIN, DemoEngine
 from hat.encoder import Encoder
 from hat.factory import add_concepts
 from hat.model import HATModel
+from tests.test_app_logic import write_demo_assets
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -172,3 +174,23 @@ def test_the_maps_show_the_concept_level_on_its_own_grid(with_concepts):
     maps = alignment_maps(extended, images, texts)
     assert [m.name for m in maps][-1].startswith("concepts (EfficientNet-Lite0)")
     assert maps[-1].word_maps.shape[1:] == (7, 7) and maps[-1].direction == "t2i"
+    total = extended.level_scores(images[:1], texts[:1])[:, 0, 0]
+    torch.testing.assert_close(torch.tensor([m.score for m in maps]), total, rtol=1e-4, atol=1e-5)
+
+
+def test_the_app_searches_and_maps_with_the_concept_level(with_concepts, tmp_path):
+    _, extended, tokenizer = with_concepts
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    extended.save_pretrained(checkpoint, tokenizer=tokenizer)
+    engine = DemoEngine(checkpoint, gallery, tmp_path / "cache", tmp_path / "tmp", progress=False)
+    try:
+        results = engine.search_text("a square of colour 2", 3, BUILTIN)
+        assert results.headers[-1] == "level 4" and len(results.rows[0]) == 3 + 4
+        row = results.rows[0]
+        assert abs(row[2] - sum(row[3:])) < 1e-3  # the score is the levels' (weighted) sum
+        maps = engine.maps_for_gallery_image(engine.gallery, 0, "a square of colour 0")
+        levels = maps.details["levels"]
+        assert levels[-1]["name"].startswith("concepts") and "EfficientNet-Lite0" in maps.legend
+        assert abs(maps.details["score"] - sum(level["score"] for level in levels)) < 1e-6
+    finally:
+        engine.close()

@@ -182,7 +182,7 @@ class DemoEngine:
             for i, t in zip(cfg.image_levels, cfg.text_levels, strict=True)
         ]
         if (concepts := cfg.concept_config) is not None:
-            layers.append(("class maps", f"layer {concepts.text_level}"))
+            layers.append((f"{concepts.teacher_name} class maps", f"layer {concepts.text_level}"))
         return layers
 
     def image_headers(self) -> list[str]:
