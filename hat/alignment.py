@@ -15,12 +15,20 @@ The pair score is the sum of the level scores. How it is computed fast:
 * All pairs of a block come from one matrix product laid out ``(T, L, I, K)`` (captions, words,
   images, regions), so every later reduction runs over contiguous memory and no permute is needed.
 * The softmax is never normalised: a cosine ignores the scale of a_k, so with e = exp(λ s̄) the
-  partition function cancels. |λ s̄| ≤ λ, so exp cannot overflow and needs no max-subtraction;
-  padded words get e = 0, exactly what a -inf logit gives.
+  partition function cancels. |λ s̄| ≤ λ, so exp cannot overflow and needs no max-subtraction.
+* Padded words are set to zero vectors once per caption block instead of masking every
+  ``(T, L, I, K)`` block: their similarities are 0, so they add nothing to any norm, and
+  whatever attention they get multiplies zeros in a_k and v_k · a_k.
 * For image → text a_k is never materialised: v_k · a_k ∝ Σ_l e_kl s_kl and ‖a_k‖² ∝ e_k G e_kᵀ
   with G the caption's word Gram matrix, one small batched GEMM instead of K·D work per pair.
 * Captions are sorted by length and each block is cut to its longest caption, so padding costs
-  (almost) nothing.
+  (almost) nothing; everything that depends on the words alone (Gram matrices, norms, projection
+  into a basis) is computed once per caption block.
+* Images are the outer loop, in blocks small enough to stay in a core's L2 cache: each block is
+  decoded (int8 or fp16 widened to fp32) and its region norms taken once, then every caption
+  block is scored against it. Stored per-region scales (int8) are never applied to the regions:
+  a scale multiplies the region's similarities, norm and weight in a_l instead, L numbers per
+  region and caption rather than D, so a query's candidates never pass through memory in fp32.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix

@@ -207,15 +207,16 @@ class PQCodec(Codec):
         """
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
         kept = self.matrix.shape[0]
-        if len(codes):
-            differences = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
-        else:
-            differences = torch.zeros(0, kept)
-        differences = differences.reshape(*values.shape[:-1], kept)
+        decoded = self.pq.decode(codes) if len(codes) else np.zeros((0, kept), np.float32)
+        differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
-        coordinates = differences + inside.unsqueeze(-2)
-        if kept == self.dim:
+        own_rows = 0 if kept == self.dim else 1
+        # Written in one pass, straight into place beside the own coordinate: these are the
+        # largest arrays a pq query makes.
+        coordinates = torch.empty(*differences.shape[:-1], kept + own_rows)
+        torch.add(differences, (inside - self.bias).unsqueeze(-2), out=coordinates[..., :kept])
+        if not own_rows:
             return coordinates, Basis(self.matrix)
         outside = mean - inside @ self.matrix
         outside -= (
@@ -223,8 +224,8 @@ class PQCodec(Codec):
         ) @ self.matrix  # once more: orthogonal to float precision
         length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
         own = outside / length.clamp(min=torch.finfo(torch.float32).tiny)
-        along_own = length.unsqueeze(-2).expand_as(differences[..., :1])
-        return torch.cat([coordinates, along_own], dim=-1), Basis(self.matrix, own.unsqueeze(-2))
+        coordinates[..., kept:] = length.unsqueeze(-2)
+        return coordinates, Basis(self.matrix, own.unsqueeze(-2))
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)
