@@ -189,8 +189,9 @@ def _block_scores(
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = captions.words.shape
-    grad = torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
-    inplace = not grad
+    inplace = not (
+        torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
+    )
     mul, _ = _ops(inplace)
     probe = captions.probe.reshape(-1, dim)
     sims = (probe @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
