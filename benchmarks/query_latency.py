@@ -131,8 +131,8 @@ def decoded_first(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> to
     fp32 at once (pq's stay coordinates), then scored; ``(levels, len(ids))``."""
     out = torch.empty(searcher.gallery.num_levels, len(ids))
     for positions, part in searcher.gallery.image_parts(ids):
-        decoded = ImageFeatures(ImageFeatures(part.levels, scales=part.scales).expanded().levels)
-        decoded.bases = part.bases
+        levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
+        decoded = ImageFeatures(levels, part.bases)
         out[:, torch.from_numpy(positions)] = searcher.model.level_scores(decoded, text)[:, :, 0]
     return out
 
