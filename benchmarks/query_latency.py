@@ -1,19 +1,29 @@
 """Benchmark 2: text → image query latency (p50/p95), exact vs two-stage, at 1k/10k/100k images.
 
 Galleries above the demo size are synthetic: region features of the demo shapes (3 levels x 256
-regions x 256 dims, stored int8 like a real build) written through the real storage code, so the
-100k gallery really is ~20 GB on disk (more than this machine's RAM: candidate reads partly hit
-the disk). Every query is the full ``Searcher.text_to_image`` call: tokenise and encode the
-caption with the model, pool, first stage, gather the K candidates, exact HAT re-rank. Exact and
-two-stage queries alternate in one run. The first stage is also timed alone (flat vs IVF, and
-IVF's recall of the flat top-K); benchmarks/million_gallery.py measures it at a million images.
+regions x 256 dims, stored int8 like a real build, or at ``--precisions``) written through the
+real storage code, so the 100k gallery really is ~20 GB on disk (more than this machine's RAM:
+candidate reads partly hit the disk). Every query is the full ``Searcher.text_to_image`` call:
+tokenise and encode the caption with the model, pool, first stage, gather the K candidates,
+exact HAT re-rank. Exact and two-stage queries alternate in one run. The first stage is also
+timed alone (flat vs IVF, and IVF's recall of the flat top-K); benchmarks/million_gallery.py
+measures it at a million images.
+
+The re-rank alone is timed on each query's candidates two ways, interleaved, and their scores
+compared: as search does it (stored values decoded a cache-sized block at a time while scored)
+and, unless ``--no-old-path``, the path before that (every candidate decoded to fp32 first, then
+scored). Its rate (pairs/s) is set against the scorer's own on the same shapes
+(benchmarks/exact_scoring.py's 96 x 96 pairs) and the FLOP bound at the fp32 GEMM rate, both
+measured in the same run.
 
     nice -n 10 python benchmarks/query_latency.py [--sizes 1000 10000 100000] [--checkpoint DIR]
+    nice -n 10 python benchmarks/query_latency.py --sizes 1000 --precisions fp32 fp16 int8 pq
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import tempfile
 import time
@@ -22,10 +32,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from common import interleaved, save_demo_architecture_model, stats_ms, timed, write_report
+from common import (
+    gemm_peak_flops,
+    interleaved,
+    save_demo_architecture_model,
+    stats_ms,
+    timed,
+    write_report,
+)
+from exact_scoring import features, matmul_flops
 
+from hat.alignment import hierarchical_scores
 from hat.fileio import atomic_directory
 from hat.gallery import (
+    PRECISIONS,
     BuildSettings,
     Collection,
     ImageEntry,
@@ -36,7 +56,7 @@ from hat.gallery import (
     search_index,
     write_gallery,
 )
-from hat.model import HATModel, ImageFeatures
+from hat.model import HATModel, ImageFeatures, TextFeatures
 from hat.runtime import keep_freed_memory
 from hat.search import Searcher
 
@@ -88,19 +108,88 @@ def synthetic_encoder(model: HATModel, shapes: list[tuple[int, int]], precision:
     return encode
 
 
-def synthetic_gallery(directory: Path, checkpoint: Path, size: int) -> Path:
+def synthetic_gallery(
+    directory: Path, checkpoint: Path, size: int, precision: str = "int8"
+) -> Path:
     model = HATModel.from_pretrained(checkpoint)
     config = model.config
     entries = [ImageEntry(f"synthetic/{i:06d}.jpg", 0, 0) for i in range(size)]
     collection = Collection(directory, entries, {"kind": "synthetic", "size": str(size)})
-    settings = BuildSettings()
+    settings = BuildSettings(precision)
     model_key = checkpoint_fingerprint(checkpoint)
     header = gallery_header("synthetic", checkpoint, model_key, settings, collection, config)
     shapes = [(16 * 16, config.embed_dim)] * config.num_levels  # ViT-S/14 at 224 px
-    target = directory / f"gallery-{size}"
+    target = directory / f"gallery-{size}-{precision}"
+    encode = synthetic_encoder(model, shapes, precision)
     with atomic_directory(target) as staging:
-        write_gallery(staging, collection, {}, synthetic_encoder(model, shapes, "int8"), header, {})
+        write_gallery(staging, collection, {}, encode, header, {})
     return target
+
+
+def decoded_first(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
+    """The re-rank before fused decoding, for comparison: every candidate's levels decoded to
+    fp32 at once (pq's stay coordinates), then scored; ``(levels, len(ids))``."""
+    out = torch.empty(searcher.gallery.num_levels, len(ids))
+    for positions, part in searcher.gallery.image_parts(ids):
+        levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
+        decoded = ImageFeatures(levels, part.bases)
+        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(decoded, text)[:, :, 0]
+    return out
+
+
+def scorer_rate(searcher: Searcher) -> dict:
+    """The scorer alone on exact_scoring.py's 96 x 96 pairs of this gallery's shapes, and the fp32
+    GEMM rate, at the current thread count: what the re-rank is measured against."""
+    levels = searcher.gallery.regions()
+    images, texts, mask, _ = features(96, 96, len(levels), levels[0], searcher.gallery.manifest.dim)
+    seconds = min(timed(lambda: hierarchical_scores(images, texts, mask)) for _ in range(3))
+    return {
+        "pairs_per_s": round(96 * 96 / seconds),
+        "gemm_gflops": round(gemm_peak_flops() / 1e9, 1),
+    }
+
+
+def rerank_paths(
+    searcher: Searcher, captions: list[str], candidates: int, old_path: bool, scorer: dict
+) -> dict:
+    """Each query's first-stage candidates re-ranked as search does it and (``old_path``) decoded
+    first, interleaved; their scores must agree. Pairs/s against ``scorer``'s rate and the FLOP
+    bound (exact_scoring.matmul_flops at its GEMM rate)."""
+    gallery, model = searcher.gallery, searcher.model
+    ways = {"fused": searcher.score_images}
+    if old_path:
+        ways["decoded_first"] = lambda ids, text: decoded_first(searcher, ids, text)
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    flops, pairs = 0, 0
+    with torch.inference_mode():
+        for caption in captions:
+            text = searcher.encoder.encode_caption(caption)
+            ids = search_index(gallery.image_index, model.text_embedding(text).numpy(), candidates)
+            ids = np.sort(ids[0][ids[0] >= 0])
+            scores = {}
+            for name, way in ways.items():
+                start = time.perf_counter()
+                scores[name] = way(ids, text)
+                times[name].append(time.perf_counter() - start)
+            if old_path:
+                torch.testing.assert_close(
+                    scores["fused"], scores["decoded_first"], atol=1e-5, rtol=0
+                )
+            regions = gallery.regions()
+            flops += matmul_flops(
+                len(ids), regions[0], gallery.manifest.dim, [int(text.mask.sum())], len(regions)
+            )
+            pairs += len(ids)
+    out = {name: stats_ms(values) for name, values in times.items()}
+    fused_s = sum(times["fused"])
+    out["fused_pairs_per_s"] = round(pairs / fused_s)
+    out["fused_share_of_scorer_rate"] = round(pairs / fused_s / scorer["pairs_per_s"], 3)
+    out["fused_share_of_flop_bound"] = round(flops / fused_s / (scorer["gemm_gflops"] * 1e9), 3)
+    if old_path:
+        out["decoded_first_over_fused_p50"] = round(
+            out["decoded_first"]["p50_ms"] / out["fused"]["p50_ms"], 2
+        )
+    return out
 
 
 def first_stage(embeddings: np.ndarray, queries: np.ndarray, k: int) -> dict:
@@ -164,6 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=40, help="two-stage queries per size")
     parser.add_argument("--exact-max", type=int, default=10000, help="largest size run exactly")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--precisions", nargs="+", default=["int8"], choices=PRECISIONS)
+    parser.add_argument(
+        "--no-old-path", dest="old_path", action="store_false", help="time the re-rank one way"
+    )
     parser.add_argument("--work", help="folder for the synthetic galleries (default: a temp dir)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -171,13 +264,14 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="hat-latency-"))
     checkpoint = save_demo_architecture_model(work / "checkpoint", args.checkpoint)
     report: dict = {"candidates": args.candidates, "sizes": []}
-    for size in args.sizes:
+    for size, precision in itertools.product(args.sizes, args.precisions):
         start = time.perf_counter()
-        directory = synthetic_gallery(work, checkpoint, size)
+        directory = synthetic_gallery(work, checkpoint, size, precision)
         searcher = Searcher.open(directory)
         gallery = searcher.gallery
         entry = {
             "images": size,
+            "precision": precision,
             "index": type(gallery.image_index).__name__,
             "build_s": round(time.perf_counter() - start, 1),
             "bytes_per_image": round(gallery.bytes_per_image()),
@@ -185,19 +279,26 @@ def main(argv: list[str] | None = None) -> dict:
         }
         captions = queries(args.queries)
         exact_every = max(1, args.queries // 8) if size <= args.exact_max else 0
+        name = f"{size:>7} images {precision}"
         for threads in args.threads:
             torch.set_num_threads(threads)
             run = measure(searcher, captions, args.candidates, exact_every)
-            entry["runs"].append({"threads": threads, **run})
+            scorer = scorer_rate(searcher)
+            rerank = rerank_paths(searcher, captions, args.candidates, args.old_path, scorer)
+            entry["runs"].append({"threads": threads, **run, "scorer": scorer, "rerank": rerank})
             exact = run.get("exact", {}).get("p50_ms", "not run")
             print(
-                f"{size:>7} images, {threads} thread(s): two-stage p50 "
+                f"{name}, {threads} thread(s): two-stage p50 "
                 f"{run['two_stage']['p50_ms']} ms p95 {run['two_stage']['p95_ms']} ms "
                 f"(parts {run['two_stage_parts_p50_ms']}); exact p50 {exact} ms"
             )
+            print(
+                f"{name}, {threads} thread(s): re-rank {rerank}; scorer {scorer['pairs_per_s']} "
+                f"pairs/s, GEMM {scorer['gemm_gflops']} GFLOP/s"
+            )
         vectors = query_vectors(searcher, captions)
         entry["first_stage"] = first_stage(gallery.embeddings("image"), vectors, args.candidates)
-        print(f"{size:>7} images: first stage {entry['first_stage']}")
+        print(f"{name}: first stage {entry['first_stage']}")
         report["sizes"].append(entry)
         shutil.rmtree(directory)
     if not args.work:

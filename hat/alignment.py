@@ -15,12 +15,20 @@ The pair score is the sum of the level scores. How it is computed fast:
 * All pairs of a block come from one matrix product laid out ``(T, L, I, K)`` (captions, words,
   images, regions), so every later reduction runs over contiguous memory and no permute is needed.
 * The softmax is never normalised: a cosine ignores the scale of a_k, so with e = exp(λ s̄) the
-  partition function cancels. |λ s̄| ≤ λ, so exp cannot overflow and needs no max-subtraction;
-  padded words get e = 0, exactly what a -inf logit gives.
+  partition function cancels. |λ s̄| ≤ λ, so exp cannot overflow and needs no max-subtraction.
+* Padded words are set to zero vectors once per caption block instead of masking every
+  ``(T, L, I, K)`` block: their similarities are 0, so they add nothing to any norm, and
+  whatever attention they get multiplies zeros in a_k and v_k · a_k.
 * For image → text a_k is never materialised: v_k · a_k ∝ Σ_l e_kl s_kl and ‖a_k‖² ∝ e_k G e_kᵀ
   with G the caption's word Gram matrix, one small batched GEMM instead of K·D work per pair.
 * Captions are sorted by length and each block is cut to its longest caption, so padding costs
-  (almost) nothing.
+  (almost) nothing; everything that depends on the words alone (Gram matrices, norms, projection
+  into a basis) is computed once per caption block.
+* Images are the outer loop, in blocks small enough to stay in a core's L2 cache: each block is
+  decoded (int8 or fp16 widened to fp32) and its region norms taken once, then every caption
+  block is scored against it. Stored per-region scales (int8) are never applied to the regions:
+  a scale multiplies the region's similarities, norm and weight in a_l instead, L numbers per
+  region and caption rather than D, so a query's candidates never pass through memory in fp32.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
@@ -44,6 +52,9 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 21
 # Captions per block: few enough that cutting a block to its longest caption removes most padding,
 # and blocks then grow along the images, which keeps the GEMM wide.
 CAPTION_BLOCK = 16
+# Decoded regions of one block of images: at most this share of ``block_elements`` (1 MiB of fp32
+# by default), so they stay in a core's L2 cache while every caption block is scored against them.
+REGION_SHARE = 8
 
 
 @dataclass
@@ -106,75 +117,108 @@ def _ops(inplace: bool) -> tuple[Callable, Callable]:
     return torch.mul, torch.exp
 
 
+@dataclass
+class _Captions:
+    """A block of captions cut to its longest, with everything scoring needs from words alone.
+
+    ``columns``: their columns in the output; ``words`` ``(T, L, D)`` and ``mask`` ``(T, L)``;
+    ``probe``: what the regions are multiplied with (the words, or the words in a basis);
+    ``gram`` ``(T, L, L)`` for i2t, ``norms`` ``(T, L, 1)`` of the words for t2i.
+    """
+
+    columns: torch.Tensor
+    words: torch.Tensor
+    mask: torch.Tensor
+    probe: torch.Tensor
+    gram: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, columns, words, mask, direction: str, basis: Basis | None = None) -> _Captions:
+        """Padded words become zero vectors: their attention weights then multiply zeros in every
+        sum (i2t: a_k and v_k · a_k; the cosine ignores the softmax's normaliser), so no mask is
+        applied to the ``(T, L, I, K)`` blocks."""
+        if not bool(mask.all()):
+            words = words * mask[..., None].to(words.dtype)
+        probe = words if basis is None else basis.project(words)
+        if direction == "i2t":
+            return cls(columns, words, mask, probe, gram=words @ words.transpose(1, 2))
+        return cls(
+            columns, words, mask, probe, norms=torch.linalg.vector_norm(words, dim=2)[..., None]
+        )
+
+
 def _exp_logits(
-    sims: torch.Tensor,
-    word_mask: torch.Tensor,
-    lambda_softmax: float,
-    direction: str,
-    slope: float,
-    inplace: bool,
+    sims: torch.Tensor, lambda_softmax: float, direction: str, slope: float, inplace: bool
 ) -> torch.Tensor:
-    """Unnormalised attention e = exp(λ s̄) of ``(T, L, I, K)`` similarities; 0 on padded words."""
+    """Unnormalised attention e = exp(λ s̄) of ``(T, L, I, K)`` similarities (padded words are
+    zero vectors: their similarities are 0, which leaves every norm as over the real words)."""
     mul, exp = _ops(inplace)
     leaky = F.leaky_relu(sims, slope)
-    real = word_mask.to(sims.dtype)[:, :, None, None]  # (T, L, 1, 1)
-    padded = not bool(word_mask.all())
-    if direction == "i2t":
-        norm = torch.linalg.vector_norm(leaky, dim=3, keepdim=True)  # over regions
-        attn = exp(mul(leaky, lambda_softmax / (norm + EPS)))
-        return mul(attn, real) if padded else attn
-    if direction == "t2i":
-        if padded:
-            leaky = mul(leaky, real)
-        norm = torch.linalg.vector_norm(leaky, dim=1, keepdim=True)  # over real words
-        return exp(mul(leaky, lambda_softmax / (norm + EPS)))
-    raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+    if direction == "i2t" or not inplace:
+        dim = 3 if direction == "i2t" else 1  # over regions / over words
+        norm = torch.linalg.vector_norm(leaky, dim=dim, keepdim=True)
+    else:  # vector_norm over a middle dimension is ~40x slower than this on a CPU
+        norm = leaky.square().sum(dim=1, keepdim=True).sqrt_()
+    scale = (
+        norm.add_(EPS).reciprocal_().mul_(lambda_softmax)
+        if inplace
+        else lambda_softmax / (norm + EPS)
+    )
+    return exp(mul(leaky, scale))
 
 
 def _block_scores(
     regions: torch.Tensor,
-    words: torch.Tensor,
-    word_mask: torch.Tensor,
+    region_norms: torch.Tensor | None,
+    captions: _Captions,
     lambda_softmax: float,
     direction: str,
     slope: float,
-    projected_words: torch.Tensor | None = None,
     own_words: torch.Tensor | None = None,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scores ``(I, T)``, unnormalised attention ``(T, L, I, K)`` and local cosines of a block.
 
-    Local cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. Regions given as
-    coordinates in a :class:`Basis` take ``projected_words`` (``Basis.project``) and, where the
-    basis has rows of each image's own, ``own_words`` ``(T, L, I, e)``: the words along them.
+    ``regions`` ``(I, K, D)`` are fp32 features or coordinates in a basis (then ``captions.probe``
+    holds the words in it, and ``own_words`` ``(T, L, I, e)`` the words along each image's own
+    rows), times ``scales`` ``(I, K)`` where given: a region's scale multiplies its similarities
+    and its part in the attended vectors, far fewer numbers than the region's own.
+    ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local cosines are
+    ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
     """
     n_img, n_reg, dim = regions.shape
-    n_txt, n_words, _ = words.shape
-    inplace = not (torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad))
+    n_txt, n_words, _ = captions.words.shape
+    inplace = not (
+        torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
+    )
     mul, _ = _ops(inplace)
-    probe = words if projected_words is None else projected_words
-    sims = (probe.reshape(-1, dim) @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
+    probe = captions.probe.reshape(-1, dim)
+    sims = (probe @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
     if own_words is not None:  # the own rows' term: word along row j times region coordinate j
         shared = dim - own_words.shape[3]
         for j in range(own_words.shape[3]):
             along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
             sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
-    attn = _exp_logits(sims, word_mask, lambda_softmax, direction, slope, inplace)
+    if scales is not None:
+        sims = mul(sims, scales)
+    attn = _exp_logits(sims, lambda_softmax, direction, slope, inplace)
     if direction == "i2t":
-        gram = words @ words.transpose(1, 2)  # (T, L, L)
-        weighted = torch.bmm(gram, attn.view(n_txt, n_words, -1)).view_as(attn)
+        weighted = torch.bmm(captions.gram, attn.view(n_txt, n_words, -1)).view_as(attn)
         attended_sq = mul(weighted, attn).sum(dim=1)  # ‖a_k‖², (T, I, K)
         dots = mul(sims, attn).sum(dim=1)  # v_k · a_k
-        query_norm = torch.linalg.vector_norm(regions, dim=2)  # (I, K)
-        local = dots / (query_norm * attended_sq.clamp(min=0).sqrt()).clamp(min=EPS)
+        norms = mul(attended_sq.clamp_(min=0).sqrt_(), region_norms).clamp_(min=EPS)
+        local = dots.div_(norms) if inplace else dots / norms
         return local.mean(dim=2).T, attn, local
-    # t2i: words attend to regions; a_l is materialised per image (one batched GEMM).
+    # t2i: words attend to regions; a_l is materialised per image (one batched GEMM that reads
+    # the attention in place: image i's (T·L, K) matrix has row stride I·K).
     dots = mul(sims, attn).sum(dim=3)  # t_l · a_l, (T, L, I)
-    per_image = attn.permute(2, 0, 1, 3).reshape(n_img, n_txt * n_words, n_reg)
-    attended = torch.bmm(per_image, regions).view(n_img, n_txt, n_words, dim)
-    attended_norm = torch.linalg.vector_norm(attended, dim=3).permute(1, 2, 0)  # (T, L, I)
-    query_norm = torch.linalg.vector_norm(words, dim=2)[:, :, None]  # (T, L, 1)
-    real = word_mask.to(dots.dtype)[:, :, None]
-    local = dots / (query_norm * attended_norm).clamp(min=EPS) * real
+    weights = attn if scales is None else attn * scales
+    per_image = weights.view(n_txt * n_words, n_img, n_reg).transpose(0, 1)
+    attended = torch.bmm(per_image, regions)  # (I, T·L, D)
+    attended_norm = torch.linalg.vector_norm(attended, dim=2).T.view(n_txt, n_words, n_img)
+    real = captions.mask.to(dots.dtype)[:, :, None]
+    local = dots / (captions.norms * attended_norm).clamp(min=EPS) * real
     return (local.sum(dim=1) / real.sum(dim=1).clamp(min=1)).T, attn, local
 
 
@@ -186,6 +230,29 @@ def _by_length(word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order, width[order]
 
 
+def _caption_blocks(
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    n_reg: int,
+    block_elements: int,
+    direction: str,
+    basis: Basis | None,
+) -> list[_Captions]:
+    """Captions sorted by length in blocks of at most :data:`CAPTION_BLOCK`, each cut to its
+    longest caption and holding at most ``block_elements`` similarities per image."""
+    order, widths = _by_length(word_mask)
+    words, word_mask = words[order], word_mask[order]
+    blocks, t, n_txt = [], 0, len(order)
+    while t < n_txt:
+        width = int(widths[t])
+        step = max(1, min(n_txt - t, CAPTION_BLOCK, block_elements // (n_reg * width)))
+        part = slice(t, t + step)
+        cut_words, cut_mask = words[part, :width], word_mask[part, :width]
+        blocks.append(_Captions.of(order[part], cut_words, cut_mask, direction, basis))
+        t += step
+    return blocks
+
+
 def level_scores(
     regions: torch.Tensor,
     words: torch.Tensor,
@@ -195,51 +262,50 @@ def level_scores(
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     basis: Basis | None = None,
+    scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every image against every caption at one level: ``(I, K, D) × (T, L, D) → (I, T)``.
 
-    Pairs are processed in blocks of at most ``block_elements`` region–word similarities so that
-    memory stays bounded for any gallery size. Regions may be coordinates ``(I, K, d + e)`` in
-    ``basis``; they score exactly as ``basis.expand(regions)`` does.
+    Regions may be stored values: any float or int8 dtype, times per-region ``scales`` ``(I, K)``
+    where given, and coordinates ``(I, K, d + e)`` in ``basis`` where given; they score exactly as
+    their fp32 features do. They are decoded a block of images at a time, small enough to stay in
+    a core's cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so
+    a gallery's candidates never pass through memory at full width. Blocks hold at most
+    ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
-    regions, words = _as_compute_dtype(regions), _as_compute_dtype(words)
-    n_img, n_reg, _ = regions.shape
-    n_txt = words.shape[0]
-    order, widths = _by_length(word_mask)
-    words, word_mask = words[order], word_mask[order]
-    projected_words = own = None
-    if basis is not None:
-        projected_words, own = basis.project(words), basis.own
-    out = regions.new_empty(n_img, n_txt)
-    t = 0
-    while t < n_txt:
-        width = int(widths[t])
-        per_caption = n_reg * width
-        txt_step = max(1, min(n_txt - t, CAPTION_BLOCK, block_elements // per_caption))
-        img_step = max(1, block_elements // (per_caption * txt_step))
-        cols = order[t : t + txt_step]
-        block_words = words[t : t + txt_step, :width]
-        block_mask = word_mask[t : t + txt_step, :width]
-        block_projected = None
-        if projected_words is not None:
-            block_projected = projected_words[t : t + txt_step, :width]
-        for i in range(0, n_img, img_step):
+    words = _as_compute_dtype(words)
+    n_img, n_reg, dim = regions.shape
+    captions = _caption_blocks(words, word_mask, n_reg, block_elements, direction, basis)
+    widest = max((c.words.shape[0] * c.words.shape[1] * n_reg for c in captions), default=1)
+    region_elements = max(1, block_elements // REGION_SHARE)
+    img_step = max(1, min(block_elements // widest, region_elements // (n_reg * dim)))
+    out = words.new_empty(n_img, words.shape[0])
+    own = None if basis is None else basis.own
+    widened = None  # one buffer for every block: its memory stays in cache
+    if regions.dtype != words.dtype:
+        widened = torch.empty(
+            (min(img_step, n_img), n_reg, dim), dtype=words.dtype, device=words.device
+        )
+    for i in range(0, n_img, img_step):
+        part = slice(i, i + img_step)
+        block = regions[part]
+        if widened is not None:  # int8 and fp16 widen here
+            block = widened[: len(block)].copy_(block)
+        scale = None if scales is None else scales[part].to(words.dtype)
+        norms = None
+        if direction == "i2t":
+            norms = torch.linalg.vector_norm(block, dim=2)
+            norms = norms if scale is None else norms.mul_(scale)
+        for caption in captions:
             own_words = None
             if own is not None:
-                own_words = torch.einsum("tlD,ieD->tlie", block_words, own[i : i + img_step])
-            out[i : i + img_step, cols] = _block_scores(
-                regions[i : i + img_step],
-                block_words,
-                block_mask,
-                lambda_softmax,
-                direction,
-                slope,
-                block_projected,
-                own_words,
+                own_words = torch.einsum("tlD,ieD->tlie", caption.words, own[part])
+            scores = _block_scores(
+                block, norms, caption, lambda_softmax, direction, slope, own_words, scale
             )[0]
-        t += txt_step
+            out[part, caption.columns] = scores
     return out
 
 
@@ -252,19 +318,21 @@ def hierarchical_scores(
     slope: float = 0.1,
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     bases: list[Basis | None] | None = None,
+    scales: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Per-level scores ``(num_levels, I, T)``; the HAT pair score is their sum over levels.
 
-    ``bases``: per level, the basis that level's regions are coordinates in (None where they are
-    plain features); see :func:`level_scores`.
+    ``bases`` and ``scales``: per level, the basis that level's regions are coordinates in and
+    their per-region scales (None where there are none); see :func:`level_scores`.
     """
     if len(image_levels) != len(text_levels):
         raise ValueError(f"{len(image_levels)} image levels but {len(text_levels)} text levels")
     bases = bases or [None] * len(text_levels)
+    scales = scales or [None] * len(text_levels)
     return torch.stack(
         [
-            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, b)
-            for v, t, b in zip(image_levels, text_levels, bases, strict=True)
+            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, b, s)
+            for v, t, b, s in zip(image_levels, text_levels, bases, scales, strict=True)
         ]
     )
 
@@ -279,8 +347,10 @@ def align_pair(
     """Alignment details of one pair at one level: ``(K, D)`` regions and ``(L, D)`` real words."""
     regions, words = _as_compute_dtype(regions), _as_compute_dtype(words)
     mask = torch.ones(1, words.shape[0], dtype=torch.bool, device=words.device)
+    captions = _Captions.of(torch.zeros(1, dtype=torch.long), words[None], mask, direction)
+    norms = torch.linalg.vector_norm(regions, dim=1)[None]
     score, attn, local = _block_scores(
-        regions[None], words[None], mask, lambda_softmax, direction, slope
+        regions[None], norms, captions, lambda_softmax, direction, slope
     )
     attn = attn[:, :, 0].squeeze(0).T  # (K, L)
     attn = attn / attn.sum(dim=1 if direction == "i2t" else 0, keepdim=True)

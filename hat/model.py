@@ -44,34 +44,48 @@ class CheckpointFormatError(ValueError):
 class ImageFeatures:
     """Projected region features, one ``(N, K_i, D)`` tensor per level.
 
-    A compressed gallery may hand out a level as coordinates ``(N, K_i, d + e)`` in an orthonormal
-    basis ``bases[i]`` (:class:`hat.alignment.Basis`): scoring uses them as they are (exactly,
-    see :mod:`hat.alignment`), and :meth:`expanded` gives the features.
+    A gallery hands out levels as stored, which scoring decodes a block at a time (see
+    :func:`hat.alignment.level_scores`): fp16 or int8 values, times per-region ``scales[i]``
+    ``(N, K_i)`` where given, or coordinates ``(N, K_i, d + e)`` in an orthonormal basis
+    ``bases[i]`` (:class:`hat.alignment.Basis`). :meth:`expanded` gives the fp32 features.
     """
 
     levels: list[torch.Tensor]
     bases: list[Basis | None] | None = None
+    scales: list[torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return self.levels[0].shape[0]
 
-    def _bases(self, method: Callable[[Basis], Basis]) -> list[Basis | None] | None:
-        return None if self.bases is None else [b if b is None else method(b) for b in self.bases]
+    @staticmethod
+    def _each(per_level: list | None, method: Callable) -> list | None:
+        return None if per_level is None else [x if x is None else method(x) for x in per_level]
+
+    def _map(self, levels: Callable, bases: Callable, scales: Callable) -> ImageFeatures:
+        return ImageFeatures(
+            [levels(x) for x in self.levels],
+            self._each(self.bases, bases),
+            self._each(self.scales, scales),
+        )
 
     def __getitem__(self, index) -> ImageFeatures:
-        return ImageFeatures([x[index] for x in self.levels], self._bases(lambda b: b[index]))
+        return self._map(lambda x: x[index], lambda b: b[index], lambda s: s[index])
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        bases = self._bases(lambda b: b.to(device))
-        return ImageFeatures([x.to(device) for x in self.levels], bases)
+        return self._map(*[lambda x: x.to(device)] * 3)
 
     def expanded(self) -> ImageFeatures:
-        """The same features with every level in the model's feature space."""
-        if self.bases is None:
-            return self
-        return ImageFeatures(
-            [x if b is None else b.expand(x) for x, b in zip(self.levels, self.bases, strict=True)]
-        )
+        """The same features as fp32 tensors in the model's feature space."""
+        if self.bases is None and self.scales is None:
+            return ImageFeatures([x.float() for x in self.levels])
+        count = len(self.levels)
+        levels = []
+        for x, b, s in zip(
+            self.levels, self.bases or [None] * count, self.scales or [None] * count, strict=True
+        ):
+            x = x.float() if s is None else x.float().mul_(s.float()[..., None])
+            levels.append(x if b is None else b.expand(x))
+        return ImageFeatures(levels)
 
 
 @dataclass
@@ -211,29 +225,28 @@ class HATModel(nn.Module):
                 images = images.expanded()
                 scores = pooled_level_scores(images.levels, texts.levels, texts.mask)
             else:
-                bases = images.bases or [None] * len(images.levels)
-                options = {"lambda_softmax": cfg.lambda_softmax, "slope": cfg.leaky_relu_slope}
+                count = len(images.levels)
+                bases, scales = images.bases or [None] * count, images.scales or [None] * count
                 pairs = len(cfg.image_levels)
-                scores = hierarchical_scores(
-                    images.levels[:pairs],
-                    texts.levels[:pairs],
-                    texts.mask,
-                    direction=cfg.direction,
-                    bases=bases[:pairs],
-                    **options,
-                    **kwargs,
-                )
+                groups = [(slice(0, pairs), cfg.direction)]  # the concept level has its own
                 if self.concepts is not None:
-                    concept = hierarchical_scores(
-                        images.levels[pairs:],
-                        texts.levels[pairs:],
-                        texts.mask,
-                        direction=self.concepts.config.direction,
-                        bases=bases[pairs:],
-                        **options,
-                        **kwargs,
-                    )
-                    scores = torch.cat([scores, concept])
+                    groups.append((slice(pairs, None), self.concepts.config.direction))
+                scores = torch.cat(
+                    [
+                        hierarchical_scores(
+                            images.levels[part],
+                            texts.levels[part],
+                            texts.mask,
+                            lambda_softmax=cfg.lambda_softmax,
+                            direction=direction,
+                            slope=cfg.leaky_relu_slope,
+                            bases=bases[part],
+                            scales=scales[part],
+                            **kwargs,
+                        )
+                        for part, direction in groups
+                    ]
+                )
             if self.concepts is None:
                 return scores
             weights = torch.tensor(self.level_weights, device=scores.device)

@@ -157,7 +157,7 @@ def test_pq_coordinates_score_exactly_as_the_decoded_regions(direction):
     x = torch.from_numpy(structured_images(300))
     codec = new_codec("pq", 256)
     codec.train(training_sample(codec.training_vectors(x)))
-    coordinates, basis = codec.decode_coordinates(*codec.encode(x[:6]))
+    coordinates, basis = codec.coordinates(*codec.encode(x[:6]))
     assert coordinates.shape == (6, 10, 97) and basis.own.shape == (6, 1, 256)
     rows = torch.cat([basis.shared.expand(6, -1, -1), basis.own], dim=1)  # (6, 97, 256)
     torch.testing.assert_close(rows @ rows.transpose(1, 2), torch.eye(97).expand(6, -1, -1))

@@ -9,7 +9,7 @@ import torch
 
 from hat import cli, create_model, get_preset, load_model, runtime
 from hat.encoder import Encoder
-from hat.gallery import CacheError, build_gallery, folder_collection
+from hat.gallery import PRECISIONS, BuildSettings, CacheError, build_gallery, folder_collection
 from hat.runtime import run_in_pieces
 from hat.search import Searcher, top_hits
 from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (fixtures)
@@ -45,6 +45,41 @@ def test_scores_are_the_models_hierarchical_scores(searcher):
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert [h.score for h in result.hits] == sorted((h.score for h in result.hits), reverse=True)
     assert all(abs(h.score - sum(h.level_scores)) < 1e-5 for h in result.hits)
+
+
+STORED_AS = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8, "pq": torch.float32}
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_rerank_scores_stored_values_as_their_decoded_features(
+    folder,  # noqa: F811
+    tmp_path,
+    precision,
+    direction,
+):
+    """The re-rank takes the candidates as stored (int8 with scales, fp16, pq coordinates) and
+    decodes them a block at a time while scoring: the scores are those of the candidates decoded
+    to fp32 first, text → image and image → text (the stored image against the caption bank)."""
+    torch.manual_seed(0)
+    model, tokenizer = create_model(replace(get_preset("hat-tiny"), direction=direction))
+    ckpt = model.eval().save_pretrained(tmp_path / "ckpt", tokenizer)
+    settings = BuildSettings(precision)
+    gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache", settings=settings)
+    searcher = Searcher(gallery, Encoder.from_pretrained(ckpt))
+    ids = [4, 0, 2, 1]
+    ((_, stored),) = gallery.image_parts(ids)
+    assert [x.dtype for x in stored.levels] == [STORED_AS[precision]] * gallery.num_levels
+    assert (stored.scales is not None) == (precision == "int8")
+    decoded = gallery.image_features(ids)
+    text = searcher.encoder.encode_caption("a square of colour 3")
+    want = searcher.model.level_scores(decoded, text)[:, :, 0]
+    torch.testing.assert_close(searcher.score_images(ids, text), want, atol=1e-5, rtol=0)
+    captions = range(gallery.num_captions)
+    ((_, image),) = gallery.image_parts([1])
+    want = searcher.model.level_scores(decoded[3:4], gallery.text_features(captions))[:, 0, :]
+    got = searcher.score_captions(captions, image)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 def test_fewer_candidates_rerank_only_those(searcher):

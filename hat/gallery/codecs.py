@@ -31,6 +31,8 @@ import torch
 from hat.alignment import Basis
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
+# What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis.
+Scorable = tuple[torch.Tensor, torch.Tensor | None, Basis | None]
 FLOATS = {"fp32": np.float32, "fp16": np.float16}
 PQ_BYTES = 32  # codes per region
 PQ_DIMS = 3 * PQ_BYTES  # PCA output: 3 dimensions per code
@@ -75,12 +77,11 @@ class Codec:
         """fp32 tensor ``(..., dim)`` of stored values."""
         raise NotImplementedError
 
-    def decode_coordinates(
-        self, values: np.ndarray, side: np.ndarray | None
-    ) -> tuple[torch.Tensor, Basis | None]:
-        """Stored values as coordinates in an orthonormal :class:`~hat.alignment.Basis`, or as
-        features with basis None: what scoring needs, without expanding a reduced codec."""
-        return self.decode(values, side), None
+    def for_scoring(self, values: np.ndarray, side: np.ndarray | None) -> Scorable:
+        """Stored values as :func:`hat.alignment.level_scores` takes them, which decodes them a
+        cache-sized block at a time while it scores: (values, per-vector scales or None,
+        :class:`~hat.alignment.Basis` of coordinates or None)."""
+        return self.decode(values, side), None, None
 
 
 class FloatCodec(Codec):
@@ -93,6 +94,10 @@ class FloatCodec(Codec):
 
     def decode(self, values: np.ndarray, scales: None) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(values)).float()
+
+    def for_scoring(self, values: np.ndarray, scales: None) -> Scorable:
+        """The floats as stored (fp16 is widened block by block as it is scored)."""
+        return torch.from_numpy(np.ascontiguousarray(values)), None, None
 
 
 class Int8Codec(Codec):
@@ -111,6 +116,11 @@ class Int8Codec(Codec):
         """Cast, then scale in place: one fp32 allocation."""
         out = torch.from_numpy(np.ascontiguousarray(values)).float()
         return out.mul_(torch.from_numpy(np.ascontiguousarray(scales)).float()[..., None])
+
+    def for_scoring(self, values: np.ndarray, scales: np.ndarray) -> Scorable:
+        """The int8 values and their scales, as stored (decoded block by block as scored)."""
+        as_tensor = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
+        return *as_tensor, None
 
 
 class PQCodec(Codec):
@@ -183,27 +193,30 @@ class PQCodec(Codec):
         return codes.reshape(*x.shape[:-1], PQ_BYTES), mean.numpy()
 
     def decode(self, values: np.ndarray, side: np.ndarray) -> torch.Tensor:
-        coordinates, basis = self.decode_coordinates(values, side)
+        coordinates, basis = self.coordinates(values, side)
         return basis.expand(coordinates)
 
-    def decode_coordinates(
-        self, values: np.ndarray, side: np.ndarray
-    ) -> tuple[torch.Tensor, Basis]:
+    def for_scoring(self, values: np.ndarray, side: np.ndarray) -> Scorable:
+        coordinates, basis = self.coordinates(values, side)
+        return coordinates, None, basis
+
+    def coordinates(self, values: np.ndarray, side: np.ndarray) -> tuple[torch.Tensor, Basis]:
         """Coordinates ``(..., regions, d + 1)``: the decoded difference plus the mean's part in
         the PCA, then the length of the mean's remaining part, along a row of the image's own.
         A PCA that keeps every dimension leaves no remaining part: ``d`` coordinates, no own row.
         """
         codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
         kept = self.matrix.shape[0]
-        if len(codes):
-            differences = torch.from_numpy(self.pq.decode(codes)).sub_(self.bias)
-        else:
-            differences = torch.zeros(0, kept)
-        differences = differences.reshape(*values.shape[:-1], kept)
+        decoded = self.pq.decode(codes) if len(codes) else np.zeros((0, kept), np.float32)
+        differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
-        coordinates = differences + inside.unsqueeze(-2)
-        if kept == self.dim:
+        own_rows = 0 if kept == self.dim else 1
+        # Written in one pass, straight into place beside the own coordinate: these are the
+        # largest arrays a pq query makes.
+        coordinates = torch.empty(*differences.shape[:-1], kept + own_rows)
+        torch.add(differences, (inside - self.bias).unsqueeze(-2), out=coordinates[..., :kept])
+        if not own_rows:
             return coordinates, Basis(self.matrix)
         outside = mean - inside @ self.matrix
         outside -= (
@@ -211,8 +224,8 @@ class PQCodec(Codec):
         ) @ self.matrix  # once more: orthogonal to float precision
         length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
         own = outside / length.clamp(min=torch.finfo(torch.float32).tiny)
-        along_own = length.unsqueeze(-2).expand_as(differences[..., :1])
-        return torch.cat([coordinates, along_own], dim=-1), Basis(self.matrix, own.unsqueeze(-2))
+        coordinates[..., kept:] = length.unsqueeze(-2)
+        return coordinates, Basis(self.matrix, own.unsqueeze(-2))
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)

@@ -68,6 +68,11 @@ def _token_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.
     return np.repeat(starts, lengths) + within, within
 
 
+def _unless_none(per_level: Sequence) -> list | None:
+    """``per_level`` as a list, or None where every level has None."""
+    return None if all(x is None for x in per_level) else list(per_level)
+
+
 @dataclass
 class BuildReport:
     """What a build did: ``encoded_images == 0`` on a cache hit."""
@@ -124,8 +129,9 @@ class Gallery:
 
     def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
-        where a compressed segment gives coordinates in its own bases (``ImageFeatures.bases``)
-        so that its regions are never expanded to full width."""
+        the values as stored (int8 with ``ImageFeatures.scales``, fp16, or a compressed
+        segment's coordinates in its own ``ImageFeatures.bases``): scoring decodes them a
+        cache-sized block at a time, so the candidates never pass through memory in fp32."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
@@ -134,15 +140,13 @@ class Gallery:
         for seg, positions in by_segment:
             segment = self.segments[seg]
             stored = segment.read_images(rows[positions, 1], self.checked)
-            levels, bases = zip(
-                *(
-                    segment.decode_coordinates("image", i, values)
-                    for i, values in enumerate(stored)
-                ),
+            levels, scales, bases = zip(
+                *(segment.for_scoring("image", i, values) for i, values in enumerate(stored)),
                 strict=True,
             )
-            plain = all(b is None for b in bases)
-            out.append((positions, ImageFeatures(list(levels), None if plain else list(bases))))
+            out.append(
+                (positions, ImageFeatures(list(levels), _unless_none(bases), _unless_none(scales)))
+            )
         return out
 
     def text_features(self, ids: Sequence[int]) -> TextFeatures:

@@ -138,11 +138,9 @@ class Segment:
         """fp32 features of ``stored`` values of ``kind`` at ``level``."""
         return self.codecs[kind][level].decode(*stored)
 
-    def decode_coordinates(
-        self, kind: str, level: int, stored: tuple[np.ndarray, np.ndarray | None]
-    ):
-        """``stored`` values as (coordinates, basis or None): see ``Codec.decode_coordinates``."""
-        return self.codecs[kind][level].decode_coordinates(*stored)
+    def for_scoring(self, kind: str, level: int, stored: tuple[np.ndarray, np.ndarray | None]):
+        """``stored`` values as scoring takes them: see ``Codec.for_scoring``."""
+        return self.codecs[kind][level].for_scoring(*stored)
 
     def _damaged(self, file: str | None, problem: str) -> CorruptionError:
         """The error naming ``file`` of this segment, or the segment (``None``)."""
