@@ -28,11 +28,13 @@ def test_a_few_steps_lower_the_loss_and_raise_recall(synthetic_dataset, tiny_mod
     # one caption per image: a batch of 16 distinct images
     batch = collate([dataset[i * 5 + (i % 5)] for i in range(16)])
     before = evaluate(Encoder(model, tokenizer), data).headline["rsum"]
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+    # lr 1e-3 made this a coin toss: the hardest-negative trajectory turned on float rounding
+    # (the RSUM gain was 2.5 with one torch thread, 50 with two); 5e-4 gains 55 / 75.
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=5e-4)
     model.lock_backbones(False)
     model.eval()  # no dropout: a deterministic optimisation problem
     losses = []
-    for _ in range(40):
+    for _ in range(80):
         scores = model(batch.pixel_values, batch.input_ids, batch.attention_mask)
         cfg = model.config
         loss = training_loss(scores.hat, scores.first_stage, cfg.margin, cfg.global_sharpness)
