@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -478,6 +479,37 @@ def test_a_visitors_files_are_theirs_alone(server, before):
         assert "event: complete" not in answer
     info = a.predict(api_name="/info")
     assert info["checkpoint"] == "checkpoint" and str(server.root) not in json.dumps(info)
+
+
+def spellings(server: Server, path: Path) -> list[str]:
+    """Ways to name ``path`` that Gradio or ``open`` read as it: through a symlink (absolute, and
+    relative to the app's working directory), with ``..`` after a symlink (Gradio drops the
+    ``..`` first, ``open`` follows the link first), padded past 4096 characters with ``/.``, with
+    a doubled slash."""
+    through = server.inputs / "through-a-link"
+    if not through.is_symlink():
+        through.symlink_to(server.root)
+    below = path.relative_to(server.root)
+    return [
+        str(through / below),
+        os.path.relpath(through / below, ROOT),
+        f"{through}/../../{below}",
+        f"{through}/../{server.root.name}/{below}",
+        "/." * 2100 + str(path),
+        f"/{path}",
+    ]
+
+
+def test_no_spelling_of_a_path_reaches_another_visitors_file(server, before):
+    a_visitor_with_files(server, "private-spelt.png")
+    (stored,) = [p for p in served_copies(server, "private-spelt.png") if "gradio" in p.parts]
+    other = server.client().cookies
+    for name in spellings(server, stored):
+        url = f"{server.url}gradio_api/file={urllib.parse.quote(name, safe='')}"
+        assert http_get(url, other)[0] != 200, name
+        as_file = {"path": name, "meta": {"_type": "gradio.FileData"}}
+        answer = call_api(server, "alignment_maps", [as_file, "a green square"], other)
+        assert "event: complete" not in answer, name
 
 
 def test_a_visitors_files_go_when_their_session_closes(server, before):

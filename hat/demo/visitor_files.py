@@ -44,6 +44,7 @@ FILE_ROUTES = (f"{API}/file=", f"{API}/file/")
 UPLOAD_ROUTE = f"{API}/upload"
 HEARTBEAT_ROUTE = f"{API}/heartbeat/"
 SWEEP_SECONDS = 60
+PATH_MAX = 4096  # a longer path cannot be opened (and resolving it could take minutes)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _ALIAS = re.compile(rf"{ALIAS}[A-Za-z0-9_-]{{22}}/[^/]+")
 STREAMS = (b"application/json", b"text/event-stream")
@@ -191,11 +192,15 @@ class VisitorFiles:
 
     def _in_folder(self, text: str) -> bool:
         """Whether ``text``, read as a path (a relative one from the working directory), names
-        something in the upload folder."""
-        if not text or "\0" in text or len(text) > 4096:
+        something in the upload folder. It is read both ways a server reads a path: Gradio's
+        (``..`` taken away first, then symlinks followed) and ``open``'s (each symlink followed
+        before the ``..`` after it); either reading that is short enough to open counts."""
+        if not text or "\0" in text:
             return False
-        return os.path.abspath(text).startswith(self.folder) or (
-            text.startswith(os.sep) and os.path.realpath(text).startswith(self.folder)
+        readings = {os.path.abspath(text), str(Path(text))}
+        return any(
+            len(path) < PATH_MAX and os.path.realpath(path).startswith(self.folder)
+            for path in readings
         )
 
     # ---------------------------------------------------------------- answers
