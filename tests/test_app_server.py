@@ -512,6 +512,13 @@ def test_no_spelling_of_a_path_reaches_another_visitors_file(server, before):
         assert "event: complete" not in answer, name
 
 
+def test_the_visitor_cookie_is_found_among_other_cookies(server, before):
+    """A site's other cookies (an analytics one with a space or JSON in it) do not hide it."""
+    a, (found, _), photo = a_visitor_with_files(server, "private-cookies.png")
+    for junk in ("a b", '{"id":1}', '"unclosed'):
+        assert http_get(found["url"], {"tracker": junk, **a.cookies}) == (200, photo), junk
+
+
 def test_a_visitors_files_go_when_their_session_closes(server, before):
     """A page, and gradio_client, hold a heartbeat stream open; when the visitor's last one
     closes, their files are deleted and their links answer 404."""

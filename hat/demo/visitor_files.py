@@ -27,10 +27,11 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
+
+from starlette.requests import cookie_parser
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -114,15 +115,14 @@ class VisitorFiles:
                 self.forget(token)
 
     def _token(self, scope: Scope) -> tuple[str, bool]:
-        """The visitor's cookie, or a new random one (``True``: set it on the answer)."""
+        """The visitor's cookie, or a new random one (``True``: set it on the answer). Read as
+        browsers write cookies (Starlette's parser): ``http.cookies`` stops at the first cookie
+        it finds malformed, such as another site script's with a space or JSON in it."""
         for name, value in scope["headers"]:
             if name == b"cookie":
-                try:
-                    morsel = SimpleCookie(value.decode("latin-1")).get(COOKIE)
-                except CookieError:
-                    continue
-                if morsel is not None and _TOKEN.fullmatch(morsel.value):
-                    return morsel.value, False
+                token = cookie_parser(value.decode("latin-1")).get(COOKIE, "")
+                if _TOKEN.fullmatch(token):
+                    return token, False
         return secrets.token_urlsafe(32), True
 
     def _real(self, alias: str, token: str) -> str:
