@@ -80,18 +80,21 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 def launch(root: Path, checkpoint: Path, gallery: Path) -> Server:
-    """``python app.py`` on a free port, writing only below ``root`` (cache, tmp, gradio)."""
+    """``python app.py`` on a free port, writing only below ``root`` (cache, tmp, gradio). Its
+    temp folder is named through a symlink, as on macOS (``/var/folders`` → ``/private/var``)."""
+    (root / "tmp").mkdir(exist_ok=True)
+    if not (root / "link").is_symlink():
+        (root / "link").symlink_to(root)
     env = {
         **os.environ,
         "HAT_CACHE": str(root / "cache"),
-        "TMPDIR": str(root / "tmp"),
+        "TMPDIR": str(root / "link" / "tmp"),
         "GRADIO_TEMP_DIR": str(root / "gradio"),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
         "GRADIO_HEARTBEAT_INTERVAL": "1",  # a closed page is noticed within seconds
     }
-    (root / "tmp").mkdir(exist_ok=True)
     (root / "inputs").mkdir(exist_ok=True)
     port = free_port()
     log = root / "server.log"
