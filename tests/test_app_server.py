@@ -488,7 +488,7 @@ def spellings(server: Server, path: Path) -> list[str]:
     """Ways to name ``path`` that Gradio or ``open`` read as it: through a symlink (absolute, and
     relative to the app's working directory), with ``..`` after a symlink (Gradio drops the
     ``..`` first, ``open`` follows the link first), padded past 4096 characters with ``/.``, with
-    a doubled slash."""
+    a doubled slash, with a trailing one (pathlib drops it)."""
     through = server.inputs / "through-a-link"
     if not through.is_symlink():
         through.symlink_to(server.root)
@@ -500,6 +500,7 @@ def spellings(server: Server, path: Path) -> list[str]:
         f"{through}/../{server.root.name}/{below}",
         "/." * 2100 + str(path),
         f"/{path}",
+        f"{path}/",
     ]
 
 

@@ -191,15 +191,18 @@ class VisitorFiles:
         return text
 
     def _in_folder(self, text: str) -> bool:
-        """Whether ``text``, read as a path (a relative one from the working directory), names
-        something in the upload folder. It is read both ways a server reads a path: Gradio's
-        (``..`` taken away first, then symlinks followed) and ``open``'s (each symlink followed
-        before the ``..`` after it); either reading that is short enough to open counts."""
+        """Whether ``text``, read as a path (a relative one from the working directory), names a
+        file in the upload folder. It is read both ways a server reads a path: Gradio's (``..``
+        taken away first, then symlinks followed) and ``open``'s (each symlink followed before
+        the ``..`` after it); either reading that names an existing file counts. Only those are
+        resolved (one ``lstat`` per part): every string of a request is checked."""
         if not text or "\0" in text:
             return False
         readings = {os.path.abspath(text), str(Path(text))}
         return any(
-            len(path) < PATH_MAX and os.path.realpath(path).startswith(self.folder)
+            len(path) < PATH_MAX
+            and os.path.exists(path)
+            and os.path.realpath(path).startswith(self.folder)
             for path in readings
         )
 
