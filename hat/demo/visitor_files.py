@@ -133,12 +133,16 @@ class VisitorFiles:
         return real
 
     def _file_scope(self, scope: Scope, path: str, token: str) -> Scope:
-        """``file=`` of one of the visitor's aliases, as Gradio's route for the file behind it."""
+        """``file=`` of one of the visitor's aliases, as Gradio's route for the file behind it
+        (if it is still there: Gradio's refusal would name its path)."""
         route = next(r for r in FILE_ROUTES if path.startswith(r))
         target = path[len(route) :]
         if target.startswith(ALIAS):
+            real = self._real(target, token)
+            if not os.path.isfile(real):
+                raise Refused(404, "That file is gone; upload it again.")
             mount = scope["path"][: len(scope["path"]) - len(path)]
-            served = f"{mount}{FILE_ROUTES[0]}{self._real(target, token)}"
+            served = f"{mount}{FILE_ROUTES[0]}{real}"
             return {**scope, "path": served, "raw_path": quote(served).encode()}
         if self._in_folder(target):
             raise Refused(404, "No such file of yours.")
