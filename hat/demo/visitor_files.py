@@ -45,6 +45,7 @@ FILE_ROUTES = (f"{API}/file=", f"{API}/file/")
 UPLOAD_ROUTE = f"{API}/upload"
 HEARTBEAT_ROUTE = f"{API}/heartbeat/"
 SWEEP_SECONDS = 60
+DRAINED = 64  # a body this many times too large is not read to its end
 PATH_MAX = 4096  # a longer path cannot be opened (and resolving it could take minutes)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _ALIAS = re.compile(rf"{ALIAS}[A-Za-z0-9_-]{{22}}/[^/]+")
@@ -97,7 +98,7 @@ class VisitorFiles:
             if path.startswith(FILE_ROUTES):
                 scope = self._file_scope(scope, path, token)
             elif path != UPLOAD_ROUTE and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._checked_body(scope, receive, token)
+                receive = await self._checked_body(receive, token)
         except Refused as refusal:
             await _refuse(send, refusal)
             return
@@ -148,22 +149,22 @@ class VisitorFiles:
             raise Refused(404, "No such file of yours.")
         return scope
 
-    async def _checked_body(self, scope: Scope, receive: Receive, token: str) -> Receive:
-        """The body, at most ``max_body`` bytes, with the visitor's aliases made paths again."""
-        too_large = Refused(413, f"The request is larger than {self.max_body:,} bytes.")
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body:
-            raise too_large
+    async def _checked_body(self, receive: Receive, token: str) -> Receive:
+        """The body, at most ``max_body`` bytes, with the visitor's aliases made paths again. A
+        larger one is read to its end (up to ``DRAINED`` times ``max_body``) and dropped before
+        the refusal: a client still sending when the server closes gets no answer, only a broken
+        pipe."""
         chunks, size, more = [], 0, True
-        while more:
+        while more and size <= DRAINED * self.max_body:
             message = await receive()
             if message["type"] != "http.request":
                 break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                raise too_large
+            size += len(message.get("body", b""))
+            if size <= self.max_body:
+                chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        if size > self.max_body:
+            raise Refused(413, f"The request is larger than {self.max_body:,} bytes.")
         body = b"".join(chunks)
         try:
             data = json.loads(body)
