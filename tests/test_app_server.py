@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -79,18 +80,21 @@ def wait_until_up(url: str, process: subprocess.Popen, log: Path, timeout: float
 
 
 def launch(root: Path, checkpoint: Path, gallery: Path) -> Server:
-    """``python app.py`` on a free port, writing only below ``root`` (cache, tmp, gradio)."""
+    """``python app.py`` on a free port, writing only below ``root`` (cache, tmp, gradio). Its
+    temp folder is named through a symlink, as on macOS (``/var/folders`` → ``/private/var``)."""
+    (root / "tmp").mkdir(exist_ok=True)
+    if not (root / "link").is_symlink():
+        (root / "link").symlink_to(root)
     env = {
         **os.environ,
         "HAT_CACHE": str(root / "cache"),
-        "TMPDIR": str(root / "tmp"),
+        "TMPDIR": str(root / "link" / "tmp"),
         "GRADIO_TEMP_DIR": str(root / "gradio"),
         "GRADIO_ANALYTICS_ENABLED": "False",
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "2",
         "GRADIO_HEARTBEAT_INTERVAL": "1",  # a closed page is noticed within seconds
     }
-    (root / "tmp").mkdir(exist_ok=True)
     (root / "inputs").mkdir(exist_ok=True)
     port = free_port()
     log = root / "server.log"
@@ -176,7 +180,7 @@ def http_get(url: str, cookies: dict[str, str] | None = None) -> tuple[int, byte
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as error:
-        return error.code, b""
+        return error.code, error.read()
 
 
 def call_api(server: Server, endpoint: str, data: list, cookies: dict[str, str] | None) -> str:
@@ -478,6 +482,56 @@ def test_a_visitors_files_are_theirs_alone(server, before):
         assert "event: complete" not in answer
     info = a.predict(api_name="/info")
     assert info["checkpoint"] == "checkpoint" and str(server.root) not in json.dumps(info)
+
+
+def spellings(server: Server, path: Path) -> list[str]:
+    """Ways to name ``path`` that Gradio or ``open`` read as it: through a symlink (absolute, and
+    relative to the app's working directory), with ``..`` after a symlink (Gradio drops the
+    ``..`` first, ``open`` follows the link first), padded past 4096 characters with ``/.``, with
+    a doubled slash, with a trailing one (pathlib drops it)."""
+    through = server.inputs / "through-a-link"
+    if not through.is_symlink():
+        through.symlink_to(server.root)
+    below = path.relative_to(server.root)
+    return [
+        str(through / below),
+        os.path.relpath(through / below, ROOT),
+        f"{through}/../../{below}",
+        f"{through}/../{server.root.name}/{below}",
+        "/." * 2100 + str(path),
+        f"/{path}",
+        f"{path}/",
+    ]
+
+
+def test_no_spelling_of_a_path_reaches_another_visitors_file(server, before):
+    a_visitor_with_files(server, "private-spelt.png")
+    (stored,) = [p for p in served_copies(server, "private-spelt.png") if "gradio" in p.parts]
+    other = server.client().cookies
+    for name in spellings(server, stored):
+        url = f"{server.url}gradio_api/file={urllib.parse.quote(name, safe='')}"
+        assert http_get(url, other)[0] != 200, name
+        as_file = {"path": name, "meta": {"_type": "gradio.FileData"}}
+        answer = call_api(server, "alignment_maps", [as_file, "a green square"], other)
+        assert "event: complete" not in answer, name
+
+
+def test_the_visitor_cookie_is_found_among_other_cookies(server, before):
+    """A site's other cookies (an analytics one with a space or JSON in it) do not hide it."""
+    a, (found, _), photo = a_visitor_with_files(server, "private-cookies.png")
+    for junk in ("a b", '{"id":1}', '"unclosed'):
+        assert http_get(found["url"], {"tracker": junk, **a.cookies}) == (200, photo), junk
+
+
+def test_a_link_to_a_file_gone_from_disk_answers_404_without_a_path(server, before):
+    """Gradio's sweep may delete a file whose alias is still held: Gradio's own refusal would
+    name its path."""
+    a, (found, _), _ = a_visitor_with_files(server, "private-gone.png")
+    for path in served_copies(server, "private-gone.png"):
+        if "gradio" in path.parts:
+            path.unlink()
+    code, body = http_get(found["url"], a.cookies)
+    assert code == 404 and str(server.root) not in body.decode()
 
 
 def test_a_visitors_files_go_when_their_session_closes(server, before):

@@ -147,7 +147,9 @@ class DemoEngine:
         temp_root = Path(temp_dir or tempfile.gettempdir())
         temp_root.mkdir(parents=True, exist_ok=True)
         sweep(temp_root, TEMP_PREFIX)  # uploads of demo processes that were killed
-        self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=temp_root))
+        # Spelt without symlinks (macOS's temp folder is one): files in it are named by their
+        # real path (by Gradio, by the image reader's messages), and this is how they are known.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=temp_root)).resolve()
         # Gradio's upload folder (app.py points GRADIO_TEMP_DIR here): it goes with the app.
         self.upload_dir = self.temp_dir / "gradio"
         self._owner = Owner(self.temp_dir)
@@ -260,9 +262,7 @@ class DemoEngine:
             return str(source) if source else None
         if isinstance(source, str):
             real = Path(source).resolve()
-            if real.is_relative_to(self.upload_dir.resolve()) or real.is_relative_to(
-                self.gallery_root
-            ):
+            if real.is_relative_to(self.upload_dir) or real.is_relative_to(self.gallery_root):
                 return source
         raise InputError("Upload the file (gradio_client: handle_file(path)), do not name a path.")
 

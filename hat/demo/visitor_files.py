@@ -27,10 +27,11 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
+
+from starlette.requests import cookie_parser
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -44,6 +45,8 @@ FILE_ROUTES = (f"{API}/file=", f"{API}/file/")
 UPLOAD_ROUTE = f"{API}/upload"
 HEARTBEAT_ROUTE = f"{API}/heartbeat/"
 SWEEP_SECONDS = 60
+DRAINED = 64  # a body this many times too large is not read to its end
+PATH_MAX = 4096  # a longer path cannot be opened (and resolving it could take minutes)
 _TOKEN = re.compile(r"[A-Za-z0-9_-]{32,64}")
 _ALIAS = re.compile(rf"{ALIAS}[A-Za-z0-9_-]{{22}}/[^/]+")
 STREAMS = (b"application/json", b"text/event-stream")
@@ -95,7 +98,7 @@ class VisitorFiles:
             if path.startswith(FILE_ROUTES):
                 scope = self._file_scope(scope, path, token)
             elif path != UPLOAD_ROUTE and scope["method"] in ("POST", "PUT", "PATCH"):
-                receive = await self._checked_body(scope, receive, token)
+                receive = await self._checked_body(receive, token)
         except Refused as refusal:
             await _refuse(send, refusal)
             return
@@ -113,15 +116,14 @@ class VisitorFiles:
                 self.forget(token)
 
     def _token(self, scope: Scope) -> tuple[str, bool]:
-        """The visitor's cookie, or a new random one (``True``: set it on the answer)."""
+        """The visitor's cookie, or a new random one (``True``: set it on the answer). Read as
+        browsers write cookies (Starlette's parser): ``http.cookies`` stops at the first cookie
+        it finds malformed, such as another site script's with a space or JSON in it."""
         for name, value in scope["headers"]:
             if name == b"cookie":
-                try:
-                    morsel = SimpleCookie(value.decode("latin-1")).get(COOKIE)
-                except CookieError:
-                    continue
-                if morsel is not None and _TOKEN.fullmatch(morsel.value):
-                    return morsel.value, False
+                token = cookie_parser(value.decode("latin-1")).get(COOKIE, "")
+                if _TOKEN.fullmatch(token):
+                    return token, False
         return secrets.token_urlsafe(32), True
 
     def _real(self, alias: str, token: str) -> str:
@@ -132,33 +134,37 @@ class VisitorFiles:
         return real
 
     def _file_scope(self, scope: Scope, path: str, token: str) -> Scope:
-        """``file=`` of one of the visitor's aliases, as Gradio's route for the file behind it."""
+        """``file=`` of one of the visitor's aliases, as Gradio's route for the file behind it
+        (if it is still there: Gradio's refusal would name its path)."""
         route = next(r for r in FILE_ROUTES if path.startswith(r))
         target = path[len(route) :]
         if target.startswith(ALIAS):
+            real = self._real(target, token)
+            if not os.path.isfile(real):
+                raise Refused(404, "That file is gone; upload it again.")
             mount = scope["path"][: len(scope["path"]) - len(path)]
-            served = f"{mount}{FILE_ROUTES[0]}{self._real(target, token)}"
+            served = f"{mount}{FILE_ROUTES[0]}{real}"
             return {**scope, "path": served, "raw_path": quote(served).encode()}
         if self._in_folder(target):
             raise Refused(404, "No such file of yours.")
         return scope
 
-    async def _checked_body(self, scope: Scope, receive: Receive, token: str) -> Receive:
-        """The body, at most ``max_body`` bytes, with the visitor's aliases made paths again."""
-        too_large = Refused(413, f"The request is larger than {self.max_body:,} bytes.")
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_body:
-            raise too_large
+    async def _checked_body(self, receive: Receive, token: str) -> Receive:
+        """The body, at most ``max_body`` bytes, with the visitor's aliases made paths again. A
+        larger one is read to its end (up to ``DRAINED`` times ``max_body``) and dropped before
+        the refusal: a client still sending when the server closes gets no answer, only a broken
+        pipe."""
         chunks, size, more = [], 0, True
-        while more:
+        while more and size <= DRAINED * self.max_body:
             message = await receive()
             if message["type"] != "http.request":
                 break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                raise too_large
+            size += len(message.get("body", b""))
+            if size <= self.max_body:
+                chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
+        if size > self.max_body:
+            raise Refused(413, f"The request is larger than {self.max_body:,} bytes.")
         body = b"".join(chunks)
         try:
             data = json.loads(body)
@@ -190,12 +196,19 @@ class VisitorFiles:
         return text
 
     def _in_folder(self, text: str) -> bool:
-        """Whether ``text``, read as a path (a relative one from the working directory), names
-        something in the upload folder."""
-        if not text or "\0" in text or len(text) > 4096:
+        """Whether ``text``, read as a path (a relative one from the working directory), names a
+        file in the upload folder. It is read both ways a server reads a path: Gradio's (``..``
+        taken away first, then symlinks followed) and ``open``'s (each symlink followed before
+        the ``..`` after it); either reading that names an existing file counts. Only those are
+        resolved (one ``lstat`` per part): every string of a request is checked."""
+        if not text or "\0" in text:
             return False
-        return os.path.abspath(text).startswith(self.folder) or (
-            text.startswith(os.sep) and os.path.realpath(text).startswith(self.folder)
+        readings = {os.path.abspath(text), str(Path(text))}
+        return any(
+            len(path) < PATH_MAX
+            and os.path.exists(path)
+            and os.path.realpath(path).startswith(self.folder)
+            for path in readings
         )
 
     # ---------------------------------------------------------------- answers
