@@ -87,6 +87,8 @@ def class_texts(style: str = "name") -> list[str]:
 def concept_table(text_backbone: nn.Module, tokenizer, texts: list[str], batch: int = 128):
     """``(len(texts), hidden)``: each text's mean last-layer token state after the prompt and
     without [CLS] / [SEP], i.e. the words that name the class, in the caption words' own space."""
+    if text_backbone.training:
+        raise ValueError("the concept table needs the text backbone in eval mode (no dropout)")
     skip = len(tokenizer(PROMPT)["input_ids"]) - 1  # [CLS] and the prompt's tokens
     rows = []
     for start in range(0, len(texts), batch):

