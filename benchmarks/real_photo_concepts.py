@@ -2,13 +2,15 @@
 
 No training. The photos are split once, seeded: every knob of the concept level (teacher, class
 texts, centring, temperature, attention direction, weight, the first stage's share) is chosen on
-the validation photos' queries only; the test photos and all photos are then reported (every
+the validation photos' queries only, among the settings that cost the scene validation images
+at most ``--max-scene-drop`` RSUM; the test photos and all photos are then reported (every
 query searches all photos), by source and by seen / held-out concept, beside the shipped
 three-level model. The chosen knobs are applied with ``hat.factory.add_concepts`` and the model's
 own scores are checked against the search's; ``--save`` writes that model.
 
     python benchmarks/real_photo_concepts.py --data data/objects/dataset_real_photos.json \\
-        --image-root data/objects/images [--save checkpoints/hat-tuxpaint]
+        --image-root data/objects/images --scenes data/tuxpaint/dataset_tuxpaint_scenes.json \\
+        --scene-image-root data/tuxpaint/images [--save checkpoints/hat-tuxpaint]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from hat.factory import add_concepts
 from hat.metrics import candidate_recall, retrieval_metrics
 
 TEMPERATURES = (0.5, 1.0, 2.0)
-WEIGHTS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+WEIGHTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
 FIRST_STAGE_WEIGHTS = (0.25, 0.5, 0.75)
 HEADLINE = ("t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10")
 
@@ -54,26 +56,33 @@ def split(count: int, validation: int, seed: int) -> np.ndarray:
 
 
 class ConceptLevels:
-    """The concept level of every knob setting, from what is computed once: each teacher's class
-    maps of the photos, each class-text style's table, the captions' word states."""
+    """The concept level of every knob setting on each evaluation set, from what is computed
+    once: each teacher's class maps of the images, each class-text style's table, the captions'
+    word states."""
 
-    def __init__(self, encoder: Encoder, pixels: torch.Tensor, captions: list[str], teachers):
+    def __init__(self, encoder: Encoder, sets: dict[str, tuple], teachers: list[str]):
         self.model = model = encoder.model
         backbone = model.text_tower.backbone
         texts = {style: class_texts(style) for style in CLASS_TEXT_STYLES}
         self.tables = {s: concept_table(backbone, encoder.tokenizer, t) for s, t in texts.items()}
-        self.maps = {}
+        self.maps, self.words = {}, {}
         for teacher in teachers:
             path = self.path(ConceptConfig(teacher=teacher))
             path.regions.teacher.load_state_dict(load_teacher(teacher).state_dict())
+            for name, (pixels, _) in sets.items():
+                with torch.inference_mode():
+                    self.maps[teacher, name] = torch.cat(
+                        [
+                            path.regions.class_maps(pixels[i : i + 32])
+                            for i in range(0, len(pixels), 32)
+                        ]
+                    )
+        level = model.config.text_levels.index(max(model.config.text_levels))
+        for name, (_, captions) in sets.items():
+            tokens = encoder.tokenize(captions)
             with torch.inference_mode():
-                self.maps[teacher] = torch.cat(
-                    [path.regions.class_maps(pixels[i : i + 32]) for i in range(0, len(pixels), 32)]
-                )
-        tokens = encoder.tokenize(captions)
-        with torch.inference_mode():
-            states = model.text_tower(tokens["input_ids"], tokens["attention_mask"])
-        self.states, self.mask = states, tokens["attention_mask"].bool()
+                states = model.text_tower(tokens["input_ids"], tokens["attention_mask"])
+            self.words[name] = states[level], tokens["attention_mask"].bool()
 
     def path(self, knobs: ConceptConfig) -> ConceptPath:
         cfg = self.model.config
@@ -81,15 +90,25 @@ class ConceptLevels:
         return ConceptPath(knobs, hidden, cfg.embed_dim, cfg.image_mean, cfg.image_std)
 
     @torch.inference_mode()
-    def scores(self, knobs: ConceptConfig) -> np.ndarray:
-        """``(images, captions)`` concept-level scores as the model computes them, unweighted."""
+    def scores(self, knobs: ConceptConfig, name: str) -> np.ndarray:
+        """``(images, captions)`` concept-level scores of a set as the model computes them,
+        unweighted."""
         path = self.path(knobs)
         path.set_table(self.tables[knobs.class_texts])
-        regions = path.project(path.regions.regions(self.maps[knobs.teacher]))
-        level = self.model.config.text_levels.index(max(self.model.config.text_levels))
-        words = path.text_level(self.states[level])
+        regions = path.project(path.regions.regions(self.maps[knobs.teacher, name]))
+        states, mask = self.words[name]
         cfg = self.model.config
-        return level_scores(regions, words, self.mask, cfg.lambda_softmax, knobs.direction).numpy()
+        words = path.text_level(states)
+        return level_scores(regions, words, mask, cfg.lambda_softmax, knobs.direction).numpy()
+
+
+def scene_validation(encoder: Encoder, data: str, root: str, count: int):
+    """The first ``count`` scene validation images (the recipe's selection set), all captions."""
+    scenes = read_karpathy(data, root, "val")
+    keep = [i for i, owner in enumerate(scenes.caption_to_image) if owner < count]
+    pixels = torch.stack([encoder.transform(load_image(p)) for p in scenes.image_paths[:count]])
+    captions = [scenes.captions[i] for i in keep]
+    return pixels, captions, np.asarray(scenes.caption_to_image)[keep]
 
 
 def recall_rows(sims: np.ndarray, groups: dict[str, np.ndarray]) -> dict[str, dict]:
@@ -113,6 +132,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=["lite0"],
         choices=sorted(TEACHERS),
         help="teachers to choose from (lite2 reads 260 px: about 2.5x lite0's encoding time)",
+    )
+    parser.add_argument("--scenes", required=True, help="dataset_tuxpaint_scenes.json")
+    parser.add_argument("--scene-image-root", required=True)
+    parser.add_argument("--scene-images", type=int, default=100, help="scene validation images")
+    parser.add_argument(
+        "--max-scene-drop", type=float, default=15.0, help="RSUM the scenes may lose, at most"
     )
     parser.add_argument("--save", help="write the model with the chosen concept level here")
     parser.add_argument("--out", help="JSON report (default benchmarks/results/...)")
@@ -150,14 +175,24 @@ def main(argv: list[str] | None = None) -> dict:
         m = retrieval_metrics(sims, identity, validation)
         return m["t2i_r5"] + m["i2t_r5"]
 
-    levels = ConceptLevels(encoder, pixels, captions, args.teachers)
+    scene_pixels, scene_captions, scene_owner = scene_validation(
+        encoder, args.scenes, args.scene_image_root, args.scene_images
+    )
+    with torch.inference_mode():
+        scene_features = encoder.encode_pixels(scene_pixels)
+    scene_texts = encoder.encode_captions(scene_captions)
+    scene_hat = score_matrix(encoder.model, scene_features, scene_texts).sum(0).numpy()
+    scene_base = retrieval_metrics(scene_hat, scene_owner)["rsum"]
+    sets = {"photos": (pixels, captions), "scenes": (scene_pixels, scene_captions)}
+    levels = ConceptLevels(encoder, sets, args.teachers)
     trials, best, best_alone = [], None, None
     grid = itertools.product(
         args.teachers, CLASS_TEXT_STYLES, (False, True), TEMPERATURES, ("t2i",)
     )
     for teacher, style, centred, temperature, direction in grid:
         knobs = ConceptConfig(teacher, style, temperature, direction, centred=centred)
-        concept = levels.scores(knobs)
+        concept = levels.scores(knobs, "photos")
+        scene_concept = levels.scores(knobs, "scenes")
         skip = ("weight", "first_stage_weight", "text_level")
         described = {k: v for k, v in asdict(knobs).items() if k not in skip}
         alone = {**described, "weight": "concept only", "validation_r5_sum": selection(concept)}
@@ -166,8 +201,12 @@ def main(argv: list[str] | None = None) -> dict:
             best_alone = (alone, concept)
         for weight in WEIGHTS:
             sims = hat + weight * concept
+            scene = retrieval_metrics(scene_hat + weight * scene_concept, scene_owner)["rsum"]
             trial = {**described, "weight": weight, "validation_r5_sum": selection(sims)}
+            trial["scene_validation_rsum"] = round(scene, 1)
             trials.append(trial)
+            if scene < scene_base - args.max_scene_drop:
+                continue  # the concept level may not cost the scenes more than that
             if best is None or trial["validation_r5_sum"] > best[0]["validation_r5_sum"]:
                 best = (trial, sims)
         print(alone, "| best with HAT so far:", best[0], flush=True)
@@ -209,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         "photos": len(captions),
         "validation_photos": int(validation.sum()),
         "seed": args.seed,
+        "scene_validation_rsum_without_concepts": round(scene_base, 1),
         "chosen": {**chosen, "first_stage_weight": share},
         "chosen_concept_only": best_alone[0],
         "shipped_hat": recall_rows(hat, groups),
