@@ -53,7 +53,15 @@ EVAL_SETS = {  # report name -> (data folder: "scenes" or "objects", dataset fil
 }
 # The concept level (hat/concepts.py) the deliverable gets after training, as
 # benchmarks/real_photo_concepts.py chose it on the real-photo validation photos.
-CONCEPT_LEVEL = {}
+CONCEPT_LEVEL = {
+    "teacher": "lite0",
+    "class_texts": "name",
+    "temperature": 2.0,
+    "centred": True,
+    "direction": "t2i",
+    "weight": 1.0,
+    "first_stage_weight": 0.25,
+}
 # Real photos are also reported per query group: concepts named in training or held out.
 EVAL_GROUP_BY = {"real_photos": "seen_concept"}
 
