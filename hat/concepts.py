@@ -109,9 +109,8 @@ class ConceptRegions(nn.Module):
     """Pixels (HAT's normalisation) → ``(B, R, hidden)`` concept regions in the text space.
 
     Everything here is frozen: the teacher and the table are a prior that training on composited
-    images would pull away from photographs. ``centre`` is the text space's common direction
-    (the mean of the table's rows), taken off every region: what all class texts share says
-    nothing about which class a region shows, and left in it makes every cosine alike.
+    images would pull away from photographs. ``input_size``: the teacher's own input side (the
+    pixels are resized to it when they differ).
     """
 
     def __init__(
@@ -156,7 +155,9 @@ class ConceptPath(nn.Module):
     Both sides go through the same fixed map, ``x ↦ (x - centre) Bᵀ`` with B orthonormal rows
     (the concept table's principal directions, as many as the shared width holds), so the level
     keeps the text space's geometry: its cosines are those of the words and concept vectors
-    themselves, minus what the table's leading directions leave out. Nothing here trains.
+    themselves, minus what the table's leading directions leave out. With ``centred`` the centre
+    is the table's mean row: what all class texts share says nothing about which class a region
+    shows. Nothing here trains.
     """
 
     def __init__(self, config: ConceptConfig, hidden: int, embed_dim: int, image_mean, image_std):
