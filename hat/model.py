@@ -264,9 +264,10 @@ class HATModel(nn.Module):
     def image_embedding(self, images: ImageFeatures) -> torch.Tensor:
         """First-stage unit vectors ``(N, dim)`` of images, for a faiss index."""
         pairs = images.levels[: len(self.config.image_levels)]
-        vector = (
-            pooled_image_embedding(pairs) if self.image_global is None else self.image_global(pairs)
-        )
+        if self.image_global is None:
+            vector = pooled_image_embedding(pairs)
+        else:
+            vector = self.image_global(pairs)
         if self.concepts is None:
             return vector
         return self._with_concepts(vector, pooled_image_embedding(images.levels[-1:]))
