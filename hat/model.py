@@ -191,7 +191,7 @@ class HATModel(nn.Module):
         """Each level's region grid (H, W) for a square input, to draw heatmaps."""
         grids = self.image_tower.grid_sizes(image_size)
         if self.concepts is not None:
-            grids.append(self.concepts.grid_size(image_size))
+            grids.append(self.concepts.grid_size())
         return grids
 
     def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
