@@ -48,7 +48,7 @@ class Hit:
     index: int
     score: float
     level_scores: list[float]
-    image: str
+    image: str | None  # None: a caption without an image
     caption: str | None = None
 
 
@@ -218,5 +218,5 @@ class Searcher:
             timings,
         )
         g = self.gallery
-        results = [Hit(i, s, lv, g.paths[g.caption_image[i]], g.captions[i]) for i, s, lv in hits]
+        results = [Hit(i, s, lv, g.caption_path(i), g.captions[i]) for i, s, lv in hits]
         return SearchResult(results, scored, timings)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hat.cli.data import main as data_main
 from hat.data.captions import karpathy_groups, read_karpathy
-from hat.demo_build import objects
+from hat.demo_build import names, objects
 from hat.demo_build.sources import LabelledImage
 
 RED = (220, 20, 20)
@@ -69,7 +69,7 @@ def _item(key: str, name: str, source: str, data: bytes, category: str = "things
     ],
 )
 def test_article(phrase: str, expected: str) -> None:
-    assert objects.article(phrase) == expected
+    assert names.article(phrase) == expected
 
 
 @pytest.mark.parametrize(
@@ -86,7 +86,7 @@ def test_article(phrase: str, expected: str) -> None:
 )
 def test_concept(name: str, expected: str) -> None:
     """Lower case, letters only, no leading article, a final plural ``s`` dropped."""
-    assert objects.concept(name) == expected
+    assert names.concept(name) == expected
 
 
 # ------------------------------------------------------------------ views

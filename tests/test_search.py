@@ -9,10 +9,18 @@ import torch
 
 from hat import cli, create_model, get_preset, load_model, runtime
 from hat.encoder import Encoder
-from hat.gallery import PRECISIONS, BuildSettings, CacheError, build_gallery, folder_collection
+from hat.gallery import (
+    PRECISIONS,
+    BuildSettings,
+    CacheError,
+    build_gallery,
+    collection_from_spec,
+    folder_collection,
+    open_gallery,
+)
 from hat.runtime import run_in_pieces
 from hat.search import Searcher, top_hits
-from tests.test_gallery import checkpoint, folder, write_image  # noqa: F401  (fixtures)
+from tests.test_gallery import checkpoint, folder, write_folder, write_image  # noqa: F401  (fixtures)
 
 
 @pytest.fixture()
@@ -180,3 +188,59 @@ def test_a_searcher_leaves_malloc_alone(checkpoint, folder, tmp_path, monkeypatc
     gallery = build_gallery(checkpoint, folder_collection(*folder), tmp_path / "cache")
     Searcher(gallery, Encoder.from_pretrained(checkpoint))
     assert libc.calls == []
+
+
+UNPAIRED = ["a photo of a tabby cat", "a cup of espresso", "a photo of a tabby cat"]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_captions_without_images_join_the_caption_bank_only(
+    checkpoint,  # noqa: F811
+    folder,  # noqa: F811
+    tmp_path,
+    precision,
+):
+    images, captions = folder
+    unpaired = tmp_path / "captions_without_images.txt"
+    unpaired.write_text("\n".join(UNPAIRED) + "\n\n")
+    collection = folder_collection(images, captions, unpaired)
+    settings = BuildSettings(precision)
+    gallery = build_gallery(checkpoint, collection, tmp_path / "cache", settings=settings)
+    plain = build_gallery(checkpoint, folder_collection(images, captions), tmp_path / "cache")
+    assert gallery.directory != plain.directory  # its own cache key
+    assert (gallery.num_images, gallery.num_captions) == (5, 12)  # the repeat is kept once
+    assert gallery.captions[-2:] == UNPAIRED[:2] and gallery.caption_image[-2:].tolist() == [-1, -1]
+    searcher = Searcher(gallery, Encoder.from_pretrained(checkpoint))
+    image = gallery.image_path(2)
+    hits = searcher.image_to_text(image, k=12, exact=True).hits
+    assert len(hits) == 12
+    by_caption = {h.caption: h for h in hits}
+    assert {by_caption[c].image for c in UNPAIRED} == {None}
+    own = gallery.captions[gallery.caption_image.tolist().index(2)]
+    assert by_caption[own].image == gallery.paths[2]
+    # their scores are the model's own, as for any bank caption
+    encoder = searcher.encoder
+    want = encoder.model.level_scores(
+        encoder.encode_image(image), encoder.encode_captions(UNPAIRED[:2])
+    )
+    got = torch.tensor([by_caption[c].level_scores for c in UNPAIRED[:2]]).T
+    torch.testing.assert_close(
+        got, want[:, 0, :], atol=2e-2 if precision != "fp32" else 1e-5, rtol=0
+    )
+    # text → image never answers with them
+    assert all(h.image is not None for h in searcher.text_to_image("a tabby cat", k=5).hits)
+    open_gallery(gallery.directory, verify=True)  # every row's digest, the text-only segment's too
+    again = build_gallery(checkpoint, collection, tmp_path / "cache", settings=settings)
+    assert again.report.cache_hit and again.captions == gallery.captions
+
+
+def test_a_gallery_folder_reads_its_captions_without_images(tmp_path):
+    root = tmp_path / "gallery"
+    write_folder(root / "images", count=2)
+    (root / "images-captions.json").rename(root / "captions.json")
+    (root / "captions_without_images.txt").write_text("a red square\n  \na blue square\n")
+    collection = collection_from_spec(root)
+    assert collection.captions_without_images == ("a red square", "a blue square")
+    (root / "captions_without_images.txt").write_bytes(b"\xff\xfe bad")
+    with pytest.raises(ValueError, match="not UTF-8"):
+        collection_from_spec(root)

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--images", help="image folder (searched recursively)")
     build.add_argument("--captions", help="JSON or CSV captions file for --images (optional)")
+    build.add_argument(
+        "--captions-without-images",
+        help="text file, one caption per line, that image → text search ranks with no image of "
+        "their own (optional, with --images)",
+    )
     build.add_argument("--karpathy", help="Karpathy-split JSON instead of --images")
     build.add_argument("--image-root", help="image root of --karpathy")
     build.add_argument("--split", default="test", help="split of --karpathy")
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> Gallery:
             parser.error("--karpathy needs --image-root")
         collection = karpathy_collection(args.karpathy, args.image_root, args.split)
     else:
-        collection = folder_collection(args.images, args.captions)
+        collection = folder_collection(args.images, args.captions, args.captions_without_images)
     device = args.device or default_device()
     # Only small Python objects travel between the processes: gloo, even beside GPUs.
     with process_group(device, "gloo", timedelta(minutes=args.timeout)) as ranks:

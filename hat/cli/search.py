@@ -51,7 +51,8 @@ def format_hits(result: SearchResult) -> str:
     lines = []
     for rank, hit in enumerate(result.hits, start=1):
         levels = " ".join(f"{s:+.3f}" for s in hit.level_scores)
-        what = f"{hit.caption!r} ({hit.image})" if hit.caption is not None else hit.image
+        image = hit.image or "no gallery image"
+        what = f"{hit.caption!r} ({image})" if hit.caption is not None else hit.image
         lines.append(f"{rank:>3}  {hit.score:+.4f}  [{levels}]  {what}")
     times = "  ".join(f"{k} {v * 1000:.1f} ms" for k, v in result.seconds.items())
     lines.append(f"scored {result.scored} exactly; {times}")

@@ -47,6 +47,7 @@ from hat.search import Hit, Searcher, SearchResult
 BUILTIN = "built-in"
 MINE = "mine"
 MAX_K = 50
+NO_IMAGE = "— (no gallery image)"  # a caption of the bank's captions without images
 SHOW_SKIPPED = 20
 TEMP_PREFIX = "hat-demo-"  # the app's own temp folder, with the session galleries inside
 
@@ -393,7 +394,7 @@ class DemoEngine:
         with self._reading(gallery):
             result = self._searcher(gallery).image_to_text(picture, _clamp_k(k))
         rows = [
-            [rank, hit.caption, hit.image, round(hit.score, 4)]
+            [rank, hit.caption, hit.image or NO_IMAGE, round(hit.score, 4)]
             + [round(s, 4) for s in hit.level_scores]
             for rank, hit in enumerate(result.hits, start=1)
         ]

@@ -27,8 +27,11 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from hat.demo_build import sources
 from hat.demo_build import tuxpaint_scenes as tps
+from hat.demo_build.caption_bank import write_caption_bank
 from hat.demo_build.karpathy_files import karpathy_image, save_jpeg, write_json
+from hat.demo_build.names import article, concept
 from hat.demo_build.packages import DEFAULT_CACHE, fetch_deb, fetch_npm
+from hat.gallery.collection import CAPTIONS_WITHOUT_IMAGES
 
 OBJECTS_JSON = "dataset_objects.json"
 REAL_PHOTOS_JSON = "dataset_real_photos.json"
@@ -68,24 +71,6 @@ PHOTO_WALLPAPERS = {
         *("FallenLeaf", "Grey", "Kite", "OneStandsOut", "Path", "Volna", "summer_1am"),
     ),
 }
-
-
-def article(phrase: str) -> str:
-    """``a hammer``, ``an owl``; phrases that start with an article or are plural stay."""
-    first = phrase.split()[0]
-    if first in ("a", "an", "the", "some") or (phrase.endswith("s") and not phrase.endswith("ss")):
-        return phrase
-    return f"{'an' if first[0] in 'aeiou' else 'a'} {phrase}"
-
-
-def concept(name: str) -> str:
-    """The comparable form of a name: lower case, letters only, no article, singular."""
-    words = re.sub(r"[\W\d_]+", " ", name.lower()).split()
-    if words and words[0] in ("a", "an", "the"):
-        words = words[1:]
-    if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
-        words[-1] = words[-1][:-1]
-    return " ".join(words)
 
 
 def _decode(data: bytes) -> Image.Image:
@@ -402,6 +387,8 @@ def build_dataset(
     if gallery:
         shipped = [item for item in real if item.source == "gcompris"]
         print(f"{add_photos_to_gallery(shipped, gallery)} photos -> {gallery}")
+        added = write_caption_bank(gallery, [item.name for item in items])
+        print(f"{added} captions without images -> {gallery / CAPTIONS_WITHOUT_IMAGES}")
     print(
         f"{len(items)} training objects ({len(concepts)} concepts) x {views} views -> "
         f"{objects}\nreal photos -> {photos} in {time.perf_counter() - start:.0f} s"

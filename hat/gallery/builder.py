@@ -246,10 +246,13 @@ def write_gallery(
     header: GalleryHeader,
     known_files: dict[str, FileEntry],
     staged: dict[tuple, ImageLocation | None] | None = None,
+    encode_captions: Callable[[list[str], Path], object] | None = None,
 ) -> int:
     """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
-    images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment, then
-    write metadata, indexes and, last, the manifest (``header`` + counts + file table).
+    images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment,
+    ``encode_captions(captions, segment_dir)`` its captions without images into one of their own
+    (their image is -1), then write metadata, indexes and, last, the manifest (``header`` +
+    counts + file table).
     ``staged`` images were already encoded into segments of ``staging`` (:func:`stage_segment`,
     by other processes too); they are not encoded again, not even the unreadable ones.
 
@@ -282,6 +285,15 @@ def write_gallery(
         items["paths"].append(entry.path)
         items["fingerprints"].append(list(entry.fingerprint))
         items["captions"].extend(entry.captions)
+    if unpaired := list(collection.captions_without_images):
+        if encode_captions is None:
+            raise ValueError("the collection has captions without images: give encode_captions")
+        name = f"seg-{secrets.token_hex(8)}"
+        encode_captions(unpaired, staging / "segments" / name)
+        segments[name] = seg = len(segments)
+        caption_rows.extend((seg, row) for row in range(len(unpaired)))
+        owners.extend([-1] * len(unpaired))
+        items["captions"].extend(unpaired)
     for unused in set((staging / "segments").glob("*")) - {
         staging / "segments" / s for s in segments
     }:
@@ -378,15 +390,21 @@ def build_gallery(
         _donors(cache_dir, model_key, settings) if team.leads else ({}, {}, [])
     )
 
-    def encode(entries: list[ImageEntry], target: Path) -> list[int]:
+    def loaded() -> Encoder:
         nonlocal encoder
         if encoder is None:
             encoder = Encoder.from_pretrained(checkpoint, device or default_device())
+        return encoder
+
+    def encode(entries: list[ImageEntry], target: Path) -> list[int]:
         paths = [collection.root / e.path for e in entries]
         captions = [e.captions for e in entries]
         return encode_segment(
-            encoder, paths, captions, target, settings.precision, batch_size, num_workers, progress
+            loaded(), paths, captions, target, settings.precision, batch_size, num_workers, progress
         )
+
+    def encode_captions(captions: list[str], target: Path) -> None:
+        encode_segment(loaded(), [], [captions], target, settings.precision, progress=progress)
 
     if not team.leads:
         return team.follow(collection, encode)
@@ -397,7 +415,14 @@ def build_gallery(
             with atomic_directory(directory) as staging:
                 staged, files = team.encode(staging, collection, located, encode)
                 encoded = write_gallery(
-                    staging, collection, located, encode, header, known_files | files, staged
+                    staging,
+                    collection,
+                    located,
+                    encode,
+                    header,
+                    known_files | files,
+                    staged,
+                    encode_captions,
                 )
             break
         except CorruptionError as exc:

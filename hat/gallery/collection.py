@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hat.data.captions import CaptionedImages, read_folder, read_karpathy
+from hat.data.captions import CaptionedImages, DatasetFormatError, read_folder, read_karpathy
 from hat.fileio import sha256_file
 from hat.gallery.codecs import PRECISIONS
 from hat.gallery.first_stage import EMBEDDING, FLAT_INDEX_MAX
@@ -25,6 +25,7 @@ from hat.training_state import STATE_NAME, TENSORS_NAME
 # differences from it.
 FORMAT_VERSION = 3
 KARPATHY_PREFIX = "karpathy:"
+CAPTIONS_WITHOUT_IMAGES = "captions_without_images.txt"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}
 
 
@@ -44,11 +45,16 @@ class ImageEntry:
 
 @dataclass
 class Collection:
-    """The images (and captions) a gallery is built from; ``source`` names where they came from."""
+    """The images (and captions) a gallery is built from; ``source`` names where they came from.
+
+    ``captions_without_images`` join the caption bank that image → text search ranks, with no
+    gallery image of their own: captions that name what a visitor's photo may show.
+    """
 
     root: Path
     entries: list[ImageEntry]
     source: dict[str, str]
+    captions_without_images: tuple[str, ...] = ()
 
 
 def _entries(data: CaptionedImages, root: Path) -> list[ImageEntry]:
@@ -66,14 +72,32 @@ def _entries(data: CaptionedImages, root: Path) -> list[ImageEntry]:
     return entries
 
 
-def folder_collection(image_dir: str | Path, captions_file: str | Path | None = None) -> Collection:
-    """Every image below ``image_dir``; captions (optional) from a JSON or CSV file."""
+def read_caption_lines(path: str | Path) -> tuple[str, ...]:
+    """Captions one per line (blank lines skipped; a repeated caption is kept once)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DatasetFormatError(f"{path} is not UTF-8 text: {exc}") from None
+    return tuple(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+
+
+def folder_collection(
+    image_dir: str | Path,
+    captions_file: str | Path | None = None,
+    captions_without_images: str | Path | None = None,
+) -> Collection:
+    """Every image below ``image_dir``; captions (optional) from a JSON or CSV file, and captions
+    with no image (optional) from a text file, one per line."""
     root = Path(image_dir).resolve()
     data = read_folder(root, captions_file, require_captions=False)
     source = {"kind": "folder", "images": str(root)}
     if captions_file:
         source["captions"] = str(Path(captions_file).resolve())
-    return Collection(root, _entries(data, root), source)
+    unpaired = ()
+    if captions_without_images:
+        source["captions_without_images"] = str(Path(captions_without_images).resolve())
+        unpaired = read_caption_lines(captions_without_images)
+    return Collection(root, _entries(data, root), source, unpaired)
 
 
 def karpathy_collection(json_path: str | Path, image_root: str | Path, split: str) -> Collection:
@@ -88,7 +112,8 @@ def karpathy_collection(json_path: str | Path, image_root: str | Path, split: st
 def collection_from_spec(spec: str | Path) -> Collection:
     """A gallery given on a command line: ``karpathy:JSON:IMAGE_ROOT:SPLIT`` (one split of a
     Karpathy file, with its captions), else a folder holding ``images/`` (or the images
-    themselves) and, optionally, ``captions.json`` or ``captions.csv`` keyed by image path."""
+    themselves) and, optionally, ``captions.json`` or ``captions.csv`` keyed by image path and
+    ``captions_without_images.txt`` (captions the caption bank holds with no image)."""
     spec = str(spec)
     if spec.startswith(KARPATHY_PREFIX):
         fields = spec[len(KARPATHY_PREFIX) :].split(":")
@@ -103,7 +128,8 @@ def collection_from_spec(spec: str | Path) -> Collection:
     captions = next(
         (p for p in (directory / "captions.json", directory / "captions.csv") if p.is_file()), None
     )
-    return folder_collection(images, captions)
+    unpaired = directory / CAPTIONS_WITHOUT_IMAGES
+    return folder_collection(images, captions, unpaired if unpaired.is_file() else None)
 
 
 def checkpoint_fingerprint(checkpoint: str | Path) -> str:
@@ -137,4 +163,6 @@ def gallery_key(model_key: str, collection: Collection, settings: BuildSettings)
         "root": str(collection.root),
         "images": [e.fingerprint for e in collection.entries],
     }
+    if collection.captions_without_images:  # (galleries without them keep their keys)
+        payload["captions_without_images"] = list(collection.captions_without_images)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]

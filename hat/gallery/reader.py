@@ -115,6 +115,11 @@ class Gallery:
     def image_path(self, index: int) -> Path:
         return Path(self.manifest.root) / self.paths[index]
 
+    def caption_path(self, index: int) -> str | None:
+        """The gallery path of caption ``index``'s image; None for a caption without one."""
+        owner = int(self.caption_image[index])
+        return self.paths[owner] if owner >= 0 else None
+
     def image_features(self, ids: Sequence[int]) -> ImageFeatures:
         """fp32 region features of images ``ids`` (in that order), one tensor per level."""
         parts = [(positions, part.expanded()) for positions, part in self.image_parts(ids)]
