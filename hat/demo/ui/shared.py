@@ -32,27 +32,22 @@ class ApiSlots:
     @classmethod
     def create(cls) -> ApiSlots:
         with gr.Group(visible=False):
-            images, table, status = gr.JSON(), gr.JSON(), gr.Textbox()
-            search_text, search_image = gr.Button(), gr.Button()
-            word, x, y = gr.Textbox(), gr.Number(), gr.Number()
-            maps, word_maps, region_words = gr.Button(), gr.Button(), gr.Button()
-            picture, note, numbers = gr.Image(format="webp"), gr.Markdown(), gr.JSON()
-        return cls(
-            images,
-            table,
-            status,
-            search_text,
-            search_image,
-            word,
-            x,
-            y,
-            maps,
-            word_maps,
-            region_words,
-            picture,
-            note,
-            numbers,
-        )
+            return cls(
+                images=gr.JSON(),
+                table=gr.JSON(),
+                status=gr.Textbox(),
+                search_text=gr.Button(),
+                search_image=gr.Button(),
+                word=gr.Textbox(),
+                x=gr.Number(),
+                y=gr.Number(),
+                maps=gr.Button(),
+                word_maps=gr.Button(),
+                region_words=gr.Button(),
+                picture=gr.Image(format="webp"),
+                note=gr.Markdown(),
+                numbers=gr.JSON(),
+            )
 
 
 @dataclass
