@@ -1,6 +1,7 @@
 """The Gradio demo's testable logic: input checks, safe uploads, alignment-map pictures, engine.
 
-``app.py`` only wires these into a UI; nothing here imports gradio.
+:mod:`hat.demo.ui` lays these out as the page, one module a tab, and ``app.py`` serves it; nothing
+else here imports gradio.
 """
 
 

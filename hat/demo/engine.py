@@ -2,8 +2,8 @@
 
 One :class:`DemoEngine` holds the model and the built-in gallery (built through the retrieval
 engine's cache at start-up, so a warm restart only reopens it). Results come back as plain rows
-and pictures that ``app.py`` puts into components; every refusal is an :class:`InputError` whose
-message says what to change.
+and pictures that the page (:mod:`hat.demo.ui`) puts into components; every refusal is an
+:class:`InputError` whose message says what to change.
 """
 
 from __future__ import annotations

@@ -27,17 +27,19 @@ mtime and captions are unchanged are never encoded again.
 
 Modules: ``collection`` (inputs, cache keys), ``first_stage`` (faiss indexes of the global
 vectors), ``codecs`` (how vectors are stored), ``storage`` (memory-mapped segments), ``reader``
-(open, check, gather), ``builder``, ``shards`` (builds shared by the processes of a torchrun
-group, one segment per rank).
+(open, check, gather), ``staging`` (segments linked or encoded into a build's staging folder),
+``shards`` (the part of each process of a torchrun group in a build, one segment per rank),
+``builder`` (the build, alone or on every rank: ``build_gallery_distributed``); no module of the
+package imports one that imports it back (``tests/test_imports.py``).
 """
 
 from hat.gallery.builder import (
     build_gallery,
+    build_gallery_distributed,
     default_cache_dir,
     discard,
     encode_segment,
     gallery_header,
-    stage_segment,
     write_gallery,
 )
 from hat.gallery.codecs import PRECISIONS, dequantize, quantize
@@ -60,7 +62,8 @@ from hat.gallery.first_stage import (
 )
 from hat.gallery.manifest import FileEntry, GalleryHeader, Manifest
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
-from hat.gallery.shards import Team, TeamError, build_gallery_distributed
+from hat.gallery.shards import Team, TeamError
+from hat.gallery.staging import stage_segment
 from hat.gallery.storage import Segment, SegmentWriter
 
 __all__ = [

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import faiss
 import numpy as np
@@ -19,6 +16,7 @@ from tqdm.auto import tqdm
 
 from hat.config import HATConfig
 from hat.data.images import ImageLoadError, load_image
+from hat.distributed import DistInfo
 from hat.encoder import Encoder
 from hat.fileio import atomic_directory, atomic_write_text, cache_home
 from hat.gallery.collection import (
@@ -37,20 +35,26 @@ from hat.gallery.reader import (
     BuildReport,
     Gallery,
     check_files,
-    file_digest,
     load_array,
     load_gallery,
     load_json,
     open_gallery,
     read_manifest,
 )
+from hat.gallery.shards import Team
+from hat.gallery.staging import (
+    Encode,
+    ImageLocation,
+    Staged,
+    file_table,
+    link_segment,
+    segment_name,
+    stage_segment,
+)
 from hat.gallery.storage import SegmentWriter
 from hat.model import CONFIG_NAME, ImageFeatures
 from hat.owners import sweep
 from hat.runtime import default_device, run_in_pieces
-
-if TYPE_CHECKING:
-    from hat.gallery.shards import Team
 
 TEXT_BATCH = 128
 
@@ -65,16 +69,6 @@ def _failure_reason(path: Path) -> str:
     except ImageLoadError as exc:
         return exc.reason
     return "could not be read"
-
-
-@dataclass
-class ImageLocation:
-    """Where an image's features are: a gallery directory, a segment, its row, its caption rows."""
-
-    directory: Path
-    segment: str
-    image_row: int
-    caption_rows: list[int]
 
 
 def _as_key(fingerprint: list) -> tuple:
@@ -147,16 +141,6 @@ def discard(error: CorruptionError) -> list[Path]:
     return sorted(doomed)
 
 
-def _link_segment(source: Path, target: Path) -> None:
-    """Share an immutable segment with a new gallery: hard links, copies where links fail."""
-    target.mkdir(parents=True)
-    for path in source.iterdir():
-        try:
-            os.link(path, target / path.name)
-        except OSError:
-            shutil.copy2(path, target / path.name)
-
-
 @torch.inference_mode()
 def encode_segment(
     encoder: Encoder,
@@ -206,46 +190,14 @@ def encode_segment(
     return kept
 
 
-def file_table(directory: Path, known: dict[str, FileEntry]) -> dict[str, FileEntry]:
-    """Size and xxh3 digest of every file below ``directory`` (those of linked files are reused:
-    a linked file's damage is still found, by its rows' digests or a verify)."""
-    table = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        size = path.stat().st_size
-        info = known.get(name)
-        digest = info.xxh3 if info and info.size == size else file_digest(path)
-        table[name] = FileEntry(size, digest)
-    return table
-
-
-def stage_segment(
-    staging: Path,
-    entries: list[ImageEntry],
-    encode: Callable[[list[ImageEntry], Path], list[int]],
-) -> dict[tuple, ImageLocation | None]:
-    """``encode(entries, segment_dir) -> rows read`` into a new segment of ``staging``; where each
-    entry's features are (``None``: unreadable). Separate so that processes can stage segments
-    side by side in one staging folder (:mod:`hat.gallery.shards`)."""
-    if not entries:
-        return {}
-    name = f"seg-{secrets.token_hex(8)}"
-    first = np.cumsum([0] + [len(e.captions) for e in entries]).tolist()
-    staged: dict[tuple, ImageLocation | None] = {e.fingerprint: None for e in entries}
-    for row in encode(entries, staging / "segments" / name):
-        rows = list(range(first[row], first[row + 1]))
-        staged[entries[row].fingerprint] = ImageLocation(staging, name, row, rows)
-    return staged
-
-
 def write_gallery(
     staging: Path,
     collection: Collection,
     located: dict[tuple, ImageLocation],
-    encode: Callable[[list[ImageEntry], Path], list[int]],
+    encode: Encode,
     header: GalleryHeader,
     known_files: dict[str, FileEntry],
-    staged: dict[tuple, ImageLocation | None] | None = None,
+    staged: Staged | None = None,
     encode_captions: Callable[[list[str], Path], object] | None = None,
 ) -> int:
     """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
@@ -277,7 +229,7 @@ def write_gallery(
             segments[found.segment] = len(segments)
             if found.directory != staging:
                 source = found.directory / "segments" / found.segment
-                _link_segment(source, staging / "segments" / found.segment)
+                link_segment(source, staging / "segments" / found.segment)
         seg = segments[found.segment]
         image_rows.append((seg, found.image_row))
         caption_rows.extend((seg, row) for row in found.caption_rows)
@@ -288,7 +240,7 @@ def write_gallery(
     if unpaired := list(collection.captions_without_images):
         if encode_captions is None:
             raise ValueError("the collection has captions without images: give encode_captions")
-        name = f"seg-{secrets.token_hex(8)}"
+        name = segment_name()
         encode_captions(unpaired, staging / "segments" / name)
         segments[name] = seg = len(segments)
         caption_rows.extend((seg, row) for row in range(len(unpaired)))
@@ -361,10 +313,8 @@ def build_gallery(
     (:func:`discard`) and encodes those images again.
 
     ``team``: this process's part in a torchrun build (:mod:`hat.gallery.shards`; use
-    :func:`~hat.gallery.shards.build_gallery_distributed`).
+    :func:`build_gallery_distributed`).
     """
-    from hat.gallery.shards import Team  # imports this module
-
     team = team or Team()
     start = time.perf_counter()
     settings = settings or BuildSettings()
@@ -442,3 +392,11 @@ def build_gallery(
         seconds=time.perf_counter() - start,
     )
     return gallery
+
+
+def build_gallery_distributed(
+    info: DistInfo, checkpoint: str | Path, collection: Collection, *args: Any, **kwargs: Any
+) -> Gallery:
+    """:func:`build_gallery` in every process of a torchrun group; every rank returns the same
+    gallery. Call it on every rank, after ``init_process_group``."""
+    return Team(info).run(lambda t: build_gallery(checkpoint, collection, *args, team=t, **kwargs))

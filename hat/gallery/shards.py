@@ -1,13 +1,14 @@
 """Distributed gallery builds: the processes of a ``torchrun`` group share the encoding.
 
-``torchrun --nproc_per_node N -m hat index build ...`` runs :func:`build_gallery_distributed` in
-every process. Rank 0 leads: it alone reopens a cached gallery, finds the images earlier
-galleries hold (donors), creates the staging folder, links donor segments and writes items, rows,
-indexes and the manifest (:func:`hat.gallery.builder.build_gallery`). The images no donor holds
-are split into contiguous chunks, one per rank; each rank encodes its chunk into a segment of its
-own in the staging folder, which is why the cache must be one folder that every process sees at
-the same path (on several nodes: a shared file system). The other ranks only encode: they wait
-for the leader's jobs and return the gallery it announces.
+``torchrun --nproc_per_node N -m hat index build ...`` runs
+:func:`~hat.gallery.builder.build_gallery_distributed` in every process, a :class:`Team` each.
+Rank 0 leads: it alone reopens a cached gallery, finds the images earlier galleries hold (donors),
+creates the staging folder, links donor segments and writes items, rows, indexes and the manifest
+(:func:`hat.gallery.builder.build_gallery`). The images no donor holds are split into contiguous
+chunks, one per rank; each rank encodes its chunk into a segment of its own in the staging folder
+(:func:`hat.gallery.staging.stage_segment`), which is why the cache must be one folder that every
+process sees at the same path (on several nodes: a shared file system). The other ranks only
+encode: they wait for the leader's jobs and return the gallery it announces.
 
 Every exchange is a small Python object over the default process group (gloo is enough: no
 tensors travel). A failure is never left for the others to wait on: a rank whose encoding fails
@@ -27,13 +28,10 @@ from typing import Any
 import torch.distributed as dist
 
 from hat.distributed import DistInfo
-from hat.gallery.builder import ImageLocation, build_gallery, file_table, stage_segment
 from hat.gallery.collection import Collection, ImageEntry
 from hat.gallery.manifest import FileEntry
 from hat.gallery.reader import BuildReport, Gallery, open_gallery
-
-Encode = Callable[[list[ImageEntry], Path], list[int]]
-Staged = dict[tuple, ImageLocation | None]
+from hat.gallery.staging import Encode, Staged, file_table, stage_segment
 
 
 class TeamError(RuntimeError):
@@ -157,11 +155,3 @@ class Team:
         report = asdict(gallery.report) if gallery.report else {"cache_hit": True}
         self._from_leader(("done", str(gallery.directory.absolute()), report))
         return gallery
-
-
-def build_gallery_distributed(
-    info: DistInfo, checkpoint: str | Path, collection: Collection, *args: Any, **kwargs: Any
-) -> Gallery:
-    """:func:`~hat.gallery.builder.build_gallery` in every process of a torchrun group; every
-    rank returns the same gallery. Call it on every rank, after ``init_process_group``."""
-    return Team(info).run(lambda t: build_gallery(checkpoint, collection, *args, team=t, **kwargs))
