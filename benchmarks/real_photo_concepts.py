@@ -30,7 +30,14 @@ import torch
 from common import write_report
 
 from hat.alignment import level_scores
-from hat.concepts import ConceptPath, NoveltyGate, class_texts, concept_table, load_teacher
+from hat.concepts import (
+    ConceptPath,
+    NoveltyGate,
+    class_texts,
+    concept_table,
+    load_teacher,
+    reference_sample,
+)
 from hat.config import CLASS_TEXT_STYLES, CONCEPT_TEACHERS, ConceptConfig
 from hat.data.captions import read_karpathy
 from hat.data.images import load_image
@@ -120,11 +127,10 @@ def scene_validation(encoder: Encoder, data: str, root: str, count: int):
 def gate_references(encoder: Encoder, args) -> ImageFeatures:
     """The training images the gate measures novelty from: ``--gate-references`` scenes and as
     many objects of the training splits, seeded."""
-    rng = np.random.default_rng(args.seed)
-    paths = []
-    for data, root in ((args.scenes, args.scene_image_root), (args.objects, args.objects_root)):
-        train = read_karpathy(data, root, "train").image_paths
-        paths += [train[i] for i in sorted(rng.permutation(len(train))[: args.gate_references])]
+    sets = ((args.scenes, args.scene_image_root), (args.objects, args.objects_root))
+    trains = [read_karpathy(data, root, "train").image_paths for data, root in sets]
+    chosen = reference_sample([len(t) for t in trains], args.gate_references, args.seed)
+    paths = [train[i] for train, rows in zip(trains, chosen, strict=True) for i in rows]
     return encoder.encode_images(paths)
 
 
@@ -263,7 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         concept = levels.scores(knobs, "photos")
         scene_concept = levels.scores(knobs, "scenes")
         skip = ("weight", "first_stage_weight", "text_level")
-        described = {k: v for k, v in asdict(knobs).items() if k not in skip}
+        described = {
+            k: v for k, v in asdict(knobs).items() if k not in skip and not k.startswith("gate_")
+        }
         alone = {**described, "weight": "concept only", "validation_r5_sum": selection(concept)}
         trials.append(alone)
         if best_alone is None or alone["validation_r5_sum"] > best_alone[0]["validation_r5_sum"]:
@@ -296,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     knobs = {k: chosen[k] for k in ("teacher", "class_texts", "temperature", "direction")}
     knobs.update(centred=chosen["centred"], weight=chosen["weight"])
     reference = None
-    if "gate_level" in chosen:
+    if chosen.get("gate_level") is not None:
         knobs.update(
             {k: chosen[k] for k in ("gate_level", "gate_low", "gate_width", "gate_damping")}
         )

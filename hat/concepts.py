@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -170,6 +171,13 @@ class NoveltyGate(nn.Module):
     def forward(self, descriptors: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         return ((self.novelty(descriptors) - cfg.gate_low) / cfg.gate_width).clamp(0, 1)
+
+
+def reference_sample(sizes: list[int], per_set: int, seed: int) -> list[np.ndarray]:
+    """Which images of each training set (of ``sizes``) serve as a gate's references:
+    ``per_set`` of each, seeded, in file order."""
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.permutation(size)[:per_set]) for size in sizes]
 
 
 class ConceptPath(nn.Module):

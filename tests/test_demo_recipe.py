@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from hat import create_model
+from hat.concepts import reference_sample
 from hat.data.captions import CaptionedImages
+from hat.demo_build import recipe
 from hat.demo_build.recipe import CachedSplit, PairSampler, merge_splits
+from hat.factory import gate_descriptors
 from hat.metrics import retrieval_metrics
 
 
@@ -93,3 +98,33 @@ def test_query_subsets_search_the_whole_gallery():
     assert only_two["t2i_r1"] == 0.0 and only_two["t2i_medr"] == 2.0
     with pytest.raises(ValueError, match="empty"):
         retrieval_metrics(sims, c2i, np.zeros(3, dtype=bool))
+
+
+def test_the_gate_references_from_the_cache_are_the_benchmarks(monkeypatch):
+    """The recipe takes the concept gate's references from cached backbone outputs; they equal
+    the descriptors of the same training images encoded whole, sampled as the benchmark does."""
+    torch.manual_seed(0)
+    model, _ = create_model("hat-tiny")
+    model.eval()
+    size = model.config.image_size
+    pixels = torch.randn(8, 3, size, size)  # 5 scenes, then 3 objects
+    with torch.no_grad():
+        cached = [x.half() for x in model.image_tower.backbone_levels(pixels)]
+    data = CaptionedImages([Path(f"{i}.jpg") for i in range(8)], ["c"] * 8, np.arange(8))
+    union = CachedSplit(data, cached, [], torch.ones(8, 1, dtype=torch.bool))
+    train_sets = {
+        "scenes only": replace(union, pool=np.arange(5)),
+        "+ objects, 2 views (shipped data)": union,
+    }
+    monkeypatch.setattr(recipe, "GATE_REFERENCES", 2)
+    monkeypatch.setitem(recipe.CONCEPT_LEVEL, "gate_level", 2)
+    got = recipe.gate_reference(model, train_sets, seed=3)
+    scenes, objects = reference_sample([5, 3], 2, seed=3)
+    rows = torch.from_numpy(np.concatenate([scenes, 5 + objects]))
+    with torch.no_grad():
+        whole = model.image_head(
+            [x[rows].half().float() for x in model.image_tower.backbone_levels(pixels)]
+        )
+    torch.testing.assert_close(got, gate_descriptors(whole, 2))
+    monkeypatch.setitem(recipe.CONCEPT_LEVEL, "gate_level", None)
+    assert recipe.gate_reference(model, train_sets, seed=3) is None

@@ -31,13 +31,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from hat.concepts import reference_sample
 from hat.config import HATConfig, get_preset
 from hat.data.captions import CaptionedImages, karpathy_groups, read_karpathy
 from hat.demo_build.dinov2_onnx import dinov2_timm_state_dict, find_minilm_dir
-from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON, concept
+from hat.demo_build.names import concept
+from hat.demo_build.objects import OBJECTS_JSON, REAL_PHOTOS_JSON
 from hat.encoder import Encoder
 from hat.evaluate import Evaluation, evaluate_features
-from hat.factory import add_concepts, create_model
+from hat.factory import add_concepts, create_model, gate_descriptors
 from hat.fileio import atomic_write_text
 from hat.loss import first_stage_distillation_loss, training_loss
 from hat.model import HATModel
@@ -55,13 +57,19 @@ EVAL_SETS = {  # report name -> (data folder: "scenes" or "objects", dataset fil
 # benchmarks/real_photo_concepts.py chose it on the real-photo validation photos.
 CONCEPT_LEVEL = {
     "teacher": "lite0",
-    "class_texts": "name",
-    "temperature": 2.0,
+    "class_texts": "definition",
+    "temperature": 1.0,
     "centred": True,
     "direction": "t2i",
     "weight": 1.0,
+    "gate_level": 2,
+    "gate_neighbours": 10,
+    "gate_low": 0.0,
+    "gate_width": 0.1,
+    "gate_damping": 0.5,
     "first_stage_weight": 0.25,
 }
+GATE_REFERENCES = 600  # training scenes, and as many objects: the concept gate's references
 # Real photos are also reported per query group: concepts named in training or held out.
 EVAL_GROUP_BY = {"real_photos": "seen_concept"}
 
@@ -457,6 +465,23 @@ def training_sets(caches: dict[str, CachedSplit], objects_json: Path) -> dict[st
     }
 
 
+@torch.no_grad()
+def gate_reference(model: HATModel, train_sets: dict[str, CachedSplit], seed: int):
+    """The concept gate's reference descriptors (None without a gate): ``GATE_REFERENCES``
+    training scenes and as many objects, sampled as benchmarks/real_photo_concepts.py samples
+    them."""
+    level = CONCEPT_LEVEL.get("gate_level")
+    if level is None:
+        return None
+    union = train_sets["+ objects, 2 views (shipped data)"]
+    scenes = len(train_sets["scenes only"].pool)
+    sizes = [scenes, union.data.num_images - scenes]
+    scene_rows, object_rows = reference_sample(sizes, GATE_REFERENCES, seed)
+    rows = torch.from_numpy(np.concatenate([scene_rows, scenes + object_rows]))
+    images = model.image_head([x[rows].float() for x in union.image_levels])
+    return gate_descriptors(images, level)
+
+
 def eval_groups(dirs: dict[str, Path], name: str, num_images: int) -> dict | None:
     if name not in EVAL_GROUP_BY:
         return None
@@ -553,7 +578,10 @@ def run(args: argparse.Namespace) -> dict:
         )
         summary["variants"][variant] = entry
         if variant == "hat":  # the deliverable first: an interrupted ablation loses nothing
-            deliverable = add_concepts(shipped, tokenizer, **CONCEPT_LEVEL)
+            reference = gate_reference(shipped, train_sets, args.seed)
+            deliverable = add_concepts(
+                shipped, tokenizer, gate_reference=reference, **CONCEPT_LEVEL
+            )
             deliverable.save_pretrained(args.out, tokenizer=tokenizer, half=True)
         atomic_write_text(reports / "demo_build.json", json.dumps(summary, indent=2) + "\n")
     for ingredient, data in train_sets.items() if args.ablation_epochs else ():
