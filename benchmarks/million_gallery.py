@@ -109,7 +109,7 @@ class Collage:
         self.rng = np.random.default_rng(seed)
         segment = real.segments[0]
         rows = real.image_rows[:, 1]
-        self.stored = segment.read_images(rows)  # codes and mean region of every level
+        self.stored, _ = segment.read_images(rows)  # codes and mean region of every level
         self.vectors = real.embeddings("image")
         self.grids = grids
         self.codecs = segment.codecs

@@ -245,13 +245,18 @@ def test_damaged_pq_codebooks_are_never_used(checkpoint, folder, tmp_path):
 
 def test_ivf_index_above_the_flat_limit_finds_the_nearest_vectors():
     """Clustered vectors (like real embeddings): probing a fraction of the lists finds the
-    exact top-10."""
+    exact top-10. The IVF index holds the vectors as fp16 codes, 2 bytes per value, as they are:
+    the same numbers as the segments' fp16 vectors."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((200, 16))
     vectors = centres[rng.integers(0, 200, 20_000)] + 0.3 * rng.standard_normal((20_000, 16))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    vectors = vectors.astype(np.float32)
     flat, ivf = build_index(vectors, flat_max=30_000), build_index(vectors, flat_max=10_000)
-    assert type(flat).__name__ == "IndexFlatIP" and type(ivf).__name__ == "IndexIVFFlat"
+    assert type(flat).__name__ == "IndexFlatIP"
+    assert type(ivf).__name__ == "IndexIVFScalarQuantizer" and ivf.code_size == 2 * 16
+    ivf.make_direct_map()
+    np.testing.assert_array_equal(ivf.reconstruct_n(0, 100), vectors[:100])
     assert ivf.nlist == ivf_lists(20_000) > 2 * IVF_PROBES  # a real approximation
     want, got = search_index(flat, vectors[:50], 10), search_index(ivf, vectors[:50], 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
@@ -347,6 +352,7 @@ def all_captions(gallery):
     [
         ("image.1.npy", all_images),
         ("image.2.scale.npy", all_images),
+        ("image.0.norm.npy", all_images),
         ("text.0.npy", all_captions),
         ("text.1.scale.npy", all_captions),
         ("image.embedding.npy", lambda gallery: gallery.embeddings("image")),

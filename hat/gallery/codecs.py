@@ -53,6 +53,7 @@ class Codec:
     value_dtype: type
     side: str | None = None
     needs_training = False
+    stores_norms = True  # image regions: their norms as scored are stored beside them
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -82,6 +83,14 @@ class Codec:
         cache-sized block at a time while it scores: (values, per-vector scales or None,
         :class:`~hat.alignment.Basis` of coordinates or None)."""
         return self.decode(values, side), None, None
+
+    def norms(self, values: np.ndarray, side: np.ndarray | None) -> np.ndarray:
+        """fp32 norms ``(...)`` of stored vectors as scoring takes them (an int8 vector's: of its
+        values, times its scale), computed as :func:`hat.alignment.level_scores` would, so
+        that stored norms give the scores it gives without them."""
+        scorable, scales, _ = self.for_scoring(values, side)
+        norms = torch.linalg.vector_norm(scorable.float(), dim=-1)
+        return (norms if scales is None else norms.mul_(scales.float())).numpy()
 
 
 class FloatCodec(Codec):
@@ -129,6 +138,7 @@ class PQCodec(Codec):
     """
 
     precision, value_dtype, side, needs_training = "pq", np.uint8, "mean", True
+    stores_norms = False  # a few KiB per image; coordinates' norms are cheap to take (97-d)
 
     def __init__(self, dim: int, index: faiss.Index | None = None):
         super().__init__(dim)
