@@ -85,8 +85,8 @@ def test_query_latency_runs_on_a_synthetic_gallery(tiny_checkpoint, tmp_path):
     (size,) = report["sizes"]
     assert size["images"] == 300 and size["runs"][0]["two_stage"]["p50_ms"] > 0
     assert size["first_stage"]["ivf_recall_of_flat_topk"] > 0
-    rerank = size["runs"][0]["rerank"]  # both ways, scores compared on every query
-    assert rerank["fused"]["n"] == rerank["decoded_first"]["n"] == 3
+    rerank = size["runs"][0]["rerank"]  # three ways, scores compared on every query
+    assert rerank["fused"]["n"] == rerank["widened"]["n"] == rerank["decoded_first"]["n"] == 3
     assert rerank["fused_pairs_per_s"] > 0 and rerank["fused_share_of_scorer_rate"] > 0
 
 
