@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     real = real_gallery(args.checkpoint, args.real, args.real_images, work / "real")
     model = load_model(args.checkpoint)[0]
-    grids = model.image_tower.grid_sizes(model.config.image_size)
+    grids = model.grid_sizes(model.config.image_size)
     report: dict = {
         "checkpoint": args.checkpoint,
         "real": {"spec": args.real, "images": real.num_images, "captions": real.num_captions},
