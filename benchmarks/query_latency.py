@@ -18,8 +18,16 @@ decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp3
 the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound at the fp32
 GEMM rate, both measured in the same run.
 
+``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
+first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
+app's built-in one: ``assets/gallery``): text → image with the re-rank as search does it and,
+interleaved, without the stored norms; image → text with gallery images as queries, and how
+encoding the query image splits between the image tower and the concept level's teacher.
+
     nice -n 10 python benchmarks/query_latency.py [--sizes 1000 10000 100000] [--checkpoint DIR]
     nice -n 10 python benchmarks/query_latency.py --sizes 1000 --precisions fp32 fp16 int8 pq
+    python benchmarks/query_latency.py --checkpoint checkpoints/hat-tuxpaint --sizes \
+        --gallery assets/gallery --threads 1
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ from common import (
 )
 from exact_scoring import features, matmul_flops
 
+from hat.data.images import load_image
 from hat.fileio import atomic_directory
 from hat.gallery import (
     PRECISIONS,
@@ -53,6 +62,7 @@ from hat.gallery import (
     SegmentWriter,
     build_index,
     checkpoint_fingerprint,
+    default_cache_dir,
     gallery_header,
     search_index,
     write_gallery,
@@ -207,6 +217,84 @@ def rerank_paths(
     return out
 
 
+class WidenedSearcher(Searcher):
+    """Search with the re-rank before stored norms (:func:`widened`), for comparison."""
+
+    def score_images(self, ids, text: TextFeatures) -> torch.Tensor:
+        return widened(self, np.asarray(ids), text)
+
+
+def server_ms(result) -> float:
+    """A search's time as the app's status line shows it: encode + first stage + re-rank."""
+    return 1000 * sum(result.seconds.values())
+
+
+def parts_p50(results: list) -> dict:
+    return {
+        name: round(float(np.median([1000 * r.seconds[name] for r in results])), 2)
+        for name in results[0].seconds
+    }
+
+
+@torch.inference_mode()
+def encode_split(searcher: Searcher, image) -> dict[str, float]:
+    """Seconds to preprocess a query image, to run the image tower and head on it, and the
+    concept level's teacher (which reads the same pixels)."""
+    model, out = searcher.model, {}
+    start = time.perf_counter()
+    pixels = searcher.encoder.transform(load_image(image))[None]
+    out["preprocess"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.image_head(model.image_tower.backbone_levels(pixels))
+    out["image_tower"] = time.perf_counter() - start
+    if model.concepts is not None:
+        start = time.perf_counter()
+        model.concepts.image_level(pixels)
+        out["concept_teacher"] = time.perf_counter() - start
+    return out
+
+
+def gallery_queries(searcher: Searcher, captions: list[str], images: int, k: int = 8) -> dict:
+    """Both directions on a built gallery as the app's server times them (k = 8, the page's
+    default): text → image as search does it and without the stored norms, interleaved, with
+    the scores compared; image → text with its first ``images`` images as queries."""
+    old = WidenedSearcher(searcher.gallery, searcher.encoder)
+    for caption in captions[-3:]:  # warm-up
+        searcher.text_to_image(caption, k)
+        old.text_to_image(caption, k)
+    t2i: dict[str, list] = {"new": [], "without_stored_norms": []}
+    for caption in captions:
+        new_result = searcher.text_to_image(caption, k)
+        old_result = old.text_to_image(caption, k)
+        for a, b in zip(new_result.hits, old_result.hits, strict=True):
+            assert abs(a.score - b.score) < 1e-5, (caption, a, b)
+        t2i["new"].append(new_result)
+        t2i["without_stored_norms"].append(old_result)
+    out = {
+        f"text_to_image_{name}": {
+            **stats_ms([server_ms(r) / 1000 for r in results]),
+            "parts_p50_ms": parts_p50(results),
+        }
+        for name, results in t2i.items()
+    }
+    paths = [
+        searcher.gallery.image_path(i) for i in range(min(images, searcher.gallery.num_images))
+    ]
+    searcher.image_to_text(paths[0], k)  # warm-up
+    i2t, split = [], []
+    for path in paths:
+        i2t.append(searcher.image_to_text(path, k))
+        split.append(encode_split(searcher, path))
+    out["image_to_text"] = {
+        **stats_ms([server_ms(r) / 1000 for r in i2t]),
+        "parts_p50_ms": parts_p50(i2t),
+        "encode_split_p50_ms": {
+            name: round(float(np.median([1000 * s[name] for s in split])), 2) for name in split[0]
+        },
+    }
+    return out
+
+
 def first_stage(embeddings: np.ndarray, queries: np.ndarray, k: int) -> dict:
     """Flat vs IVF search time per query (one thread), and IVF's recall of the flat top-k."""
     faiss.omp_set_num_threads(1)
@@ -262,7 +350,7 @@ def measure(searcher: Searcher, captions: list[str], candidates: int, exact_ever
 def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()  # as the hat command and app.py do: queries reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--checkpoint", help="demo checkpoint (default: its architecture, random)")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--queries", type=int, default=40, help="two-stage queries per size")
@@ -273,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-old-path", dest="old_path", action="store_false", help="time the re-rank one way"
     )
     parser.add_argument("--work", help="folder for the synthetic galleries (default: a temp dir)")
+    parser.add_argument("--gallery", help="also time both directions on this collection spec")
+    parser.add_argument("--gallery-cache", help="its gallery cache (default: the app's)")
+    parser.add_argument("--query-images", type=int, default=15, help="image → text queries")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -317,6 +408,22 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: first stage {entry['first_stage']}")
         report["sizes"].append(entry)
         shutil.rmtree(directory)
+    if args.gallery:
+        searcher = Searcher.build(
+            checkpoint, args.gallery, args.gallery_cache or default_cache_dir()
+        )
+        report["gallery"] = {
+            "spec": args.gallery,
+            "images": searcher.gallery.num_images,
+            "captions": searcher.gallery.num_captions,
+            "levels": searcher.gallery.num_levels,
+            "runs": [],
+        }
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            run = gallery_queries(searcher, queries(args.queries), args.query_images)
+            report["gallery"]["runs"].append({"threads": threads, **run})
+            print(f"gallery {args.gallery}, {threads} thread(s): {run}")
     if not args.work:
         shutil.rmtree(work)
     write_report("query_latency", report, args.out)
