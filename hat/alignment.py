@@ -59,9 +59,9 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 21
 # Captions per block: few enough that cutting a block to its longest caption removes most padding,
 # and blocks then grow along the images, which keeps the GEMM wide.
 CAPTION_BLOCK = 16
-# Regions of one block of images (widened, or as stored where they are not): at most this share
-# of ``block_elements`` fp32 values (1 MiB by default), so they stay in a core's L2 cache while
-# every caption block is scored against them. With one caption block they are read once, and a
+# Regions of one block of images: at most this share of ``block_elements`` fp32 values (1 MiB by
+# default), so they stay in a core's L2 cache while they are widened, normed and scored against
+# every caption block. int8 regions multiplied in integers are read once, by one product: their
 # block holds as many images as its similarities allow.
 REGION_SHARE = 8
 # int8 pieces per word value in the integer products (module docstring): 3 x ~8 bits.
@@ -353,10 +353,9 @@ def level_scores(
     )
     widen = regions.dtype != words.dtype and not integer
     img_step = max(1, block_elements // widest)
-    if widen or len(captions) > 1:  # a block that is read more than once stays in cache
-        held = (words if widen else regions).element_size()
-        region_bytes = 4 * block_elements // REGION_SHARE
-        img_step = max(1, min(img_step, region_bytes // (n_reg * dim * held)))
+    if not integer:  # blocks of regions that stay in cache while they are widened and scored
+        region_elements = max(1, block_elements // REGION_SHARE)
+        img_step = max(1, min(img_step, region_elements // (n_reg * dim)))
     out = words.new_empty(n_img, words.shape[0])
     own = None if basis is None else basis.own
     widened = None  # one buffer for every block: its memory stays in cache
