@@ -38,7 +38,7 @@ Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and side array of 
 Norms = list[np.ndarray | None]  # region norms of every image level (None: not stored)
 CODEBOOKS = "codec.npy"  # suffix of a level's trained codec (serialised faiss), pq only
 NORMS = "norm"  # infix of a level's stored region norms: image.<level>.norm.npy
-EMBEDDING_DTYPE = np.float16  # first-stage vectors: unit length, 1e-3 of rounding is plenty
+EMBEDDING_DTYPE = np.float16  # first-stage vectors: unit length; fp16 keeps each value to 5e-4
 
 
 def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
