@@ -72,7 +72,7 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     assert [x.dtype for x in stored.levels] == [STORED_AS[precision]] * gallery.num_levels
     assert (stored.scales is not None) == (precision == "int8")
     decoded = gallery.image_features(ids)
-    if precision == "pq":  # its coordinates' norms are taken as scored
+    if precision != "int8":  # normed as they are scored
         assert stored.norms is None
     else:  # the norms of the regions as they score, stored with them
         for norms, regions in zip(stored.norms, decoded[positions].levels, strict=True):

@@ -53,7 +53,9 @@ class Codec:
     value_dtype: type
     side: str | None = None
     needs_training = False
-    stores_norms = True  # image regions: their norms as scored are stored beside them
+    # Image regions' norms as scored, stored beside them: int8 only, where they let a query's
+    # candidates be scored without widening them (floats are normed in cache as they are scored).
+    stores_norms = False
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -84,14 +86,6 @@ class Codec:
         :class:`~hat.alignment.Basis` of coordinates or None)."""
         return self.decode(values, side), None, None
 
-    def norms(self, values: np.ndarray, side: np.ndarray | None) -> np.ndarray:
-        """fp32 norms ``(...)`` of stored vectors as scoring takes them (an int8 vector's: of its
-        values, times its scale), computed as :func:`hat.alignment.level_scores` would, so
-        that stored norms give the scores it gives without them."""
-        scorable, scales, _ = self.for_scoring(values, side)
-        norms = torch.linalg.vector_norm(scorable.float(), dim=-1)
-        return (norms if scales is None else norms.mul_(scales.float())).numpy()
-
 
 class FloatCodec(Codec):
     def __init__(self, dim: int, precision: str):
@@ -110,7 +104,7 @@ class FloatCodec(Codec):
 
 
 class Int8Codec(Codec):
-    precision, value_dtype, side = "int8", np.int8, "scale"
+    precision, value_dtype, side, stores_norms = "int8", np.int8, "scale", True
 
     def side_shape(self, leading: tuple[int, ...]) -> tuple[int, ...]:
         return leading
@@ -131,6 +125,13 @@ class Int8Codec(Codec):
         as_tensor = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
         return *as_tensor, None
 
+    def norms(self, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """fp32 norms ``(...)`` of the vectors as scored: of their values, times their scales,
+        computed as :func:`hat.alignment.level_scores` takes them when they are not given, so
+        that stored norms leave every score as it was."""
+        values, scales = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
+        return torch.linalg.vector_norm(values.float(), dim=-1).mul_(scales.float()).numpy()
+
 
 class PQCodec(Codec):
     """Per-image mean + PCA, random rotation and product quantiser (faiss ``PCAR<d>,PQ<m>``) of
@@ -138,7 +139,6 @@ class PQCodec(Codec):
     """
 
     precision, value_dtype, side, needs_training = "pq", np.uint8, "mean", True
-    stores_norms = False  # a few KiB per image; coordinates' norms are cheap to take (97-d)
 
     def __init__(self, dim: int, index: faiss.Index | None = None):
         super().__init__(dim)

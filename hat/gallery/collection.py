@@ -23,8 +23,8 @@ from hat.training_state import STATE_NAME, TENSORS_NAME
 # pq (format 2 too) adds codes and trained codebooks per level; other precisions are unchanged.
 # 3: pq stores each image's mean region (image.<level>.mean.npy) and codes its regions'
 # differences from it.
-# 4: image levels (but pq's) store their regions' norms (image.<level>.norm.npy, fp32, in the
-# row digest); first-stage vectors are fp16, and an IVF index holds them as fp16 too.
+# 4: int8 image levels store their regions' norms (image.<level>.norm.npy, fp32, in the row
+# digest); first-stage vectors are fp16, and an IVF index holds them as fp16 too.
 FORMAT_VERSION = 4
 KARPATHY_PREFIX = "karpathy:"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}
