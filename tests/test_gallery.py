@@ -1,6 +1,7 @@
 """Gallery cache: what is stored, when it is reused, invalidated, rebuilt, and extended."""
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from hat.gallery import (
 )
 from hat.gallery.codecs import PQ_BYTES, PQCodec, new_codec, training_sample
 from hat.gallery.first_stage import IVF_PROBES, ivf_lists
+from hat.gallery.storage import PREFETCH_GAP, _merged
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
@@ -241,6 +243,20 @@ def test_damaged_pq_codebooks_are_never_used(checkpoint, folder, tmp_path):
         open_gallery(gallery.directory)
     rebuilt = build(checkpoint, folder, tmp_path / "cache", settings=BuildSettings("pq"))
     assert not rebuilt.report.cache_hit and rebuilt.report.encoded_images == 5
+
+
+def test_prefetch_asks_for_nearby_rows_in_one_call_and_covers_every_row():
+    rng = np.random.default_rng(0)
+    for row, rows in ((512, 1000), (65536, 1000), (512, 1_000_000)):
+        starts = np.sort(rng.choice(rows, 100, replace=False))
+        counts = rng.integers(1, 3, 100)
+        ranges = _merged(starts, counts, row)
+        for start, count in zip(starts, counts, strict=True):
+            assert any(b <= start * row and (start + count) * row <= e for b, e in ranges)
+        gaps = [b - e for (_, e), (b, _) in itertools.pairwise(ranges)]
+        assert all(gap > PREFETCH_GAP for gap in gaps)  # as few calls as the gap allows
+        if (row, rows) == (512, 1000):  # a small gallery's scales or norms: one call
+            assert len(ranges) == 1
 
 
 def test_ivf_index_above_the_flat_limit_finds_the_nearest_vectors():
