@@ -109,7 +109,7 @@ class Collage:
         self.rng = np.random.default_rng(seed)
         segment = real.segments[0]
         rows = real.image_rows[:, 1]
-        self.stored = segment.read_images(rows)  # codes and mean region of every level
+        self.stored, _ = segment.read_images(rows)  # codes and mean region of every level
         self.vectors = real.embeddings("image")
         self.grids = grids
         self.codecs = segment.codecs
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     real = real_gallery(args.checkpoint, args.real, args.real_images, work / "real")
     model = load_model(args.checkpoint)[0]
-    grids = model.image_tower.grid_sizes(model.config.image_size)
+    grids = model.grid_sizes(model.config.image_size)
     report: dict = {
         "checkpoint": args.checkpoint,
         "real": {"spec": args.real, "images": real.num_images, "captions": real.num_captions},

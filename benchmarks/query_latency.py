@@ -1,23 +1,33 @@
 """Benchmark 2: text → image query latency (p50/p95), exact vs two-stage, at 1k/10k/100k images.
 
-Galleries above the demo size are synthetic: region features of the demo shapes (3 levels x 256
-regions x 256 dims, stored int8 like a real build, or at ``--precisions``) written through the
-real storage code, so the 100k gallery really is ~20 GB on disk (more than this machine's RAM:
-candidate reads partly hit the disk). Every query is the full ``Searcher.text_to_image`` call:
-tokenise and encode the caption with the model, pool, first stage, gather the K candidates,
-exact HAT re-rank. Exact and two-stage queries alternate in one run. The first stage is also
-timed alone (flat vs IVF, and IVF's recall of the flat top-K); benchmarks/million_gallery.py
-measures it at a million images.
+Galleries above the demo size are synthetic: region features of the model's shapes (the demo
+architecture: 3 levels x 256 regions x 256 dims; ``--checkpoint checkpoints/hat-tuxpaint`` adds
+its concept level of 49 regions), stored int8 like a real build, or at ``--precisions``, written
+through the real storage code, so the 100k gallery really is ~20 GB on disk (more than this
+machine's RAM: candidate reads partly hit the disk). Every query is the full
+``Searcher.text_to_image`` call: tokenise and encode the caption with the model, pool, first
+stage, gather the K candidates, exact HAT re-rank. Exact and two-stage queries alternate in
+one run. The first stage is also timed alone (flat vs IVF, and IVF's recall of the flat top-K);
+benchmarks/million_gallery.py measures it at a million images.
 
-The re-rank alone is timed on each query's candidates two ways, interleaved, and their scores
-compared: as search does it (stored values decoded a cache-sized block at a time while scored)
-and, unless ``--no-old-path``, the path before that (every candidate decoded to fp32 first, then
-scored). Its rate (pairs/s) is set against the scorer's own on the same shapes
-(benchmarks/exact_scoring.py's 96 x 96 pairs) and the FLOP bound at the fp32 GEMM rate, both
-measured in the same run.
+The re-rank alone is timed on each query's candidates, interleaved, and the scores compared:
+as search does it (stored norms; int8 multiplied in integers, other values decoded a cache-sized
+block at a time while scored) and, unless ``--no-old-path``, the two paths before it: without
+the stored norms (every block widened to fp32 and its norms taken per query) and every candidate
+decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp32 features of
+the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound at the fp32
+GEMM rate, both measured in the same run.
+
+``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
+first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
+app's built-in one: ``assets/gallery``): text → image with the re-rank as search does it and,
+interleaved, without the stored norms; image → text with gallery images as queries, and how
+encoding the query image splits between the image tower and the concept level's teacher.
 
     nice -n 10 python benchmarks/query_latency.py [--sizes 1000 10000 100000] [--checkpoint DIR]
     nice -n 10 python benchmarks/query_latency.py --sizes 1000 --precisions fp32 fp16 int8 pq
+    python benchmarks/query_latency.py --checkpoint checkpoints/hat-tuxpaint --sizes \
+        --gallery assets/gallery --threads 1
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from common import (
 )
 from exact_scoring import features, matmul_flops
 
-from hat.alignment import hierarchical_scores
+from hat.data.images import load_image
 from hat.fileio import atomic_directory
 from hat.gallery import (
     PRECISIONS,
@@ -52,6 +62,7 @@ from hat.gallery import (
     SegmentWriter,
     build_index,
     checkpoint_fingerprint,
+    default_cache_dir,
     gallery_header,
     search_index,
     write_gallery,
@@ -118,7 +129,7 @@ def synthetic_gallery(
     settings = BuildSettings(precision)
     model_key = checkpoint_fingerprint(checkpoint)
     header = gallery_header("synthetic", checkpoint, model_key, settings, collection, config)
-    shapes = [(16 * 16, config.embed_dim)] * config.num_levels  # ViT-S/14 at 224 px
+    shapes = [(h * w, config.embed_dim) for h, w in model.grid_sizes(config.image_size)]
     target = directory / f"gallery-{size}-{precision}"
     encode = synthetic_encoder(model, shapes, precision)
     with atomic_directory(target) as staging:
@@ -137,27 +148,46 @@ def decoded_first(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> to
     return out
 
 
-def scorer_rate(searcher: Searcher) -> dict:
-    """The scorer alone on exact_scoring.py's 96 x 96 pairs of this gallery's shapes, and the fp32
-    GEMM rate, at the current thread count: what the re-rank is measured against."""
-    levels = searcher.gallery.regions()
-    images, texts, mask, _ = features(96, 96, len(levels), levels[0], searcher.gallery.manifest.dim)
-    seconds = min(timed(lambda: hierarchical_scores(images, texts, mask)) for _ in range(3))
+def widened(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
+    """The re-rank before stored norms, for comparison: the candidates as stored, widened to
+    fp32 a block at a time and their norms taken per query; ``(levels, len(ids))``."""
+    out = torch.empty(searcher.gallery.num_levels, len(ids))
+    for positions, part in searcher.gallery.image_parts(ids):
+        stored = ImageFeatures(part.levels, part.bases, part.scales)  # without the norms
+        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(stored, text)[:, :, 0]
+    return out
+
+
+def scorer_rate(searcher: Searcher, pairs: int = 96) -> dict:
+    """The model's scorer alone on ``pairs`` x ``pairs`` fp32 features of this gallery's shapes
+    (captions of 8-20 words, as exact_scoring.py), its FLOP count, and the fp32 GEMM rate, at
+    the current thread count: what the re-rank is measured against."""
+    gallery = searcher.gallery
+    regions, dim = gallery.regions(), gallery.manifest.dim
+    _, texts, mask, lengths = features(pairs, pairs, len(regions), 1, dim)
+    g = torch.Generator().manual_seed(1)
+    images = ImageFeatures([torch.randn(pairs, r, dim, generator=g) for r in regions])
+    text = TextFeatures(texts, mask)
+    seconds = min(timed(lambda: searcher.model.level_scores(images, text)) for _ in range(3))
+    flops = sum(matmul_flops(pairs, r, dim, lengths, 1) for r in regions)
+    peak = gemm_peak_flops()
     return {
-        "pairs_per_s": round(96 * 96 / seconds),
-        "gemm_gflops": round(gemm_peak_flops() / 1e9, 1),
+        "pairs_per_s": round(pairs * pairs / seconds),
+        "share_of_flop_bound": round(flops / seconds / peak, 3),
+        "gemm_gflops": round(peak / 1e9, 1),
     }
 
 
 def rerank_paths(
     searcher: Searcher, captions: list[str], candidates: int, old_path: bool, scorer: dict
 ) -> dict:
-    """Each query's first-stage candidates re-ranked as search does it and (``old_path``) decoded
-    first, interleaved; their scores must agree. Pairs/s against ``scorer``'s rate and the FLOP
-    bound (exact_scoring.matmul_flops at its GEMM rate)."""
+    """Each query's first-stage candidates re-ranked as search does it and (``old_path``) the
+    two ways before, interleaved; their scores must agree. Pairs/s against ``scorer``'s rate and
+    the FLOP bound (exact_scoring.matmul_flops at its GEMM rate)."""
     gallery, model = searcher.gallery, searcher.model
     ways = {"fused": searcher.score_images}
     if old_path:
+        ways["widened"] = lambda ids, text: widened(searcher, ids, text)
         ways["decoded_first"] = lambda ids, text: decoded_first(searcher, ids, text)
     times: dict[str, list[float]] = {name: [] for name in ways}
     flops, pairs = 0, 0
@@ -171,24 +201,97 @@ def rerank_paths(
                 start = time.perf_counter()
                 scores[name] = way(ids, text)
                 times[name].append(time.perf_counter() - start)
-            if old_path:
-                torch.testing.assert_close(
-                    scores["fused"], scores["decoded_first"], atol=1e-5, rtol=0
-                )
-            regions = gallery.regions()
-            flops += matmul_flops(
-                len(ids), regions[0], gallery.manifest.dim, [int(text.mask.sum())], len(regions)
-            )
+            for name in ways:
+                torch.testing.assert_close(scores["fused"], scores[name], atol=1e-5, rtol=0)
+            lengths = [int(text.mask.sum())]
+            dim = gallery.manifest.dim
+            flops += sum(matmul_flops(len(ids), r, dim, lengths, 1) for r in gallery.regions())
             pairs += len(ids)
     out = {name: stats_ms(values) for name, values in times.items()}
     fused_s = sum(times["fused"])
     out["fused_pairs_per_s"] = round(pairs / fused_s)
     out["fused_share_of_scorer_rate"] = round(pairs / fused_s / scorer["pairs_per_s"], 3)
     out["fused_share_of_flop_bound"] = round(flops / fused_s / (scorer["gemm_gflops"] * 1e9), 3)
-    if old_path:
-        out["decoded_first_over_fused_p50"] = round(
-            out["decoded_first"]["p50_ms"] / out["fused"]["p50_ms"], 2
-        )
+    for name in ways.keys() - {"fused"}:
+        out[f"{name}_over_fused_p50"] = round(out[name]["p50_ms"] / out["fused"]["p50_ms"], 2)
+    return out
+
+
+class WidenedSearcher(Searcher):
+    """Search with the re-rank before stored norms (:func:`widened`), for comparison."""
+
+    def score_images(self, ids, text: TextFeatures) -> torch.Tensor:
+        return widened(self, np.asarray(ids), text)
+
+
+def server_ms(result) -> float:
+    """A search's time as the app's status line shows it: encode + first stage + re-rank."""
+    return 1000 * sum(result.seconds.values())
+
+
+def parts_p50(results: list) -> dict:
+    return {
+        name: round(float(np.median([1000 * r.seconds[name] for r in results])), 2)
+        for name in results[0].seconds
+    }
+
+
+@torch.inference_mode()
+def encode_split(searcher: Searcher, image) -> dict[str, float]:
+    """Seconds to preprocess a query image, to run the image tower and head on it, and the
+    concept level's teacher (which reads the same pixels)."""
+    model, out = searcher.model, {}
+    start = time.perf_counter()
+    pixels = searcher.encoder.transform(load_image(image))[None]
+    out["preprocess"] = time.perf_counter() - start
+    start = time.perf_counter()
+    model.image_head(model.image_tower.backbone_levels(pixels))
+    out["image_tower"] = time.perf_counter() - start
+    if model.concepts is not None:
+        start = time.perf_counter()
+        model.concepts.image_level(pixels)
+        out["concept_teacher"] = time.perf_counter() - start
+    return out
+
+
+def gallery_queries(searcher: Searcher, captions: list[str], images: int, k: int = 8) -> dict:
+    """Both directions on a built gallery as the app's server times them (k = 8, the page's
+    default): text → image as search does it and without the stored norms, interleaved, with
+    the scores compared; image → text with its first ``images`` images as queries."""
+    old = WidenedSearcher(searcher.gallery, searcher.encoder)
+    for caption in captions[-3:]:  # warm-up
+        searcher.text_to_image(caption, k)
+        old.text_to_image(caption, k)
+    t2i: dict[str, list] = {"new": [], "without_stored_norms": []}
+    for caption in captions:
+        new_result = searcher.text_to_image(caption, k)
+        old_result = old.text_to_image(caption, k)
+        for a, b in zip(new_result.hits, old_result.hits, strict=True):
+            assert abs(a.score - b.score) < 1e-5, (caption, a, b)
+        t2i["new"].append(new_result)
+        t2i["without_stored_norms"].append(old_result)
+    out = {
+        f"text_to_image_{name}": {
+            **stats_ms([server_ms(r) / 1000 for r in results]),
+            "parts_p50_ms": parts_p50(results),
+        }
+        for name, results in t2i.items()
+    }
+    paths = [
+        searcher.gallery.image_path(i) for i in range(min(images, searcher.gallery.num_images))
+    ]
+    searcher.image_to_text(paths[0], k)  # warm-up
+    i2t, split = [], []
+    for path in paths:
+        i2t.append(searcher.image_to_text(path, k))
+        split.append(encode_split(searcher, path))
+    out["image_to_text"] = {
+        **stats_ms([server_ms(r) / 1000 for r in i2t]),
+        "parts_p50_ms": parts_p50(i2t),
+        "encode_split_p50_ms": {
+            name: round(float(np.median([1000 * s[name] for s in split])), 2) for name in split[0]
+        },
+    }
     return out
 
 
@@ -247,7 +350,7 @@ def measure(searcher: Searcher, captions: list[str], candidates: int, exact_ever
 def main(argv: list[str] | None = None) -> dict:
     keep_freed_memory()  # as the hat command and app.py do: queries reuse freed memory
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     parser.add_argument("--checkpoint", help="demo checkpoint (default: its architecture, random)")
     parser.add_argument("--candidates", type=int, default=100)
     parser.add_argument("--queries", type=int, default=40, help="two-stage queries per size")
@@ -258,6 +361,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-old-path", dest="old_path", action="store_false", help="time the re-rank one way"
     )
     parser.add_argument("--work", help="folder for the synthetic galleries (default: a temp dir)")
+    parser.add_argument("--gallery", help="also time both directions on this collection spec")
+    parser.add_argument("--gallery-cache", help="its gallery cache (default: the app's)")
+    parser.add_argument("--query-images", type=int, default=15, help="image → text queries")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -294,13 +400,30 @@ def main(argv: list[str] | None = None) -> dict:
             )
             print(
                 f"{name}, {threads} thread(s): re-rank {rerank}; scorer {scorer['pairs_per_s']} "
-                f"pairs/s, GEMM {scorer['gemm_gflops']} GFLOP/s"
+                f"pairs/s ({100 * scorer['share_of_flop_bound']:.0f} % of the FLOP bound), GEMM "
+                f"{scorer['gemm_gflops']} GFLOP/s"
             )
         vectors = query_vectors(searcher, captions)
         entry["first_stage"] = first_stage(gallery.embeddings("image"), vectors, args.candidates)
         print(f"{name}: first stage {entry['first_stage']}")
         report["sizes"].append(entry)
         shutil.rmtree(directory)
+    if args.gallery:
+        searcher = Searcher.build(
+            checkpoint, args.gallery, args.gallery_cache or default_cache_dir()
+        )
+        report["gallery"] = {
+            "spec": args.gallery,
+            "images": searcher.gallery.num_images,
+            "captions": searcher.gallery.num_captions,
+            "levels": searcher.gallery.num_levels,
+            "runs": [],
+        }
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            run = gallery_queries(searcher, queries(args.queries), args.query_images)
+            report["gallery"]["runs"].append({"threads": threads, **run})
+            print(f"gallery {args.gallery}, {threads} thread(s): {run}")
     if not args.work:
         shutil.rmtree(work)
     write_report("query_latency", report, args.out)

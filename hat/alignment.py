@@ -25,10 +25,17 @@ The pair score is the sum of the level scores. How it is computed fast:
   (almost) nothing; everything that depends on the words alone (Gram matrices, norms, projection
   into a basis) is computed once per caption block.
 * Images are the outer loop, in blocks small enough to stay in a core's L2 cache: each block is
-  decoded (int8 or fp16 widened to fp32) and its region norms taken once, then every caption
-  block is scored against it. Stored per-region scales (int8) are never applied to the regions:
-  a scale multiplies the region's similarities, norm and weight in a_l instead, L numbers per
-  region and caption rather than D, so a query's candidates never pass through memory in fp32.
+  decoded (int8 or fp16 widened to fp32) and its region norms taken once (or given: a gallery
+  stores them), then every caption block is scored against it. Stored per-region scales (int8)
+  are never applied to the regions: a scale multiplies the region's similarities, norm and
+  weight in a_l instead, L numbers per region and caption rather than D, so a query's
+  candidates never pass through memory in fp32.
+* int8 regions whose norms are given are not even widened when a query's caption attends to
+  them (image → text attention, one caption, a CPU): each word is split into three int8
+  pieces, w = c (n₀ + n₁/254 + n₂/254²), and the region–word products are one int8 matrix
+  product with exact int32 sums. Three pieces keep 24 bits of each word, as many as fp32 has,
+  so the similarities are as close to the exact ones as an fp32 product's, and the query reads
+  its candidates' int8 values once instead of widening them to four times their size.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
@@ -52,9 +59,14 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 21
 # Captions per block: few enough that cutting a block to its longest caption removes most padding,
 # and blocks then grow along the images, which keeps the GEMM wide.
 CAPTION_BLOCK = 16
-# Decoded regions of one block of images: at most this share of ``block_elements`` (1 MiB of fp32
-# by default), so they stay in a core's L2 cache while every caption block is scored against them.
+# Regions of one block of images: at most this share of ``block_elements`` fp32 values (1 MiB by
+# default), so they stay in a core's L2 cache while they are widened, normed and scored against
+# every caption block. int8 regions multiplied in integers are read once, by one product: their
+# block holds as many images as its similarities allow.
 REGION_SHARE = 8
+# int8 pieces per word value in the integer products (module docstring): 3 x ~8 bits.
+WORD_PIECES = 3
+PIECE_STEP = 254  # each piece counts the last one's rounding (at most half its step) in 254ths
 
 
 @dataclass
@@ -118,6 +130,40 @@ def _ops(inplace: bool) -> tuple[Callable, Callable]:
 
 
 @dataclass
+class _IntegerWords:
+    """One caption's words ``(L, D)`` as :data:`WORD_PIECES` int8 pieces each,
+    ``w = Σ_p weight_p n_p``, to multiply int8 vectors in integers: the int32 sums are exact, and
+    the pieces keep the words to fp32's precision (the last piece's rounding is at most ~2⁻²⁴ of
+    a word's largest value). With more captions the fp32 product of widened blocks is faster.
+    """
+
+    pieces: torch.Tensor  # (L · P, D) int8, word-major
+    weights: torch.Tensor  # (L, L · P): word l's row holds its pieces' weights, zeros elsewhere
+
+    @classmethod
+    def of(cls, words: torch.Tensor) -> _IntegerWords:
+        rest = words.double()
+        step = rest.abs().amax(dim=1, keepdim=True) / 127
+        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero (padded) word
+        pieces, weights = [], []
+        for _ in range(WORD_PIECES):
+            piece = torch.round(rest / step)
+            rest = rest - piece * step
+            pieces.append(piece.to(torch.int8))
+            weights.append(step)
+            step = step / PIECE_STEP
+        own = torch.eye(len(words), dtype=torch.float32, device=words.device)[:, :, None]
+        spread = own * torch.cat(weights, dim=1).float()[:, None, :]  # (L, L, P)
+        return cls(torch.stack(pieces, dim=1).flatten(0, 1), spread.flatten(1))
+
+    def times(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(L, M)`` products with int8 ``vectors`` ``(M, D)``: one int8 product (vectors first:
+        the faster order), then each word's pieces weighted together."""
+        counts = torch._int_mm(vectors, self.pieces.T)  # (M, L · P) int32, exact
+        return self.weights @ counts.float().T
+
+
+@dataclass
 class _Captions:
     """A block of captions cut to its longest, with everything scoring needs from words alone.
 
@@ -132,6 +178,21 @@ class _Captions:
     probe: torch.Tensor
     gram: torch.Tensor | None = None
     norms: torch.Tensor | None = None
+    integer: _IntegerWords | None = None  # the probe in int8 pieces, made for int8 regions
+
+    def similarities(self, regions: torch.Tensor) -> torch.Tensor:
+        """``(T, L, I, K)`` products of the probe with regions ``(I, K, d)``: fp32, or int8
+        multiplied in integers (one caption; its pieces are made once)."""
+        n_img, n_reg, dim = regions.shape
+        flat = regions.reshape(-1, dim)
+        if regions.dtype == torch.int8:
+            if self.integer is None:
+                (words,) = self.probe
+                self.integer = _IntegerWords.of(words)
+            sims = self.integer.times(flat)
+        else:
+            sims = self.probe.reshape(-1, dim) @ flat.T
+        return sims.view(*self.probe.shape[:2], n_img, n_reg)
 
     @classmethod
     def of(cls, columns, words, mask, direction: str, basis: Basis | None = None) -> _Captions:
@@ -182,10 +243,10 @@ def _block_scores(
 
     ``regions`` ``(I, K, D)`` are fp32 features or coordinates in a basis (then ``captions.probe``
     holds the words in it, and ``own_words`` ``(T, L, I, e)`` the words along each image's own
-    rows), times ``scales`` ``(I, K)`` where given: a region's scale multiplies its similarities
-    and its part in the attended vectors, far fewer numbers than the region's own.
-    ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local cosines are
-    ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
+    rows), or int8 values (i2t only), times ``scales`` ``(I, K)`` where given: a region's scale
+    multiplies its similarities and its part in the attended vectors, far fewer numbers than the
+    region's own. ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local
+    cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = captions.words.shape
@@ -193,8 +254,7 @@ def _block_scores(
         torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
     )
     mul, _ = _ops(inplace)
-    probe = captions.probe.reshape(-1, dim)
-    sims = (probe @ regions.reshape(-1, dim).T).view(n_txt, n_words, n_img, n_reg)
+    sims = captions.similarities(regions)
     if own_words is not None:  # the own rows' term: word along row j times region coordinate j
         shared = dim - own_words.shape[3]
         for j in range(own_words.shape[3]):
@@ -263,15 +323,19 @@ def level_scores(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     basis: Basis | None = None,
     scales: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Score every image against every caption at one level: ``(I, K, D) × (T, L, D) → (I, T)``.
 
     Regions may be stored values: any float or int8 dtype, times per-region ``scales`` ``(I, K)``
     where given, and coordinates ``(I, K, d + e)`` in ``basis`` where given; they score exactly as
-    their fp32 features do. They are decoded a block of images at a time, small enough to stay in
-    a core's cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so
-    a gallery's candidates never pass through memory at full width. Blocks hold at most
-    ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
+    their fp32 features do. ``norms`` ``(I, K)``, where given, are the norms of the regions as
+    they score (times their scales): image → text attention needs them, and they are not taken
+    again. Regions are decoded a block of images at a time, small enough to stay in a core's
+    cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so a
+    gallery's candidates never pass through memory at full width; int8 regions with their norms
+    are not decoded at all (module docstring). Blocks hold at most ``block_elements``
+    region–word similarities, so memory stays bounded for any gallery size.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
@@ -279,12 +343,23 @@ def level_scores(
     n_img, n_reg, dim = regions.shape
     captions = _caption_blocks(words, word_mask, n_reg, block_elements, direction, basis)
     widest = max((c.words.shape[0] * c.words.shape[1] * n_reg for c in captions), default=1)
-    region_elements = max(1, block_elements // REGION_SHARE)
-    img_step = max(1, min(block_elements // widest, region_elements // (n_reg * dim)))
+    integer = (  # a query's candidates against its caption (_IntegerWords)
+        regions.dtype == torch.int8
+        and words.dtype == torch.float32
+        and words.shape[0] == 1
+        and regions.device.type == "cpu"
+        and direction == "i2t"
+        and norms is not None
+    )
+    widen = regions.dtype != words.dtype and not integer
+    img_step = max(1, block_elements // widest)
+    if not integer:  # blocks of regions that stay in cache while they are widened and scored
+        region_elements = max(1, block_elements // REGION_SHARE)
+        img_step = max(1, min(img_step, region_elements // (n_reg * dim)))
     out = words.new_empty(n_img, words.shape[0])
     own = None if basis is None else basis.own
     widened = None  # one buffer for every block: its memory stays in cache
-    if regions.dtype != words.dtype:
+    if widen:
         widened = torch.empty(
             (min(img_step, n_img), n_reg, dim), dtype=words.dtype, device=words.device
         )
@@ -294,16 +369,18 @@ def level_scores(
         if widened is not None:  # int8 and fp16 widen here
             block = widened[: len(block)].copy_(block)
         scale = None if scales is None else scales[part].to(words.dtype)
-        norms = None
-        if direction == "i2t":
-            norms = torch.linalg.vector_norm(block, dim=2)
-            norms = norms if scale is None else norms.mul_(scale)
+        block_norms = None
+        if direction == "i2t" and norms is not None:
+            block_norms = norms[part].to(words.dtype)
+        elif direction == "i2t":
+            block_norms = torch.linalg.vector_norm(block, dim=2)
+            block_norms = block_norms if scale is None else block_norms.mul_(scale)
         for caption in captions:
             own_words = None
             if own is not None:
                 own_words = torch.einsum("tlD,ieD->tlie", caption.words, own[part])
             scores = _block_scores(
-                block, norms, caption, lambda_softmax, direction, slope, own_words, scale
+                block, block_norms, caption, lambda_softmax, direction, slope, own_words, scale
             )[0]
             out[part, caption.columns] = scores
     return out
@@ -319,20 +396,21 @@ def hierarchical_scores(
     block_elements: int = DEFAULT_BLOCK_ELEMENTS,
     bases: list[Basis | None] | None = None,
     scales: list[torch.Tensor | None] | None = None,
+    norms: list[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Per-level scores ``(num_levels, I, T)``; the HAT pair score is their sum over levels.
 
-    ``bases`` and ``scales``: per level, the basis that level's regions are coordinates in and
-    their per-region scales (None where there are none); see :func:`level_scores`.
+    ``bases``, ``scales`` and ``norms``: per level, the basis that level's regions are
+    coordinates in, their per-region scales and their norms (None where there are none); see
+    :func:`level_scores`.
     """
     if len(image_levels) != len(text_levels):
         raise ValueError(f"{len(image_levels)} image levels but {len(text_levels)} text levels")
-    bases = bases or [None] * len(text_levels)
-    scales = scales or [None] * len(text_levels)
+    per_level = [x or [None] * len(text_levels) for x in (bases, scales, norms)]
     return torch.stack(
         [
-            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, b, s)
-            for v, t, b, s in zip(image_levels, text_levels, bases, scales, strict=True)
+            level_scores(v, t, word_mask, lambda_softmax, direction, slope, block_elements, b, s, n)
+            for v, t, b, s, n in zip(image_levels, text_levels, *per_level, strict=True)
         ]
     )
 

@@ -47,12 +47,14 @@ class ImageFeatures:
     A gallery hands out levels as stored, which scoring decodes a block at a time (see
     :func:`hat.alignment.level_scores`): fp16 or int8 values, times per-region ``scales[i]``
     ``(N, K_i)`` where given, or coordinates ``(N, K_i, d + e)`` in an orthonormal basis
-    ``bases[i]`` (:class:`hat.alignment.Basis`). :meth:`expanded` gives the fp32 features.
+    ``bases[i]`` (:class:`hat.alignment.Basis`), with the regions' norms ``norms[i]``
+    ``(N, K_i)`` where the gallery stores them. :meth:`expanded` gives the fp32 features.
     """
 
     levels: list[torch.Tensor]
     bases: list[Basis | None] | None = None
     scales: list[torch.Tensor | None] | None = None
+    norms: list[torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return self.levels[0].shape[0]
@@ -61,18 +63,19 @@ class ImageFeatures:
     def _each(per_level: list | None, method: Callable) -> list | None:
         return None if per_level is None else [x if x is None else method(x) for x in per_level]
 
-    def _map(self, levels: Callable, bases: Callable, scales: Callable) -> ImageFeatures:
+    def _map(self, tensors: Callable, bases: Callable) -> ImageFeatures:
         return ImageFeatures(
-            [levels(x) for x in self.levels],
+            [tensors(x) for x in self.levels],
             self._each(self.bases, bases),
-            self._each(self.scales, scales),
+            self._each(self.scales, tensors),
+            self._each(self.norms, tensors),
         )
 
     def __getitem__(self, index) -> ImageFeatures:
-        return self._map(lambda x: x[index], lambda b: b[index], lambda s: s[index])
+        return self._map(lambda x: x[index], lambda b: b[index])
 
     def to(self, device: torch.device | str) -> ImageFeatures:
-        return self._map(*[lambda x: x.to(device)] * 3)
+        return self._map(*[lambda x: x.to(device)] * 2)
 
     def expanded(self) -> ImageFeatures:
         """The same features as fp32 tensors in the model's feature space."""
@@ -255,7 +258,9 @@ class HATModel(nn.Module):
                 scores = pooled_level_scores(images.levels, texts.levels, texts.mask)
             else:
                 count = len(images.levels)
-                bases, scales = images.bases or [None] * count, images.scales or [None] * count
+                bases, scales, norms = (
+                    x or [None] * count for x in (images.bases, images.scales, images.norms)
+                )
                 pairs = len(cfg.image_levels)
                 groups = [(slice(0, pairs), cfg.direction)]  # the concept level has its own
                 if self.concepts is not None:
@@ -271,6 +276,7 @@ class HATModel(nn.Module):
                             slope=cfg.leaky_relu_slope,
                             bases=bases[part],
                             scales=scales[part],
+                            norms=norms[part],
                             **kwargs,
                         )
                         for part, direction in groups

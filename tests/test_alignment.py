@@ -133,6 +133,37 @@ def test_regions_given_as_coordinates_in_a_basis_score_exactly_as_expanded(direc
 
 
 @pytest.mark.parametrize("direction", ["i2t", "t2i"])
+def test_int8_regions_with_their_norms_score_as_their_decoded_features(direction):
+    """int8 regions with per-region scales and norms, against many captions and against one
+    caption at a time (a query: for i2t multiplied in integers with the words in int8 pieces,
+    never widened): the scores are the decoded regions' (float64) as closely as fp32 features
+    score, words of very unequal sizes included, in blocks of any size."""
+    g = torch.Generator().manual_seed(7)
+    regions = torch.randn(6, 20, 64, generator=g) + 2 * torch.randn(6, 1, 64, generator=g)
+    scales = (regions.abs().amax(dim=2) / 127).half()
+    values = torch.round(regions / scales.float()[..., None]).clamp(-127, 127).to(torch.int8)
+    decoded = values.double() * scales.double()[..., None]
+    norms = torch.linalg.vector_norm(decoded, dim=2).float()
+    words = torch.randn(40, 9, 64, generator=g) * torch.logspace(-3, 1, 64)
+    mask = torch.arange(9)[None] < torch.randint(1, 10, (40, 1), generator=g)
+    want = level_scores(decoded, words.double(), mask, 9.0, direction)
+    as_fp32 = level_scores(decoded.float(), words, mask, 9.0, direction)
+    tolerance = 2 * max(float((as_fp32 - want).abs().max()), 1e-6)
+
+    def stored(words, mask, **kwargs):
+        return level_scores(
+            values, words, mask, 9.0, direction, scales=scales, norms=norms, **kwargs
+        )
+
+    torch.testing.assert_close(stored(words, mask).double(), want, atol=tolerance, rtol=0)
+    for block in (20 * 9, 20 * 9 * 2, 1 << 21):  # blocks of one, of two and of all images
+        each = torch.cat(
+            [stored(words[t, None], mask[t, None], block_elements=block) for t in range(40)], 1
+        )
+        torch.testing.assert_close(each.double(), want, atol=tolerance, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["i2t", "t2i"])
 def test_align_pair_exposes_the_attention_that_made_the_score(direction):
     images, texts, mask, lengths = random_batch(seed=6)
     words = texts[1, : lengths[1]]

@@ -76,18 +76,28 @@ def test_retrieval_quality_plays_the_pointing_game_per_precision(
         assert abs(games["fp16"]["levels"][level] - hit) < 0.05
 
 
-def test_query_latency_runs_on_a_synthetic_gallery(tiny_checkpoint, tmp_path):
+def test_query_latency_runs_on_a_synthetic_gallery_and_a_real_one(
+    tiny_checkpoint, synthetic_dataset, tmp_path
+):
+    json_path, image_root = synthetic_dataset
     report = run_benchmark(
         "query_latency",
         *("--checkpoint", tiny_checkpoint, "--sizes", 300, "--queries", 3, "--threads", 1),
         *("--candidates", 20, "--out", tmp_path / "l.json"),
+        *("--gallery", f"karpathy:{json_path}:{image_root}:test", "--query-images", 2),
+        *("--gallery-cache", tmp_path / "cache"),
     )
     (size,) = report["sizes"]
     assert size["images"] == 300 and size["runs"][0]["two_stage"]["p50_ms"] > 0
     assert size["first_stage"]["ivf_recall_of_flat_topk"] > 0
-    rerank = size["runs"][0]["rerank"]  # both ways, scores compared on every query
-    assert rerank["fused"]["n"] == rerank["decoded_first"]["n"] == 3
+    rerank = size["runs"][0]["rerank"]  # three ways, scores compared on every query
+    assert rerank["fused"]["n"] == rerank["widened"]["n"] == rerank["decoded_first"]["n"] == 3
     assert rerank["fused_pairs_per_s"] > 0 and rerank["fused_share_of_scorer_rate"] > 0
+    (run,) = report["gallery"]["runs"]  # both ways' hits compared on every caption
+    assert run["text_to_image_new"]["n"] == run["text_to_image_without_stored_norms"]["n"] == 3
+    assert set(run["text_to_image_new"]["parts_p50_ms"]) == {"encode", "candidates", "rerank"}
+    assert run["image_to_text"]["n"] == 2
+    assert set(run["image_to_text"]["encode_split_p50_ms"]) == {"preprocess", "image_tower"}
 
 
 def test_million_gallery_simulates_a_gallery_around_real_images(

@@ -1,6 +1,7 @@
 """Gallery cache: what is stored, when it is reused, invalidated, rebuilt, and extended."""
 
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from hat.gallery import (
 )
 from hat.gallery.codecs import PQ_BYTES, PQCodec, new_codec, training_sample
 from hat.gallery.first_stage import IVF_PROBES, ivf_lists
+from hat.gallery.storage import PREFETCH_GAP, _merged
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
@@ -243,15 +245,34 @@ def test_damaged_pq_codebooks_are_never_used(checkpoint, folder, tmp_path):
     assert not rebuilt.report.cache_hit and rebuilt.report.encoded_images == 5
 
 
+def test_prefetch_asks_for_nearby_rows_in_one_call_and_covers_every_row():
+    rng = np.random.default_rng(0)
+    for row, rows in ((512, 1000), (65536, 1000), (512, 1_000_000)):
+        starts = np.sort(rng.choice(rows, 100, replace=False))
+        counts = rng.integers(1, 3, 100)
+        ranges = _merged(starts, counts, row)
+        for start, count in zip(starts, counts, strict=True):
+            assert any(b <= start * row and (start + count) * row <= e for b, e in ranges)
+        gaps = [b - e for (_, e), (b, _) in itertools.pairwise(ranges)]
+        assert all(gap > PREFETCH_GAP for gap in gaps)  # as few calls as the gap allows
+        if (row, rows) == (512, 1000):  # a small gallery's scales or norms: one call
+            assert len(ranges) == 1
+
+
 def test_ivf_index_above_the_flat_limit_finds_the_nearest_vectors():
     """Clustered vectors (like real embeddings): probing a fraction of the lists finds the
-    exact top-10."""
+    exact top-10. The IVF index holds the vectors as fp16 codes, 2 bytes per value, as they are:
+    the same numbers as the segments' fp16 vectors."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((200, 16))
     vectors = centres[rng.integers(0, 200, 20_000)] + 0.3 * rng.standard_normal((20_000, 16))
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    vectors = vectors.astype(np.float32)
     flat, ivf = build_index(vectors, flat_max=30_000), build_index(vectors, flat_max=10_000)
-    assert type(flat).__name__ == "IndexFlatIP" and type(ivf).__name__ == "IndexIVFFlat"
+    assert type(flat).__name__ == "IndexFlatIP"
+    assert type(ivf).__name__ == "IndexIVFScalarQuantizer" and ivf.code_size == 2 * 16
+    ivf.make_direct_map()
+    np.testing.assert_array_equal(ivf.reconstruct_n(0, 100), vectors[:100])
     assert ivf.nlist == ivf_lists(20_000) > 2 * IVF_PROBES  # a real approximation
     want, got = search_index(flat, vectors[:50], 10), search_index(ivf, vectors[:50], 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(want, got, strict=True)])
@@ -347,6 +368,7 @@ def all_captions(gallery):
     [
         ("image.1.npy", all_images),
         ("image.2.scale.npy", all_images),
+        ("image.0.norm.npy", all_images),
         ("text.0.npy", all_captions),
         ("text.1.scale.npy", all_captions),
         ("image.embedding.npy", lambda gallery: gallery.embeddings("image")),

@@ -76,10 +76,15 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache", settings=settings)
     searcher = Searcher(gallery, Encoder.from_pretrained(ckpt))
     ids = [4, 0, 2, 1]
-    ((_, stored),) = gallery.image_parts(ids)
+    ((positions, stored),) = gallery.image_parts(ids)  # in file order
     assert [x.dtype for x in stored.levels] == [STORED_AS[precision]] * gallery.num_levels
     assert (stored.scales is not None) == (precision == "int8")
     decoded = gallery.image_features(ids)
+    if precision != "int8":  # normed as they are scored
+        assert stored.norms is None
+    else:  # the norms of the regions as they score, stored with them
+        for norms, regions in zip(stored.norms, decoded[positions].levels, strict=True):
+            torch.testing.assert_close(norms, torch.linalg.vector_norm(regions, dim=2))
     text = searcher.encoder.encode_caption("a square of colour 3")
     want = searcher.model.level_scores(decoded, text)[:, :, 0]
     torch.testing.assert_close(searcher.score_images(ids, text), want, atol=1e-5, rtol=0)

@@ -9,12 +9,13 @@ build settings (:func:`gallery_key` hashes all three)::
     caption_image.npy          caption j -> image i
     image.faiss, text.faiss    first-stage indexes over the global vectors
     segments/<name>/           immutable .npy arrays of one encoding run (memory-mapped):
-        image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy for int8;
+        image.<level>.npy      (rows, regions, D) int8 / fp16 / fp32, + .scale.npy and
+                               .norm.npy (rows, regions; the norms as scored, fp32) for int8;
                                (rows, regions, 32) codes for pq, + .mean.npy (rows, D) and
                                .codec.npy (PCA + codebooks)
         text.<level>.npy       (tokens, D) real tokens of all captions back to back, likewise
         text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
-        image.embedding.npy, text.embedding.npy   first-stage vectors (fp32)
+        image.embedding.npy, text.embedding.npy   first-stage vectors (fp16)
         image.xxh3.npy, text.xxh3.npy   per image / caption: digest of its features, of its vector
 
 The whole directory is staged and renamed into place, so a reader never sees half of it; opening

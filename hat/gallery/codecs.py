@@ -53,6 +53,9 @@ class Codec:
     value_dtype: type
     side: str | None = None
     needs_training = False
+    # Image regions' norms as scored, stored beside them: int8 only, where they let a query's
+    # candidates be scored without widening them (floats are normed in cache as they are scored).
+    stores_norms = False
 
     def __init__(self, dim: int):
         self.dim = dim
@@ -101,7 +104,7 @@ class FloatCodec(Codec):
 
 
 class Int8Codec(Codec):
-    precision, value_dtype, side = "int8", np.int8, "scale"
+    precision, value_dtype, side, stores_norms = "int8", np.int8, "scale", True
 
     def side_shape(self, leading: tuple[int, ...]) -> tuple[int, ...]:
         return leading
@@ -121,6 +124,13 @@ class Int8Codec(Codec):
         """The int8 values and their scales, as stored (decoded block by block as scored)."""
         as_tensor = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
         return *as_tensor, None
+
+    def norms(self, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+        """fp32 norms ``(...)`` of the vectors as scored: of their values, times their scales,
+        computed as :func:`hat.alignment.level_scores` takes them when they are not given, so
+        that stored norms leave every score as it was."""
+        values, scales = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
+        return torch.linalg.vector_norm(values.float(), dim=-1).mul_(scales.float()).numpy()
 
 
 class PQCodec(Codec):

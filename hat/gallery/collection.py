@@ -23,7 +23,9 @@ from hat.training_state import STATE_NAME, TENSORS_NAME
 # pq (format 2 too) adds codes and trained codebooks per level; other precisions are unchanged.
 # 3: pq stores each image's mean region (image.<level>.mean.npy) and codes its regions'
 # differences from it.
-FORMAT_VERSION = 3
+# 4: int8 image levels store their regions' norms (image.<level>.norm.npy, fp32, in the row
+# digest); first-stage vectors are fp16, and an IVF index holds them as fp16 too.
+FORMAT_VERSION = 4
 KARPATHY_PREFIX = "karpathy:"
 CAPTIONS_WITHOUT_IMAGES = "captions_without_images.txt"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}

@@ -135,8 +135,9 @@ class Gallery:
     def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
         the values as stored (int8 with ``ImageFeatures.scales``, fp16, or a compressed
-        segment's coordinates in its own ``ImageFeatures.bases``): scoring decodes them a
-        cache-sized block at a time, so the candidates never pass through memory in fp32."""
+        segment's coordinates in its own ``ImageFeatures.bases``), with the region norms the
+        gallery stores: scoring decodes them a cache-sized block at a time (int8 not at all),
+        so the candidates never pass through memory in fp32."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
@@ -144,14 +145,16 @@ class Gallery:
         out = []
         for seg, positions in by_segment:
             segment = self.segments[seg]
-            stored = segment.read_images(rows[positions, 1], self.checked)
+            stored, norms = segment.read_images(rows[positions, 1], self.checked)
             levels, scales, bases = zip(
                 *(segment.for_scoring("image", i, values) for i, values in enumerate(stored)),
                 strict=True,
             )
-            out.append(
-                (positions, ImageFeatures(list(levels), _unless_none(bases), _unless_none(scales)))
+            norms = [None if n is None else torch.from_numpy(n) for n in norms]
+            features = ImageFeatures(
+                list(levels), _unless_none(bases), _unless_none(scales), _unless_none(norms)
             )
+            out.append((positions, features))
         return out
 
     def text_features(self, ids: Sequence[int]) -> TextFeatures:

@@ -30,11 +30,18 @@ from hat.gallery.manifest import Manifest
 from hat.model import ImageFeatures, TextFeatures
 
 KINDS = ("image", "text")
-# Columns of a segment's ``<kind>.xxh3.npy``: one digest over a row's features (every level,
-# values then side arrays), one over its first-stage vector.
+# Columns of a segment's ``<kind>.xxh3.npy``: one digest over a row's features (every level's
+# values and side array, then every level's region norms where stored), one over its
+# first-stage vector.
 FEATURES, EMBEDDING = 0, 1
 Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and side array of every level
+Norms = list[np.ndarray | None]  # region norms of every image level (None: not stored)
 CODEBOOKS = "codec.npy"  # suffix of a level's trained codec (serialised faiss), pq only
+NORMS = "norm"  # infix of a level's stored region norms: image.<level>.norm.npy
+# Rows to prefetch closer than this many bytes are asked for in one system call (the kernel
+# reads ahead about as far anyway): a query's 100 scales or norms of a small gallery, one call.
+PREFETCH_GAP = 1 << 17
+EMBEDDING_DTYPE = np.float16  # first-stage vectors: unit length; fp16 keeps each value to 5e-4
 
 
 def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
@@ -50,8 +57,11 @@ def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
     return out
 
 
-def _flat(stored: Stored) -> list[np.ndarray]:
-    return [a for pair in stored for a in pair if a is not None]
+def _flat(stored: Stored, norms: Norms = ()) -> list[np.ndarray]:
+    """What a row's feature digest covers, in order."""
+    return [a for pair in stored for a in pair if a is not None] + [
+        n for n in norms if n is not None
+    ]
 
 
 def _npy(path: Path) -> np.ndarray:
@@ -66,18 +76,28 @@ def _prefetch(array: np.ndarray, starts: np.ndarray, counts: np.ndarray) -> None
     cost nothing.
     Only a hint: a file removed meanwhile (a damaged gallery discarded) is still mapped and read.
     """
-    if not isinstance(array, np.memmap) or not hasattr(os, "posix_fadvise"):
+    if not isinstance(array, np.memmap) or not hasattr(os, "posix_fadvise") or not len(starts):
         return
-    row = array.strides[0]
     try:
         fd = os.open(array.filename, os.O_RDONLY)
     except FileNotFoundError:
         return
     try:
-        for start, count in zip(starts.tolist(), counts.tolist(), strict=True):
-            os.posix_fadvise(fd, array.offset + start * row, count * row, os.POSIX_FADV_WILLNEED)
+        for begin, end in _merged(starts, counts, array.strides[0]):
+            os.posix_fadvise(fd, array.offset + begin, end - begin, os.POSIX_FADV_WILLNEED)
     finally:
         os.close(fd)
+
+
+def _merged(starts: np.ndarray, counts: np.ndarray, row: int) -> list[tuple[int, int]]:
+    """Byte ranges of rows ``starts[i] : starts[i] + counts[i]``, those at most
+    :data:`PREFETCH_GAP` apart asked for as one (small rows of a small gallery: one call)."""
+    order = np.argsort(starts, kind="stable")
+    begins, ends = starts[order] * row, (starts[order] + counts[order]) * row
+    reach = np.maximum.accumulate(ends)
+    first = np.concatenate([[0], np.flatnonzero(begins[1:] - reach[:-1] > PREFETCH_GAP) + 1])
+    last = np.concatenate([first[1:] - 1, [len(begins) - 1]])
+    return list(zip(begins[first].tolist(), reach[last].tolist(), strict=True))
 
 
 class Segment:
@@ -120,10 +140,20 @@ class Segment:
 
         self.image = [pair("image", i) for i in range(levels)]
         self.text = [pair("text", i) for i in range(levels)]
+        self.image_norms: Norms = [
+            self._map(f"image.{i}.{NORMS}.npy", np.float32, rows["image"], values.shape[1])
+            if codec.stores_norms
+            else None
+            for i, (codec, (values, _)) in enumerate(
+                zip(self.codecs["image"], self.image, strict=True)
+            )
+        ]
         width = manifest.embedding_dim
-        self.image_embedding = self._map("image.embedding.npy", np.float32, rows["image"], width)
+        self.image_embedding = self._map(
+            "image.embedding.npy", EMBEDDING_DTYPE, rows["image"], width
+        )
         self.text_embedding = self._map(
-            "text.embedding.npy", np.float32, len(self.offsets) - 1, width
+            "text.embedding.npy", EMBEDDING_DTYPE, len(self.offsets) - 1, width
         )
 
     def _codec(self, precision: str, dim: int, name: str, load: Callable) -> Codec:
@@ -162,10 +192,9 @@ class Segment:
 
     def prefetch(self, kind: str, starts: np.ndarray, counts: np.ndarray) -> None:
         """Start reading rows ``starts[i] : starts[i] + counts[i]`` of every level of ``kind``."""
-        for values, side in getattr(self, kind):
-            for array in (values, side):
-                if array is not None:
-                    _prefetch(array, starts, counts)
+        norms = self.image_norms if kind == "image" else []
+        for array in _flat(getattr(self, kind), norms):
+            _prefetch(array, starts, counts)
 
     def _check(self, kind: str, column: int, rows: np.ndarray, parts, bounds: np.ndarray) -> None:
         bad = rows[row_digests(parts, bounds) != self.digests[kind][rows, column]]
@@ -175,12 +204,14 @@ class Segment:
                 None, f"{kind} {what} {bad[:5].tolist()} do not match their checksums"
             )
 
-    def read_images(self, rows: np.ndarray, check: bool = True) -> Stored:
-        """Stored values (and side arrays) of image ``rows``, every level, checked row by row."""
+    def read_images(self, rows: np.ndarray, check: bool = True) -> tuple[Stored, Norms]:
+        """Stored values (and side arrays) and region norms of image ``rows``, every level,
+        checked row by row."""
         stored = [(v[rows], None if s is None else s[rows]) for v, s in self.image]
+        norms = [None if n is None else n[rows] for n in self.image_norms]
         if check:
-            self._check("image", FEATURES, rows, _flat(stored), np.arange(len(rows) + 1))
-        return stored
+            self._check("image", FEATURES, rows, _flat(stored, norms), np.arange(len(rows) + 1))
+        return stored, norms
 
     def read_captions(self, rows: np.ndarray, tokens: np.ndarray, check: bool = True) -> Stored:
         """Stored token values of captions ``rows`` (``tokens``: their flat token indices, in
@@ -236,8 +267,8 @@ class SegmentWriter:
         for level, shape in enumerate(image_shapes):
             self._create_level("image", level, (num_images, shape[0]))
             self._create_level("text", level, (num_tokens,))
-        self._create("image.embedding", np.float32, (num_images, embedding_dim))
-        self._create("text.embedding", np.float32, (len(caption_lengths), embedding_dim))
+        self._create("image.embedding", EMBEDDING_DTYPE, (num_images, embedding_dim))
+        self._create("text.embedding", EMBEDDING_DTYPE, (len(caption_lengths), embedding_dim))
         rows = {"image": num_images, "text": len(caption_lengths)}
         self.digests = {kind: np.zeros((rows[kind], 2), dtype=np.uint64) for kind in KINDS}
 
@@ -251,6 +282,8 @@ class SegmentWriter:
         side = codec.side_shape(leading)
         if side is not None:
             self._create(f"{kind}.{level}.{codec.side}", np.float16, side)
+        if kind == "image" and codec.stores_norms:
+            self._create(f"{kind}.{level}.{NORMS}", np.float32, leading)
 
     def _ready(self, kind: str) -> bool:
         return all(not c.needs_training or c.trained for c in self.codecs[kind])
@@ -283,24 +316,29 @@ class SegmentWriter:
 
     def _write_rows(self, kind: str, rows, items, stored: Stored, embedding, bounds) -> None:
         """Store ``rows`` of ``kind``: their encoded levels at ``items`` (image rows, or caption
-        tokens with row r owning ``bounds[r]:bounds[r + 1]``), their first-stage vectors, and
-        the digests of both, taken from the bytes as stored."""
-        parts = []
-        for level, pair in enumerate(stored):
-            values, side = (None if a is None else np.ascontiguousarray(a) for a in pair)
+        tokens with row r owning ``bounds[r]:bounds[r + 1]``) with the regions' norms, their
+        first-stage vectors, and the digests of both, taken from the bytes as stored."""
+        contiguous = [
+            tuple(None if a is None else np.ascontiguousarray(a) for a in pair) for pair in stored
+        ]
+        norms: Norms = []
+        for level, (values, side) in enumerate(contiguous):
+            codec = self.codecs[kind][level]
             self.arrays[f"{kind}.{level}"][items] = values
-            parts.append(values)
             if side is not None:
-                self.arrays[f"{kind}.{level}.{self.codecs[kind][level].side}"][items] = side
-                parts.append(side)
-        vectors = np.ascontiguousarray(np.asarray(embedding, dtype=np.float32))
+                self.arrays[f"{kind}.{level}.{codec.side}"][items] = side
+            if kind == "image" and codec.stores_norms:
+                norms.append(codec.norms(values, side))
+                self.arrays[f"{kind}.{level}.{NORMS}"][items] = norms[-1]
+        vectors = np.ascontiguousarray(np.asarray(embedding, dtype=EMBEDDING_DTYPE))
         self.arrays[f"{kind}.embedding"][rows] = vectors
-        self.digests[kind][rows, FEATURES] = row_digests(parts, bounds)
+        self.digests[kind][rows, FEATURES] = row_digests(_flat(contiguous, norms), bounds)
         self.digests[kind][rows, EMBEDDING] = row_digests([vectors], np.arange(len(vectors) + 1))
 
     def put_encoded_images(self, rows: np.ndarray, stored: Stored, embedding: np.ndarray) -> None:
         """Store image rows already encoded by this writer's codecs (values and side arrays of every
-        level, as :meth:`Segment.read_images` returns them): copies, synthetic galleries."""
+        level, as :meth:`Segment.read_images` returns them; their norms are taken from them):
+        copies, synthetic galleries."""
         if not self._ready("image"):
             raise ValueError("the image codecs are not trained yet")
         self._write_rows("image", rows, rows, stored, embedding, np.arange(len(rows) + 1))
