@@ -208,10 +208,17 @@ class DemoEngine:
             for n, (image, text) in enumerate(self.level_layers()[: len(cfg.image_levels)])
         ]
         if (concepts := cfg.concept_config) is not None:
+            gate = ""
+            if concepts.gate_level is not None:
+                gate = (
+                    " × the image's novelty gate: 0 for images like the training ones, 1 for "
+                    f"images far from them; the other levels weigh 1 − {concepts.gate_damping:g} "
+                    "× gate"
+                )
             lines.append(
                 f"- **level {cfg.num_levels}**: {concepts.label}: the ImageNet classifier's class "
                 f"maps weighting its 1,000 class texts ↔ text `{cfg.text_backbone}` layer "
-                f"{concepts.text_level} (weight {concepts.weight:g})"
+                f"{concepts.text_level} (weight {concepts.weight:g}{gate})"
             )
         return "\n".join(lines)
 
