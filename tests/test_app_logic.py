@@ -26,6 +26,7 @@ from hat.demo.uploads import (
     write_captions,
 )
 from hat.demo_build.examples import choose_examples, spread
+from hat.gallery import CorruptionError
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 
@@ -359,6 +360,30 @@ def test_a_damaged_builtin_gallery_is_never_served_but_rebuilt(tmp_path):
         assert engine.search_text(caption, 5, BUILTIN).rows == expected
     finally:
         engine.close()
+
+
+def test_a_closed_demo_starts_no_repair_and_finishes_the_one_under_way(tmp_path):
+    """A closed engine's background check may still find damage (a new engine may be using the
+    cache by then): it must rebuild nothing; a rebuild started before the close is waited for."""
+    checkpoint, gallery = write_demo_assets(tmp_path)
+
+    def start():
+        return DemoEngine(checkpoint, gallery, tmp_path / "cache", tmp_path / "tmp", progress=False)
+
+    def damage(engine):
+        directory = engine.gallery.directory
+        victim = next((directory / "segments").glob("*/image.2.npy"))
+        return CorruptionError(directory, victim.relative_to(directory).as_posix(), "changed")
+
+    engine = start()
+    engine.close()
+    engine.builtin.damaged(engine.gallery, damage(engine))
+    assert not engine.builtin.status.startswith("rebuild") and engine.gallery.directory.is_dir()
+    engine = start()
+    engine.builtin.damaged(engine.gallery, damage(engine))
+    engine.close()
+    assert engine.builtin.status.startswith("rebuilt")
+    assert engine.gallery.directory.is_dir()
 
 
 def test_every_file_is_checked_in_the_background_after_start_up(engine):

@@ -50,6 +50,8 @@ class BuiltinGallery:
         self.searcher = searcher(self.gallery)
         self.status = CHECKING
         self._usable = True
+        self._closed = False
+        self._rebuild_thread: threading.Thread | None = None
         self._lock = threading.Lock()
         threading.Thread(target=self._verify, args=(self.gallery,), daemon=True).start()
 
@@ -75,15 +77,28 @@ class BuiltinGallery:
             if gallery is self.gallery and self.status == CHECKING:
                 self.status = VERIFIED
 
+    def close(self) -> None:
+        """From now on, damage found (by the background check still running, say) starts no
+        rebuild, and a rebuild under way is waited for: a closed demo must not discard or
+        rewrite a cache that a new one may be using."""
+        with self._lock:
+            self._closed = True
+            running = self._rebuild_thread
+        if running is not None:
+            running.join()
+
     def damaged(self, gallery: Gallery, error: CacheError) -> None:
         """Stop using ``gallery`` (if it is still the current one) and rebuild it."""
         with self._lock:
-            if gallery is not self.gallery or not self._usable:
+            if gallery is not self.gallery or not self._usable or self._closed:
                 return
             self._usable = False
             self.status = f"rebuilding: {_damage(error)}"
+            self._rebuild_thread = threading.Thread(
+                target=self._rebuild, args=(gallery, error), daemon=True
+            )
+            self._rebuild_thread.start()  # (a close from now on waits for it)
         _log(f"the built-in gallery is damaged ({error}); rebuilding it")
-        threading.Thread(target=self._rebuild, args=(gallery, error), daemon=True).start()
 
     def _rebuild(self, gallery: Gallery, error: CacheError) -> None:
         if isinstance(error, CorruptionError):

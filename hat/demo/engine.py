@@ -471,6 +471,8 @@ class DemoEngine:
         ]
 
     def close(self) -> None:
-        """Remove the demo's temporary folder (all session galleries)."""
+        """Stop the built-in gallery's background repairs and remove the demo's temporary folder
+        (all session galleries)."""
+        self.builtin.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         self._owner.release()
