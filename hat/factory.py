@@ -6,7 +6,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from hat.config import HATConfig, get_preset
@@ -98,6 +97,6 @@ def add_concepts(
 
 
 def gate_descriptors(features: ImageFeatures, gate_level: int) -> torch.Tensor:
-    """Descriptors of images for a concept gate (:class:`hat.concepts.NoveltyGate`): each
-    image's mean region at level ``gate_level`` (numbered from 1), unit length."""
-    return F.normalize(features.mean_region(gate_level - 1), dim=-1)
+    """Descriptors of images for a concept gate (:class:`hat.concepts.NoveltyGate`, which
+    takes them to unit length): each image's mean region at level ``gate_level`` (from 1)."""
+    return features.mean_region(gate_level - 1)

@@ -93,11 +93,13 @@ class ImageFeatures:
     def mean_region(self, level: int) -> torch.Tensor:
         """``(N, D)`` fp32: each image's mean region at ``level`` (0-based), from the stored
         values (the mean is taken before decoding: scales and bases are linear)."""
-        x = self.levels[level].float()
+        x = self.levels[level]
         scales = self.scales[level] if self.scales else None
-        mean = x.mean(1) if scales is None else torch.einsum("nkd,nk->nd", x, scales.float())
-        if scales is not None:
-            mean /= x.shape[1]
+        if scales is None:
+            mean = x.mean(1, dtype=torch.float32)
+        else:  # a batched (1, K) @ (K, D) product: a third of einsum's time on int8 here
+            weights = scales.float()[:, None, :] / x.shape[1]
+            mean = torch.bmm(weights, x.float())[:, 0]
         basis = self.bases[level] if self.bases else None
         return mean if basis is None else basis.expand(mean[:, None])[:, 0]
 
