@@ -62,6 +62,39 @@ def fingerprint_cost(folder: Path, repeats: int = 5) -> dict:
     }
 
 
+def concept_level_cost(model, pixels: torch.Tensor, batch_size: int, repeats: int) -> dict:
+    """Encoding time per image with the concept level against the three backbone levels alone,
+    and the teacher's share as loaded (plain) and as it runs (rewritten for inference:
+    ``hat.teacher_inference``), interleaved in one run."""
+    regions = model.concepts.regions
+    batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+
+    def each(fn):
+        return torch.inference_mode()(lambda: [fn(batch) for batch in batches])
+
+    def teacher_input(batch: torch.Tensor) -> torch.Tensor:
+        raw = batch * regions.std + regions.mean
+        return (raw - 0.5) / 0.5
+
+    variants = {
+        "three_levels": each(lambda b: model.image_head(model.image_tower(b))),
+        "with_concepts": each(model.encode_image),
+        "teacher_plain": each(lambda b: regions.teacher.forward_features(teacher_input(b))),
+        "teacher_rewritten": each(
+            lambda b: regions.inference_teacher(b.shape[-2:]).forward_features(
+                teacher_input(b).contiguous(memory_format=torch.channels_last)
+            )
+        ),
+    }
+    times = interleaved(variants, repeats)
+    ms = {name: 1000 * float(np.median(t)) / len(pixels) for name, t in times.items()}
+    return {
+        "ms_per_image": {name: round(v, 1) for name, v in ms.items()},
+        "with_concepts_over_three_levels": round(ms["with_concepts"] / ms["three_levels"], 3),
+        "teacher_plain_over_rewritten": round(ms["teacher_plain"] / ms["teacher_rewritten"], 2),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=64)
@@ -120,6 +153,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"{report['build_images_per_s']} img/s: {100 * report['build_over_forward']:.0f}% "
         f"(median of rounds {100 * report['build_over_forward_median_of_rounds']:.0f}%)"
     )
+    if model.concepts is not None:
+        report["concept_level"] = concept_level_cost(model, pixels, args.batch_size, args.repeats)
+        print(f"concept level: {report['concept_level']}")
     galleries = {precision: build(precision) for precision in PRECISIONS}
     report["bytes_per_image"] = {p: round(g.bytes_per_image()) for p, g in galleries.items()}
     print(f"bytes per image: {report['bytes_per_image']}")

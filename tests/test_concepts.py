@@ -1,5 +1,7 @@
 """The concept path: teacher loading, class texts, the concept table and concept regions."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -21,6 +23,7 @@ from hat.encoder import Encoder
 from hat.factory import add_concepts, gate_descriptors
 from hat.model import HATModel, ImageFeatures
 from tests.test_app_logic import write_demo_assets
+from tests.test_teacher_inference import with_trained_norms
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -101,6 +104,28 @@ def test_regions_are_the_class_probabilities_times_the_table(teacher):
     concepts.temperature = 1e-4
     top = logits.argmax(-1)
     torch.testing.assert_close(concepts(pixels), table[top], rtol=1e-3, atol=1e-3)
+
+
+def test_the_teacher_runs_rewritten_for_inference_and_follows_new_weights(teacher):
+    """The rewritten copy (hat.teacher_inference) is made once per input size and again from
+    whatever weights the teacher loads; it is never part of the saved state."""
+    concepts = ConceptRegions(copy.deepcopy(teacher), torch.randn(1000, 8), 1.0, MEAN, STD)
+    pixels = torch.randn(2, 3, 64, 64)
+
+    def plain(net):
+        raw = pixels * torch.tensor(STD).view(1, 3, 1, 1) + torch.tensor(MEAN).view(1, 3, 1, 1)
+        return net.classifier(net.forward_features((raw - 0.5) / 0.5).flatten(2).transpose(1, 2))
+
+    torch.testing.assert_close(concepts.class_maps(pixels), plain(teacher), rtol=1e-4, atol=1e-4)
+    rewritten = concepts.inference_teacher((64, 64))
+    assert rewritten is concepts.inference_teacher((64, 64))
+    assert rewritten is not concepts.inference_teacher((96, 96))
+    trained = with_trained_norms(teacher)
+    concepts.teacher.load_state_dict(trained.state_dict())
+    torch.testing.assert_close(concepts.class_maps(pixels), plain(trained), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain(trained), plain(teacher), atol=1e-2)
+    saved = concepts.state_dict()
+    assert all(key.startswith(("teacher.", "table", "mean", "std")) for key in saved)
 
 
 @pytest.fixture(scope="module")
