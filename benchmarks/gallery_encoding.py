@@ -62,23 +62,35 @@ def fingerprint_cost(folder: Path, repeats: int = 5) -> dict:
     }
 
 
-def concept_level_cost(model, pixels: torch.Tensor, batch_size: int, repeats: int) -> dict:
+def concept_level_cost(model, tokenizer, pixels: torch.Tensor, batch_size: int, repeats: int):
     """Encoding time per image with the concept level against the three backbone levels alone,
-    and the teacher's share as loaded (plain) and as it runs (rewritten for inference:
-    ``hat.teacher_inference``), interleaved in one run."""
+    in fp32 and in bf16 (:func:`hat.runtime.encode_dtype`), and the teacher as loaded (plain)
+    and as it runs (``hat.teacher_inference``), interleaved in one run."""
     regions = model.concepts.regions
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
 
-    def each(fn):
-        return torch.inference_mode()(lambda: [fn(batch) for batch in batches])
+    def each(fn, precision: str = "fp32"):
+        autocast = Encoder(model, tokenizer, precision).autocast
+
+        @torch.inference_mode()
+        def run():
+            with autocast():
+                return [fn(batch) for batch in batches]
+
+        return run
 
     def teacher_input(batch: torch.Tensor) -> torch.Tensor:
         raw = batch * regions.std + regions.mean
         return (raw - 0.5) / 0.5
 
+    def three_levels(batch: torch.Tensor):
+        return model.image_head(model.image_tower.backbone_levels(batch))
+
     variants = {
-        "three_levels": each(lambda b: model.image_head(model.image_tower(b))),
+        "three_levels": each(three_levels),
         "with_concepts": each(model.encode_image),
+        "three_levels_bf16": each(three_levels, "bf16"),
+        "with_concepts_bf16": each(model.encode_image, "bf16"),
         "teacher_plain": each(lambda b: regions.teacher.forward_features(teacher_input(b))),
         "teacher_rewritten": each(
             lambda b: regions.inference_teacher(b.shape[-2:]).forward_features(
@@ -91,6 +103,12 @@ def concept_level_cost(model, pixels: torch.Tensor, batch_size: int, repeats: in
     return {
         "ms_per_image": {name: round(v, 1) for name, v in ms.items()},
         "with_concepts_over_three_levels": round(ms["with_concepts"] / ms["three_levels"], 3),
+        "bf16_with_concepts_over_fp32_three_levels": round(
+            ms["with_concepts_bf16"] / ms["three_levels"], 3
+        ),
+        "bf16_with_concepts_over_bf16_three_levels": round(
+            ms["with_concepts_bf16"] / ms["three_levels_bf16"], 3
+        ),
         "teacher_plain_over_rewritten": round(ms["teacher_plain"] / ms["teacher_rewritten"], 2),
     }
 
@@ -154,7 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"(median of rounds {100 * report['build_over_forward_median_of_rounds']:.0f}%)"
     )
     if model.concepts is not None:
-        report["concept_level"] = concept_level_cost(model, pixels, args.batch_size, args.repeats)
+        report["concept_level"] = concept_level_cost(
+            model, tokenizer, pixels, args.batch_size, args.repeats
+        )
         print(f"concept level: {report['concept_level']}")
     galleries = {precision: build(precision) for precision in PRECISIONS}
     report["bytes_per_image"] = {p: round(g.bytes_per_image()) for p, g in galleries.items()}

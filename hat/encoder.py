@@ -7,6 +7,7 @@ written once, and the tokenizer does not travel loose next to the model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from hat.data.loader import ImageDataset, collate_images
 from hat.encode import concat_text_features
 from hat.factory import load_model
 from hat.model import HATModel, ImageFeatures, TextFeatures
+from hat.runtime import encode_dtype
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
@@ -33,10 +35,16 @@ class Encoder:
     model's device. Batch methods return CPU features (a split or gallery may not fit on the
     device); single-query methods leave them on the device, where scoring happens."""
 
-    def __init__(self, model: HATModel, tokenizer: PreTrainedTokenizerBase):
+    def __init__(
+        self,
+        model: HATModel,
+        tokenizer: PreTrainedTokenizerBase,
+        precision: str | None = None,
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.transform = eval_transform(model.config)
+        self.precision = precision  # see hat.runtime.encode_dtype; the features are fp32 anyway
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu") -> Encoder:
@@ -47,6 +55,13 @@ class Encoder:
     def device(self) -> torch.device:
         return self.model.device
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The towers' matrix products in :func:`hat.runtime.encode_dtype`'s dtype, if any."""
+        dtype = encode_dtype(self.device, self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
     # ---------------------------------------------------------------- captions
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` (CPU), padded to the longest caption."""
@@ -55,9 +70,11 @@ class Encoder:
     @torch.inference_mode()
     def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> TextFeatures:
         """Features of a :meth:`tokenize` batch, on the model's device."""
-        return self.model.encode_text(
-            tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        )
+        with self.autocast():
+            features = self.model.encode_text(
+                tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
+            )
+        return TextFeatures([x.float() for x in features.levels], features.mask)
 
     def encode_caption(self, caption: str) -> TextFeatures:
         """One query caption's features, on the model's device."""
@@ -96,7 +113,9 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Features of preprocessed images, on the model's device."""
-        return self.model.encode_image(pixel_values.to(self.device))
+        with self.autocast():
+            features = self.model.encode_image(pixel_values.to(self.device))
+        return ImageFeatures([x.float() for x in features.levels])
 
     def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:
         """One query image's features (a path or a PIL image), on the model's device."""

@@ -9,6 +9,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tests compare encodings with the model's own outputs exactly: fp32, whatever the CPU. The bf16
+# path that "auto" picks on AMX CPUs has tests of its own (tests/test_encoder.py).
+os.environ.setdefault("HAT_ENCODE_PRECISION", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -166,6 +166,8 @@ def test_gallery_encoding_compares_the_build_with_the_forward(tiny_concept_check
     assert set(cost["ms_per_image"]) == {
         "three_levels",
         "with_concepts",
+        "three_levels_bf16",
+        "with_concepts_bf16",
         "teacher_plain",
         "teacher_rewritten",
     }

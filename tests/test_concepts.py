@@ -316,3 +316,13 @@ def test_a_gated_model_saves_and_loads_its_references(gated, tmp_path):
     )
     with pytest.raises(ValueError, match="gate_reference"):
         add_concepts(extended, tokenizer, gate_level=2)
+
+
+def test_the_concept_level_stays_fp32_when_the_towers_run_in_bf16(with_concepts):
+    _, extended, tokenizer = with_concepts
+    size = extended.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    exact = Encoder(extended, tokenizer, "fp32").encode_pixels(pixels)
+    fast = Encoder(extended, tokenizer, "bf16").encode_pixels(pixels)
+    torch.testing.assert_close(fast.levels[-1], exact.levels[-1])  # the teacher's level
+    assert not torch.equal(fast.levels[0], exact.levels[0])  # the backbone's ran in bf16

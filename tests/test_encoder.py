@@ -6,6 +6,7 @@ from PIL import Image
 
 from hat.data.images import ImageLoadError
 from hat.encoder import Encoder
+from hat.runtime import ENCODE_PRECISION_ENV, cpu_has_amx, encode_dtype
 from hat.tokenization import tokenize
 
 CAPTIONS = ["a red circle", "two blue squares on the left of a green triangle", "a star"]
@@ -84,3 +85,30 @@ def test_from_pretrained_binds_the_checkpoints_tokenizer(tiny_model, tmp_path):
     )
     again = Encoder(model, tokenizer).encode_caption("a star")
     torch.testing.assert_close(encoder.encode_caption("a star").levels[0], again.levels[0])
+
+
+def test_the_encode_precision_is_bf16_only_where_amx_runs_it(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert encode_dtype(cpu, "fp32") is None and encode_dtype(cpu, "bf16") is torch.bfloat16
+    assert encode_dtype(cpu, "auto") is (torch.bfloat16 if cpu_has_amx() else None)
+    assert encode_dtype(cuda, "auto") is None
+    monkeypatch.setenv(ENCODE_PRECISION_ENV, "bf16")
+    assert encode_dtype(cpu) is torch.bfloat16 and encode_dtype(cpu, "fp32") is None
+    monkeypatch.setenv(ENCODE_PRECISION_ENV, "auto")
+    assert encode_dtype(cpu) is encode_dtype(cpu, "auto")
+    with pytest.raises(ValueError, match="precision"):
+        encode_dtype(cpu, "int4")
+
+
+@torch.no_grad()
+def test_bf16_encodings_are_fp32_tensors_close_to_fp32s(tiny_model, tmp_path):
+    model, tokenizer = tiny_model
+    exact, fast = Encoder(model, tokenizer, "fp32"), Encoder(model, tokenizer, "bf16")
+    paths = write_images(tmp_path)
+    for a, b in (
+        (exact.encode_captions(CAPTIONS), fast.encode_captions(CAPTIONS)),
+        (exact.encode_images(paths), fast.encode_images(paths)),
+    ):
+        for x, y in zip(a.levels, b.levels, strict=True):
+            assert y.dtype == torch.float32 and not torch.equal(x, y)  # bf16 products did run
+            assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() > 0.99
