@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from PIL import Image
 from hat.data.images import list_images, load_image
 from hat.encoder import Encoder
 from hat.gallery import PRECISIONS, BuildSettings, build_gallery, folder_collection
+from hat.model import HATModel
 from hat.runtime import encode_dtype
 
 
@@ -65,40 +67,36 @@ def fingerprint_cost(folder: Path, repeats: int = 5) -> dict:
 
 
 def concept_level_cost(model, tokenizer, pixels: torch.Tensor, batch_size: int, repeats: int):
-    """Encoding time per image with the concept level against the three backbone levels alone,
-    in fp32 and in bf16 (:func:`hat.runtime.encode_dtype`), and the teacher as loaded (plain)
-    and as it runs (``hat.teacher_inference``), interleaved in one run."""
+    """Encoding time per image with the concept level against the same model without it, in
+    fp32 and in bf16 (:func:`hat.runtime.encode_dtype`), and the teacher as loaded (plain) and
+    as it runs (``hat.teacher_inference``), interleaved in one run."""
     regions = model.concepts.regions
+    three = HATModel(replace(model.config, concepts=None)).to(model.device)
+    three.load_state_dict(model.state_dict(), strict=False)  # all but the concept level
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
 
-    def each(fn, precision: str = "fp32"):
-        autocast = Encoder(model, tokenizer, precision).autocast
+    def encoding(of, precision: str):
+        encoder = Encoder(of, tokenizer, precision)
+        return lambda: [encoder.encode_pixels(batch) for batch in batches]
 
-        @torch.inference_mode()
-        def run():
-            with autocast():
-                return [fn(batch) for batch in batches]
-
-        return run
-
-    def teacher_input(batch: torch.Tensor) -> torch.Tensor:
-        raw = batch * regions.std + regions.mean
-        return (raw - 0.5) / 0.5
-
-    def three_levels(batch: torch.Tensor):
-        return model.image_head(model.image_tower.backbone_levels(batch))
+    @torch.inference_mode()
+    def teacher(plain: bool):
+        for batch in batches:
+            raw = (batch * regions.std + regions.mean - 0.5) / 0.5
+            if plain:
+                regions.teacher.forward_features(raw)
+            else:
+                size = raw.shape[-2:]
+                raw = raw.contiguous(memory_format=torch.channels_last)
+                regions.inference_teacher(size).forward_features(raw)
 
     variants = {
-        "three_levels": each(three_levels),
-        "with_concepts": each(model.encode_image),
-        "three_levels_bf16": each(three_levels, "bf16"),
-        "with_concepts_bf16": each(model.encode_image, "bf16"),
-        "teacher_plain": each(lambda b: regions.teacher.forward_features(teacher_input(b))),
-        "teacher_rewritten": each(
-            lambda b: regions.inference_teacher(b.shape[-2:]).forward_features(
-                teacher_input(b).contiguous(memory_format=torch.channels_last)
-            )
-        ),
+        "three_levels": encoding(three, "fp32"),
+        "with_concepts": encoding(model, "fp32"),
+        "three_levels_bf16": encoding(three, "bf16"),
+        "with_concepts_bf16": encoding(model, "bf16"),
+        "teacher_plain": lambda: teacher(plain=True),
+        "teacher_rewritten": lambda: teacher(plain=False),
     }
     times = interleaved(variants, repeats)
     ms = {name: 1000 * float(np.median(t)) / len(pixels) for name, t in times.items()}
@@ -140,9 +138,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     @torch.inference_mode()
     def forward_alone() -> None:  # at the precision the build encodes in
-        with encoder.autocast():
+        encoding, context = encoder.encoding_model()
+        with context:
             for start in range(0, len(pixels), args.batch_size):
-                model.image_tower(pixels[start : start + args.batch_size])
+                encoding.image_tower(pixels[start : start + args.batch_size])
 
     caches = (work / f"cache-{i}" for i in range(10**6))
 

@@ -8,11 +8,13 @@ written once, and the tokenizer does not travel loose next to the model.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +32,19 @@ CAPTION_BATCH = 128
 IMAGE_BATCH = 32
 
 
+@torch.no_grad()
+def low_precision_copy(model: HATModel, dtype: torch.dtype) -> HATModel:
+    """A copy of ``model`` whose matrix weights (linear layers, convolutions) are ``dtype``, for
+    encoding under autocast: autocast would cast them again on every call, which costs a single
+    caption more than its products. Norms stay fp32, and so does the concept level (see
+    :meth:`hat.concepts.ConceptPath.image_level`)."""
+    low = copy.deepcopy(model).eval()
+    for name, module in low.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and not name.startswith("concepts."):
+            module.to(dtype)
+    return low.requires_grad_(False)
+
+
 class Encoder:
     """Encodes captions and images with ``model``; every method runs in inference mode on the
     model's device. Batch methods return CPU features (a split or gallery may not fit on the
@@ -45,6 +60,7 @@ class Encoder:
         self.tokenizer = tokenizer
         self.transform = eval_transform(model.config)
         self.precision = precision  # see hat.runtime.encode_dtype; the features are fp32 anyway
+        self._low_precision = None  # (key, low_precision_copy of the model)
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu") -> Encoder:
@@ -55,12 +71,18 @@ class Encoder:
     def device(self) -> torch.device:
         return self.model.device
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The towers' matrix products in :func:`hat.runtime.encode_dtype`'s dtype, if any."""
+    def encoding_model(self) -> tuple[HATModel, contextlib.AbstractContextManager]:
+        """The model that encodes and the context it runs in: the model itself in fp32, or
+        under :func:`hat.runtime.encode_dtype`'s autocast a :func:`low_precision_copy`, made
+        again whenever the model's weights change (their versions) or move."""
         dtype = encode_dtype(self.device, self.precision)
         if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+            return self.model, contextlib.nullcontext()
+        weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        key = (dtype, self.device, weights)
+        if self._low_precision is None or self._low_precision[0] != key:
+            self._low_precision = (key, low_precision_copy(self.model, dtype))
+        return self._low_precision[1], torch.autocast(self.device.type, dtype=dtype)
 
     # ---------------------------------------------------------------- captions
     def tokenize(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -70,8 +92,9 @@ class Encoder:
     @torch.inference_mode()
     def encode_tokens(self, tokens: dict[str, torch.Tensor]) -> TextFeatures:
         """Features of a :meth:`tokenize` batch, on the model's device."""
-        with self.autocast():
-            features = self.model.encode_text(
+        model, context = self.encoding_model()
+        with context:
+            features = model.encode_text(
                 tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
             )
         return TextFeatures([x.float() for x in features.levels], features.mask)
@@ -113,8 +136,9 @@ class Encoder:
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Features of preprocessed images, on the model's device."""
-        with self.autocast():
-            features = self.model.encode_image(pixel_values.to(self.device))
+        model, context = self.encoding_model()
+        with context:
+            features = model.encode_image(pixel_values.to(self.device))
         return ImageFeatures([x.float() for x in features.levels])
 
     def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:

@@ -112,3 +112,19 @@ def test_bf16_encodings_are_fp32_tensors_close_to_fp32s(tiny_model, tmp_path):
         for x, y in zip(a.levels, b.levels, strict=True):
             assert y.dtype == torch.float32 and not torch.equal(x, y)  # bf16 products did run
             assert torch.nn.functional.cosine_similarity(x, y, dim=-1).min() > 0.99
+
+
+@torch.no_grad()
+def test_bf16_encoding_holds_a_bf16_copy_that_follows_the_models_weights(tiny_model):
+    model, tokenizer = tiny_model
+    encoder = Encoder(model, tokenizer, "bf16")
+    before = encoder.encode_captions(CAPTIONS).levels[-1]
+    copy, _ = encoder.encoding_model()
+    assert copy is encoder.encoding_model()[0]  # made once
+    assert copy.text_proj[-1].weight.dtype == torch.bfloat16
+    assert model.text_proj[-1].weight.dtype == torch.float32  # the model itself is untouched
+    model.text_proj[-1].weight.mul_(-1)  # as an optimiser step would: in place
+    after = encoder.encode_captions(CAPTIONS).levels[-1]
+    assert encoder.encoding_model()[0] is not copy
+    torch.testing.assert_close(after, -before, rtol=0.05, atol=0.05)
+    model.text_proj[-1].weight.mul_(-1)
