@@ -247,6 +247,23 @@ def test_text_search_ranks_by_the_sum_of_level_scores(engine):
     assert all(path.is_file() for path, _ in results.pictures)
 
 
+def test_the_demo_searches_the_same_gallery_in_bf16_as_in_fp32(tmp_path, monkeypatch):
+    """The app's default on AMX CPUs: its queries (and a gallery built so) encode in bf16."""
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    results = {}
+    for precision in ("fp32", "bf16"):
+        monkeypatch.setenv("HAT_ENCODE_PRECISION", precision)
+        engine = DemoEngine(checkpoint, gallery, tmp_path / precision, tmp_path / "tmp", False)
+        try:
+            hits = engine.search_text("a square of colour 2", 5, BUILTIN).hits
+            results[precision] = {h.caption: h.score for h in hits}
+        finally:
+            engine.close()
+    assert results["bf16"].keys() == results["fp32"].keys()
+    for key, score in results["fp32"].items():
+        assert abs(results["bf16"][key] - score) < 0.05 * max(1.0, abs(score))
+
+
 def test_maps_of_a_result_come_from_the_computation_that_scored_it(engine):
     hit = engine.search_text("picture number 3", 1, BUILTIN).hits[0]
     maps = engine.maps_for_gallery_image(engine.gallery, hit.index, "picture number 3")
