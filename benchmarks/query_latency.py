@@ -12,11 +12,12 @@ benchmarks/million_gallery.py measures it at a million images.
 
 The re-rank alone is timed on each query's candidates, interleaved, and the scores compared:
 as search does it (stored norms; int8 multiplied in integers, other values decoded a cache-sized
-block at a time while scored) and, unless ``--no-old-path``, the two paths before it: without
-the stored norms (every block widened to fp32 and its norms taken per query) and every candidate
-decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp32 features of
-the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound at the fp32
-GEMM rate, both measured in the same run.
+block at a time while scored) and, unless ``--no-old-path``, the paths before it: without the
+stored concept gates (each candidate's taken from its regions per query; gated models only),
+without the stored norms (every block widened to fp32 and its norms taken per query) and every
+candidate decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp32
+features of the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound
+at the fp32 GEMM rate, both measured in the same run.
 
 ``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
 first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
@@ -37,6 +38,8 @@ import itertools
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -104,7 +107,13 @@ def synthetic_encoder(model: HATModel, shapes: list[tuple[int, int]], precision:
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
         no_captions = np.zeros(0, np.int64)
         writer = SegmentWriter(
-            directory, precision, len(entries), shapes, no_captions, model.first_stage_dim
+            directory,
+            precision,
+            len(entries),
+            shapes,
+            no_captions,
+            model.first_stage_dim,
+            gate=model.stored_gate,
         )
         for start in range(0, len(entries), POOL):
             rows = np.arange(start, min(start + POOL, len(entries)))
@@ -137,25 +146,38 @@ def synthetic_gallery(
     return target
 
 
-def decoded_first(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
-    """The re-rank before fused decoding, for comparison: every candidate's levels decoded to
-    fp32 at once (pq's stay coordinates), then scored; ``(levels, len(ids))``."""
+def rerank_as(
+    searcher: Searcher,
+    ids: np.ndarray,
+    text: TextFeatures,
+    earlier: Callable[[ImageFeatures], ImageFeatures],
+) -> torch.Tensor:
+    """The re-rank of candidates ``ids`` with each segment's part as ``earlier`` makes it of
+    the part search scores: an earlier path, for comparison; ``(levels, len(ids))``."""
     out = torch.empty(searcher.gallery.num_levels, len(ids))
     for positions, part in searcher.gallery.image_parts(ids):
-        levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
-        decoded = ImageFeatures(levels, part.bases)
-        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(decoded, text)[:, :, 0]
+        scores = searcher.model.level_scores(earlier(part), text)[:, :, 0]
+        out[:, torch.from_numpy(positions)] = scores
     return out
 
 
-def widened(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
-    """The re-rank before stored norms, for comparison: the candidates as stored, widened to
-    fp32 a block at a time and their norms taken per query; ``(levels, len(ids))``."""
-    out = torch.empty(searcher.gallery.num_levels, len(ids))
-    for positions, part in searcher.gallery.image_parts(ids):
-        stored = ImageFeatures(part.levels, part.bases, part.scales)  # without the norms
-        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(stored, text)[:, :, 0]
-    return out
+def decoded_first(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before fused decoding: every candidate's levels decoded to fp32 at once
+    (pq's stay coordinates), then scored."""
+    levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
+    return ImageFeatures(levels, part.bases)
+
+
+def widened(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before stored norms: the candidates as stored, widened to fp32 a block at a
+    time and their norms taken per query."""
+    return ImageFeatures(part.levels, part.bases, part.scales)
+
+
+def gate_per_query(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before stored gates: as search does it, but each candidate's concept gate
+    taken from its regions per query."""
+    return replace(part, gates=None)
 
 
 def scorer_rate(searcher: Searcher, pairs: int = 96) -> dict:
@@ -186,9 +208,11 @@ def rerank_paths(
     the FLOP bound (exact_scoring.matmul_flops at its GEMM rate)."""
     gallery, model = searcher.gallery, searcher.model
     ways = {"fused": searcher.score_images}
-    if old_path:
-        ways["widened"] = lambda ids, text: widened(searcher, ids, text)
-        ways["decoded_first"] = lambda ids, text: decoded_first(searcher, ids, text)
+    earlier = {"widened": widened, "decoded_first": decoded_first}
+    if gallery.manifest.gated:
+        earlier = {"gate_per_query": gate_per_query, **earlier}
+    for name, earlier_part in earlier.items() if old_path else ():
+        ways[name] = lambda ids, text, f=earlier_part: rerank_as(searcher, ids, text, f)
     times: dict[str, list[float]] = {name: [] for name in ways}
     flops, pairs = 0, 0
     with torch.inference_mode():
@@ -221,7 +245,7 @@ class WidenedSearcher(Searcher):
     """Search with the re-rank before stored norms (:func:`widened`), for comparison."""
 
     def score_images(self, ids, text: TextFeatures) -> torch.Tensor:
-        return widened(self, np.asarray(ids), text)
+        return rerank_as(self, np.asarray(ids), text, widened)
 
 
 def server_ms(result) -> float:
