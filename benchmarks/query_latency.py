@@ -12,12 +12,14 @@ benchmarks/million_gallery.py measures it at a million images.
 
 The re-rank alone is timed on each query's candidates, interleaved, and the scores compared:
 as search does it (stored norms; int8 multiplied in integers, other values decoded a cache-sized
-block at a time while scored) and, unless ``--no-old-path``, the paths before it: without the
-stored concept gates (each candidate's taken from its regions per query; gated models only),
-without the stored norms (every block widened to fp32 and its norms taken per query) and every
-candidate decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp32
-features of the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound
-at the fp32 GEMM rate, both measured in the same run.
+block at a time while scored; image → text attention in the fused kernel of hat/native.py where
+a C compiler built it) and, unless ``--no-old-path``, the paths before it, all scored in
+PyTorch: as search does it ("eager"), without the stored concept gates (each candidate's taken
+from its regions per query; gated models only), without the stored norms (every block widened to
+fp32 and its norms taken per query) and every candidate decoded to fp32 first. Its rate
+(pairs/s) is set against the scorer's own on fp32 features of the same shapes (96 x 96 pairs, as
+benchmarks/exact_scoring.py; fused and all in PyTorch) and the FLOP bound at the fp32 GEMM rate,
+all measured in the same run.
 
 ``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
 first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
@@ -55,6 +57,7 @@ from common import (
 )
 from exact_scoring import features, matmul_flops
 
+from hat import native
 from hat.data.images import load_image
 from hat.fileio import atomic_directory
 from hat.gallery import (
@@ -153,11 +156,13 @@ def rerank_as(
     earlier: Callable[[ImageFeatures], ImageFeatures],
 ) -> torch.Tensor:
     """The re-rank of candidates ``ids`` with each segment's part as ``earlier`` makes it of
-    the part search scores: an earlier path, for comparison; ``(levels, len(ids))``."""
+    the part search scores, all in PyTorch: an earlier path, for comparison;
+    ``(levels, len(ids))``."""
     out = torch.empty(searcher.gallery.num_levels, len(ids))
-    for positions, part in searcher.gallery.image_parts(ids):
-        scores = searcher.model.level_scores(earlier(part), text)[:, :, 0]
-        out[:, torch.from_numpy(positions)] = scores
+    with native.eager():
+        for positions, part in searcher.gallery.image_parts(ids):
+            scores = searcher.model.level_scores(earlier(part), text)[:, :, 0]
+            out[:, torch.from_numpy(positions)] = scores
     return out
 
 
@@ -190,12 +195,23 @@ def scorer_rate(searcher: Searcher, pairs: int = 96) -> dict:
     g = torch.Generator().manual_seed(1)
     images = ImageFeatures([torch.randn(pairs, r, dim, generator=g) for r in regions])
     text = TextFeatures(texts, mask)
-    seconds = min(timed(lambda: searcher.model.level_scores(images, text)) for _ in range(3))
+
+    def score() -> None:
+        searcher.model.level_scores(images, text)
+
+    def eager() -> None:
+        with native.eager():
+            score()
+
+    times = interleaved({"fused": score, "eager": eager}, 3)
+    seconds, eager_s = min(times["fused"]), min(times["eager"])
     flops = sum(matmul_flops(pairs, r, dim, lengths, 1) for r in regions)
     peak = gemm_peak_flops()
     return {
         "pairs_per_s": round(pairs * pairs / seconds),
         "share_of_flop_bound": round(flops / seconds / peak, 3),
+        "eager_pairs_per_s": round(pairs * pairs / eager_s),
+        "eager_share_of_flop_bound": round(flops / eager_s / peak, 3),
         "gemm_gflops": round(peak / 1e9, 1),
     }
 
@@ -213,6 +229,8 @@ def rerank_paths(
         earlier = {"gate_per_query": gate_per_query, **earlier}
     for name, earlier_part in earlier.items() if old_path else ():
         ways[name] = lambda ids, text, f=earlier_part: rerank_as(searcher, ids, text, f)
+    if old_path and native.i2t_kernel() is not None:
+        ways["eager"] = lambda ids, text: rerank_as(searcher, ids, text, lambda part: part)
     times: dict[str, list[float]] = {name: [] for name in ways}
     flops, pairs = 0, 0
     with torch.inference_mode():
