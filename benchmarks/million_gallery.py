@@ -58,6 +58,7 @@ from hat.gallery import (
     write_gallery,
 )
 from hat.gallery.first_stage import IVF_PROBES
+from hat.model import HATModel
 from hat.runtime import keep_freed_memory
 from hat.search import Searcher
 
@@ -140,10 +141,11 @@ class Collage:
 
 
 def synthetic_gallery(
-    work: Path, checkpoint: str, real: Gallery, grids: list[tuple[int, int]], size: int
+    work: Path, checkpoint: str, model: HATModel, real: Gallery, size: int
 ) -> tuple[Path, dict]:
-    """Write ``size`` collage images as a gallery in ``work``; returns its folder and timings."""
-    collage = Collage(real, grids, seed=0)
+    """Write ``size`` collage images as a gallery in ``work`` (with their concept gates where
+    ``model``, the checkpoint's, has one); returns its folder and timings."""
+    collage = Collage(real, model.grid_sizes(model.config.image_size), seed=0)
     shapes = [(values.shape[1], real.manifest.dim) for values, _ in collage.stored]
     timings: dict[str, float] = {}
 
@@ -157,6 +159,7 @@ def synthetic_gallery(
             np.zeros(0, np.int64),
             real.manifest.embedding_dim,
             codecs=collage.codecs,
+            gate=model.stored_gate,
         )
         for first in range(0, len(entries), CHUNK):
             rows = np.arange(first, min(first + CHUNK, len(entries)))
@@ -175,7 +178,7 @@ def synthetic_gallery(
         checkpoint_fingerprint(checkpoint),
         settings,
         collection,
-        load_model(checkpoint)[0].config,
+        model.config,
     )
     target = work / f"gallery-{size}"
     start = time.perf_counter()
@@ -299,7 +302,6 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     real = real_gallery(args.checkpoint, args.real, args.real_images, work / "real")
     model = load_model(args.checkpoint)[0]
-    grids = model.grid_sizes(model.config.image_size)
     report: dict = {
         "checkpoint": args.checkpoint,
         "real": {"spec": args.real, "images": real.num_images, "captions": real.num_captions},
@@ -312,7 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reuse and directory.is_dir():
         report["reused_gallery"] = str(directory)
     else:
-        directory, timings = synthetic_gallery(work, args.checkpoint, real, grids, args.size)
+        directory, timings = synthetic_gallery(work, args.checkpoint, model, real, args.size)
         report.update({k: round(v, 1) for k, v in timings.items()})
     searcher = Searcher.open(directory)
     gallery = searcher.gallery

@@ -12,11 +12,14 @@ benchmarks/million_gallery.py measures it at a million images.
 
 The re-rank alone is timed on each query's candidates, interleaved, and the scores compared:
 as search does it (stored norms; int8 multiplied in integers, other values decoded a cache-sized
-block at a time while scored) and, unless ``--no-old-path``, the two paths before it: without
-the stored norms (every block widened to fp32 and its norms taken per query) and every candidate
-decoded to fp32 first. Its rate (pairs/s) is set against the scorer's own on fp32 features of
-the same shapes (96 x 96 pairs, as benchmarks/exact_scoring.py) and the FLOP bound at the fp32
-GEMM rate, both measured in the same run.
+block at a time while scored; image → text attention in the fused kernel of hat/native.py where
+a C compiler built it) and, unless ``--no-old-path``, the paths before it, all scored in
+PyTorch: as search does it ("eager"), without the stored concept gates (each candidate's taken
+from its regions per query; gated models only), without the stored norms (every block widened to
+fp32 and its norms taken per query) and every candidate decoded to fp32 first. Its rate
+(pairs/s) is set against the scorer's own on fp32 features of the same shapes (96 x 96 pairs, as
+benchmarks/exact_scoring.py; fused and all in PyTorch) and the FLOP bound at the fp32 GEMM rate,
+all measured in the same run.
 
 ``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
 first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
@@ -37,6 +40,8 @@ import itertools
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -52,6 +57,7 @@ from common import (
 )
 from exact_scoring import features, matmul_flops
 
+from hat import native
 from hat.data.images import load_image
 from hat.fileio import atomic_directory
 from hat.gallery import (
@@ -104,7 +110,13 @@ def synthetic_encoder(model: HATModel, shapes: list[tuple[int, int]], precision:
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
         no_captions = np.zeros(0, np.int64)
         writer = SegmentWriter(
-            directory, precision, len(entries), shapes, no_captions, model.first_stage_dim
+            directory,
+            precision,
+            len(entries),
+            shapes,
+            no_captions,
+            model.first_stage_dim,
+            gate=model.stored_gate,
         )
         for start in range(0, len(entries), POOL):
             rows = np.arange(start, min(start + POOL, len(entries)))
@@ -137,25 +149,40 @@ def synthetic_gallery(
     return target
 
 
-def decoded_first(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
-    """The re-rank before fused decoding, for comparison: every candidate's levels decoded to
-    fp32 at once (pq's stay coordinates), then scored; ``(levels, len(ids))``."""
+def rerank_as(
+    searcher: Searcher,
+    ids: np.ndarray,
+    text: TextFeatures,
+    earlier: Callable[[ImageFeatures], ImageFeatures],
+) -> torch.Tensor:
+    """The re-rank of candidates ``ids`` with each segment's part as ``earlier`` makes it of
+    the part search scores, all in PyTorch: an earlier path, for comparison;
+    ``(levels, len(ids))``."""
     out = torch.empty(searcher.gallery.num_levels, len(ids))
-    for positions, part in searcher.gallery.image_parts(ids):
-        levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
-        decoded = ImageFeatures(levels, part.bases)
-        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(decoded, text)[:, :, 0]
+    with native.eager():
+        for positions, part in searcher.gallery.image_parts(ids):
+            scores = searcher.model.level_scores(earlier(part), text)[:, :, 0]
+            out[:, torch.from_numpy(positions)] = scores
     return out
 
 
-def widened(searcher: Searcher, ids: np.ndarray, text: TextFeatures) -> torch.Tensor:
-    """The re-rank before stored norms, for comparison: the candidates as stored, widened to
-    fp32 a block at a time and their norms taken per query; ``(levels, len(ids))``."""
-    out = torch.empty(searcher.gallery.num_levels, len(ids))
-    for positions, part in searcher.gallery.image_parts(ids):
-        stored = ImageFeatures(part.levels, part.bases, part.scales)  # without the norms
-        out[:, torch.from_numpy(positions)] = searcher.model.level_scores(stored, text)[:, :, 0]
-    return out
+def decoded_first(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before fused decoding: every candidate's levels decoded to fp32 at once
+    (pq's stay coordinates), then scored."""
+    levels = ImageFeatures(part.levels, scales=part.scales).expanded().levels
+    return ImageFeatures(levels, part.bases)
+
+
+def widened(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before stored norms: the candidates as stored, widened to fp32 a block at a
+    time and their norms taken per query."""
+    return ImageFeatures(part.levels, part.bases, part.scales)
+
+
+def gate_per_query(part: ImageFeatures) -> ImageFeatures:
+    """The re-rank before stored gates: as search does it, but each candidate's concept gate
+    taken from its regions per query."""
+    return replace(part, gates=None)
 
 
 def scorer_rate(searcher: Searcher, pairs: int = 96) -> dict:
@@ -168,12 +195,23 @@ def scorer_rate(searcher: Searcher, pairs: int = 96) -> dict:
     g = torch.Generator().manual_seed(1)
     images = ImageFeatures([torch.randn(pairs, r, dim, generator=g) for r in regions])
     text = TextFeatures(texts, mask)
-    seconds = min(timed(lambda: searcher.model.level_scores(images, text)) for _ in range(3))
+
+    def score() -> None:
+        searcher.model.level_scores(images, text)
+
+    def eager() -> None:
+        with native.eager():
+            score()
+
+    times = interleaved({"fused": score, "eager": eager}, 3)
+    seconds, eager_s = min(times["fused"]), min(times["eager"])
     flops = sum(matmul_flops(pairs, r, dim, lengths, 1) for r in regions)
     peak = gemm_peak_flops()
     return {
         "pairs_per_s": round(pairs * pairs / seconds),
         "share_of_flop_bound": round(flops / seconds / peak, 3),
+        "eager_pairs_per_s": round(pairs * pairs / eager_s),
+        "eager_share_of_flop_bound": round(flops / eager_s / peak, 3),
         "gemm_gflops": round(peak / 1e9, 1),
     }
 
@@ -186,9 +224,13 @@ def rerank_paths(
     the FLOP bound (exact_scoring.matmul_flops at its GEMM rate)."""
     gallery, model = searcher.gallery, searcher.model
     ways = {"fused": searcher.score_images}
-    if old_path:
-        ways["widened"] = lambda ids, text: widened(searcher, ids, text)
-        ways["decoded_first"] = lambda ids, text: decoded_first(searcher, ids, text)
+    earlier = {"widened": widened, "decoded_first": decoded_first}
+    if gallery.manifest.gated:
+        earlier = {"gate_per_query": gate_per_query, **earlier}
+    for name, earlier_part in earlier.items() if old_path else ():
+        ways[name] = lambda ids, text, f=earlier_part: rerank_as(searcher, ids, text, f)
+    if old_path and native.i2t_kernel() is not None:
+        ways["eager"] = lambda ids, text: rerank_as(searcher, ids, text, lambda part: part)
     times: dict[str, list[float]] = {name: [] for name in ways}
     flops, pairs = 0, 0
     with torch.inference_mode():
@@ -221,7 +263,7 @@ class WidenedSearcher(Searcher):
     """Search with the re-rank before stored norms (:func:`widened`), for comparison."""
 
     def score_images(self, ids, text: TextFeatures) -> torch.Tensor:
-        return widened(self, np.asarray(ids), text)
+        return rerank_as(self, np.asarray(ids), text, widened)
 
 
 def server_ms(result) -> float:

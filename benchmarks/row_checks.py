@@ -49,7 +49,13 @@ def synthetic_encoder(model: HATModel, shapes: list[tuple[int, int]], seed: int 
     def encode(entries: list[ImageEntry], directory: Path) -> list[int]:
         lengths = np.full(len(entries) * CAPTIONS_PER_IMAGE, TOKENS, dtype=np.int64)
         writer = SegmentWriter(
-            directory, "int8", len(entries), shapes, lengths, model.first_stage_dim
+            directory,
+            "int8",
+            len(entries),
+            shapes,
+            lengths,
+            model.first_stage_dim,
+            gate=model.stored_gate,
         )
         with torch.inference_mode():
             for start in range(0, len(entries), 64):

@@ -36,6 +36,10 @@ The pair score is the sum of the level scores. How it is computed fast:
   product with exact int32 sums. Three pieces keep 24 bits of each word, as many as fp32 has,
   so the similarities are as close to the exact ones as an fp32 product's, and the query reads
   its candidates' int8 values once instead of widening them to four times their size.
+* Image → text in fp32 on a CPU without gradients (search, evaluation) leaves everything after
+  the similarity product to one fused kernel (:mod:`hat.native`, plain C built at first use),
+  which makes the ~8 elementwise passes of the steps above over one image's (words × regions)
+  slab while it is in cache; where no C compiler built it, the same steps run in PyTorch.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
@@ -51,6 +55,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from hat import native
 
 EPS = 1e-8
 # Size of one (captions, words, images, regions) score block: a few such tensors stay in the
@@ -238,7 +244,8 @@ def _block_scores(
     slope: float,
     own_words: torch.Tensor | None = None,
     scales: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    details: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Scores ``(I, T)``, unnormalised attention ``(T, L, I, K)`` and local cosines of a block.
 
     ``regions`` ``(I, K, D)`` are fp32 features or coordinates in a basis (then ``captions.probe``
@@ -246,7 +253,9 @@ def _block_scores(
     rows), or int8 values (i2t only), times ``scales`` ``(I, K)`` where given: a region's scale
     multiplies its similarities and its part in the attended vectors, far fewer numbers than the
     region's own. ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local
-    cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i.
+    cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. Without ``details`` (the scores
+    alone), i2t in fp32 on a CPU without gradients runs in the fused kernel of :mod:`hat.native`
+    where it is built, and the attention and local cosines are None.
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = captions.words.shape
@@ -260,6 +269,11 @@ def _block_scores(
         for j in range(own_words.shape[3]):
             along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
             sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
+    fused = not details and inplace and direction == "i2t" and sims.dtype == torch.float32
+    if fused and sims.device.type == "cpu" and (kernel := native.i2t_kernel()) is not None:
+        gram, lam = captions.gram, lambda_softmax
+        scores = native.i2t_block_scores(kernel, sims, scales, gram, region_norms, lam, slope, EPS)
+        return scores, None, None
     if scales is not None:
         sims = mul(sims, scales)
     attn = _exp_logits(sims, lambda_softmax, direction, slope, inplace)
@@ -379,9 +393,8 @@ def level_scores(
             own_words = None
             if own is not None:
                 own_words = torch.einsum("tlD,ieD->tlie", caption.words, own[part])
-            scores = _block_scores(
-                block, block_norms, caption, lambda_softmax, direction, slope, own_words, scale
-            )[0]
+            scoring = (lambda_softmax, direction, slope, own_words, scale)
+            scores = _block_scores(block, block_norms, caption, *scoring, details=False)[0]
             out[part, caption.columns] = scores
     return out
 

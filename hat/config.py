@@ -163,6 +163,12 @@ class HATConfig:
         return None if self.concepts is None else ConceptConfig(**self.concepts)
 
     @property
+    def gated(self) -> bool:
+        """Whether the concept level weighs each image by a novelty gate (a gallery stores
+        each image's)."""
+        return self.concepts is not None and self.concepts.get("gate_level") is not None
+
+    @property
     def num_levels(self) -> int:
         """Aligned levels: the backbone pairs, then the concept level where there is one."""
         return len(self.image_levels) + (self.concepts is not None)

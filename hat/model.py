@@ -48,13 +48,16 @@ class ImageFeatures:
     :func:`hat.alignment.level_scores`): fp16 or int8 values, times per-region ``scales[i]``
     ``(N, K_i)`` where given, or coordinates ``(N, K_i, d + e)`` in an orthonormal basis
     ``bases[i]`` (:class:`hat.alignment.Basis`), with the regions' norms ``norms[i]``
-    ``(N, K_i)`` where the gallery stores them. :meth:`expanded` gives the fp32 features.
+    ``(N, K_i)`` where the gallery stores them, and each image's concept gate ``gates`` ``(N,)``
+    where it stores them (:meth:`HATModel.concept_gate`: it depends on the image alone, so a
+    gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features.
     """
 
     levels: list[torch.Tensor]
     bases: list[Basis | None] | None = None
     scales: list[torch.Tensor | None] | None = None
     norms: list[torch.Tensor | None] | None = None
+    gates: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.levels[0].shape[0]
@@ -69,6 +72,7 @@ class ImageFeatures:
             self._each(self.bases, bases),
             self._each(self.scales, tensors),
             self._each(self.norms, tensors),
+            None if self.gates is None else tensors(self.gates),
         )
 
     def __getitem__(self, index) -> ImageFeatures:
@@ -80,7 +84,7 @@ class ImageFeatures:
     def expanded(self) -> ImageFeatures:
         """The same features as fp32 tensors in the model's feature space."""
         if self.bases is None and self.scales is None:
-            return ImageFeatures([x.float() for x in self.levels])
+            return ImageFeatures([x.float() for x in self.levels], gates=self.gates)
         count = len(self.levels)
         levels = []
         for x, b, s in zip(
@@ -88,7 +92,7 @@ class ImageFeatures:
         ):
             x = x.float() if s is None else x.float().mul_(s.float()[..., None])
             levels.append(x if b is None else b.expand(x))
-        return ImageFeatures(levels)
+        return ImageFeatures(levels, gates=self.gates)
 
     def mean_region(self, level: int) -> torch.Tensor:
         """``(N, D)`` fp32: each image's mean region at ``level`` (0-based), from the stored
@@ -206,11 +210,20 @@ class HATModel(nn.Module):
 
     def concept_gate(self, images: ImageFeatures) -> torch.Tensor | None:
         """``(N,)`` each image's gate of the concept level (:class:`hat.concepts.NoveltyGate`),
-        None without one."""
+        None without one: as ``images`` carry it (a gallery's, taken when it was built), else
+        from their regions."""
         if self.concepts is None or self.concepts.gate is None:
             return None
+        if images.gates is not None:
+            return images.gates
         level = self.concepts.config.gate_level - 1
-        return self.concepts.gate(images.mean_region(level))
+        return self.concepts.gate(images.mean_region(level).to(self.device))
+
+    @property
+    def stored_gate(self) -> Callable[[ImageFeatures], torch.Tensor] | None:
+        """What a gallery stores of each image as it writes it (``SegmentWriter``'s ``gate``):
+        :meth:`concept_gate`, or None for a model without a gate."""
+        return self.concept_gate if self.config.gated else None
 
     def image_level_weights(self, images: ImageFeatures) -> torch.Tensor:
         """``(num_levels, N)``: each level's weight in the pair score of each image."""

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hat import native
 from hat.alignment import DEFAULT_BLOCK_ELEMENTS
 from hat.encoder import Encoder
 from hat.gallery import (
@@ -75,6 +76,7 @@ class Searcher:
     def __init__(self, gallery: Gallery, encoder: Encoder):
         self.gallery = gallery
         self.encoder = encoder
+        native.i2t_kernel()  # built or loaded now, not on the first query
 
     @classmethod
     def open(cls, directory: str | Path, device: str | None = None) -> Searcher:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hat import native
 from hat.alignment import Basis, align_pair, hierarchical_scores, level_scores
 
 
@@ -191,3 +192,52 @@ def test_unknown_direction_is_rejected():
     images, texts, mask, _ = random_batch()
     with pytest.raises(ValueError, match="direction"):
         level_scores(images, texts, mask, direction="both")
+
+
+def fused_cases():
+    """Image → text inputs that take every path into the fused kernel: ragged captions, int8
+    regions with scales and norms against one caption (integer products), coordinates with rows
+    of each image's own, and regions both fewer and more than the kernel's register block."""
+    g = torch.Generator().manual_seed(8)
+    for regions in (7, 2 * 128 + 5):
+        images = torch.randn(5, regions, 24, generator=g) + torch.randn(5, 1, 24, generator=g)
+        texts = torch.randn(4, 9, 24, generator=g)
+        mask = torch.arange(9)[None] < torch.tensor([[9], [3], [6], [1]])
+        yield images, texts, mask, {}
+        scales = (images.abs().amax(dim=2) / 127).half()
+        values = torch.round(images / scales.float()[..., None]).to(torch.int8)
+        norms = torch.linalg.vector_norm(values.float() * scales.float()[..., None], dim=2)
+        yield values, texts[:1], mask[:1], {"scales": scales, "norms": norms}
+    shared = torch.linalg.qr(torch.randn(24, 6, generator=g))[0].T
+    own = F.normalize(
+        torch.randn(5, 1, 24, generator=g) @ (torch.eye(24) - shared.T @ shared), dim=2
+    )
+    yield torch.randn(5, 7, 7, generator=g), texts, mask, {"basis": Basis(shared, own)}
+
+
+def test_the_fused_kernel_scores_image_to_text_as_pytorch_does():
+    if native._compiler() is None:
+        pytest.skip("no C compiler: scoring stays in PyTorch")
+    assert native.i2t_kernel() is not None
+    for regions, words, mask, stored in fused_cases():
+        fused = level_scores(regions, words, mask, **stored)
+        with native.eager():
+            eager = level_scores(regions, words, mask, **stored)
+        torch.testing.assert_close(fused, eager, atol=2e-6, rtol=0)
+
+
+def test_without_a_compiler_scoring_stays_in_pytorch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
+    monkeypatch.setattr(native, "_kernel", None)  # (restored after the test)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    assert native.i2t_kernel() is None and "could not be built" in caplog.text
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("PATH", str(tmp_path))  # none at all
+    assert native._compiler() is None and native.i2t_kernel() is None
+    images, texts, mask, _ = random_batch(dim=16, seed=3)
+    got = level_scores(images.float(), texts.float(), mask)
+    torch.testing.assert_close(got.double(), level_scores(images, texts, mask), atol=1e-5, rtol=0)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("HAT_NATIVE", "0")
+    assert native.i2t_kernel() is None and not native._tried

@@ -1,7 +1,9 @@
 """The concept path: teacher loading, class texts, the concept table and concept regions."""
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -21,8 +23,18 @@ from hat.config import ConceptConfig, get_preset
 from hat.demo.engine import BUILTIN, DemoEngine
 from hat.encoder import Encoder
 from hat.factory import add_concepts, gate_descriptors
+from hat.gallery import (
+    PRECISIONS,
+    BuildSettings,
+    CacheError,
+    build_gallery,
+    folder_collection,
+    open_gallery,
+)
 from hat.model import HATModel, ImageFeatures
+from hat.search import Searcher
 from tests.test_app_logic import write_demo_assets
+from tests.test_gallery import invert, write_folder
 from tests.test_teacher_inference import with_trained_norms
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
@@ -260,8 +272,7 @@ def test_mean_regions_come_from_the_stored_values_as_from_the_decoded_ones():
         torch.testing.assert_close(stored.mean_region(level), expanded.levels[level].mean(1))
 
 
-@pytest.fixture(scope="module")
-def gated(teacher_file):
+def gated_model(teacher_file, gate_low: float, gate_width: float):
     """A tiny model whose concept gate knows the first two test images as its references."""
     torch.manual_seed(0)
     model, tokenizer = create_model("hat-tiny")
@@ -274,11 +285,23 @@ def gated(teacher_file):
         weight=3.0,
         gate_level=2,
         gate_neighbours=1,
-        gate_low=0.01,
-        gate_width=0.5,
+        gate_low=gate_low,
+        gate_width=gate_width,
         gate_damping=0.5,
     )
     return model, extended, tokenizer
+
+
+@pytest.fixture(scope="module")
+def gated(teacher_file):
+    return gated_model(teacher_file, gate_low=0.01, gate_width=0.5)
+
+
+@pytest.fixture(scope="module")
+def wide_gate(teacher_file):
+    """A gate that opens over all novelties (0 to 2): it is never clamped, so it tells images
+    apart."""
+    return gated_model(teacher_file, gate_low=0.0, gate_width=2.0)
 
 
 def test_a_gated_concept_level_weighs_each_image_by_its_novelty(gated):
@@ -326,3 +349,44 @@ def test_the_concept_level_stays_fp32_when_the_towers_run_in_bf16(with_concepts)
     fast = Encoder(extended, tokenizer, "bf16").encode_pixels(pixels)
     torch.testing.assert_close(fast.levels[-1], exact.levels[-1])  # the teacher's level
     assert not torch.equal(fast.levels[0], exact.levels[0])  # the backbone's ran in bf16
+
+
+def gated_gallery(gated_model, root, precision):
+    """The gallery of a five-image folder under ``gated_model``; building it again rebuilds
+    or reopens the same one."""
+    _, extended, tokenizer = gated_model
+    if not (root / "m").is_dir():
+        extended.save_pretrained(root / "m", tokenizer)
+        write_folder(root / "images")
+    collection = folder_collection(root / "images", root / "images-captions.json")
+    return build_gallery(root / "m", collection, root / "cache", BuildSettings(precision))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_gallery_stores_each_images_gate_as_a_query_would_take_it(wide_gate, tmp_path, precision):
+    """The gate depends on the image alone, so a gallery takes it once, from the values it
+    stores; a query's scores are those of the gate taken from the candidates' values."""
+    gallery = gated_gallery(wide_gate, tmp_path, precision)
+    searcher = Searcher(gallery, Encoder.from_pretrained(gallery.manifest.checkpoint))
+    model, ids = searcher.model, np.arange(gallery.num_images)
+    assert gallery.manifest.gated
+    text = searcher.encoder.encode_caption("a square of colour 2")
+    per_query = torch.empty(model.config.num_levels, len(ids))
+    for positions, part in gallery.image_parts(ids):
+        taken = model.concept_gate(replace(part, gates=None))
+        torch.testing.assert_close(part.gates, taken, rtol=0, atol=1e-6)
+        per_query[:, positions] = model.level_scores(replace(part, gates=None), text)[:, :, 0]
+    torch.testing.assert_close(searcher.score_images(ids, text), per_query, rtol=0, atol=1e-6)
+    assert torch.equal(gallery.image_features(ids[::-1].copy()).gates, taken.flip(0))
+
+
+def test_damaged_stored_gates_are_never_used_but_rebuilt(wide_gate, tmp_path):
+    gallery = gated_gallery(wide_gate, tmp_path, "int8")
+    stored = gallery.image_features(range(5)).gates
+    path = next((gallery.directory / "segments").glob("*/image.gate.npy"))
+    invert(path, path.stat().st_size - 4, 4)  # the last image's gate
+    with pytest.raises(CacheError, match=r"image\.gate\.npy does not match its checksum"):
+        open_gallery(gallery.directory)
+    rebuilt = gated_gallery(wide_gate, tmp_path, "int8")
+    assert "image.gate.npy" in rebuilt.report.rebuilt_because
+    assert torch.equal(rebuilt.image_features(range(5)).gates, stored)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hat import cli, create_model, get_preset, load_model, runtime
+from hat import cli, create_model, get_preset, load_model, native, runtime
 from hat.encoder import Encoder
 from hat.gallery import (
     PRECISIONS,
@@ -67,8 +67,9 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     direction,
 ):
     """The re-rank takes the candidates as stored (int8 with scales, fp16, pq coordinates) and
-    decodes them a block at a time while scoring: the scores are those of the candidates decoded
-    to fp32 first, text → image and image → text (the stored image against the caption bank)."""
+    decodes them a block at a time while scoring (image → text attention in the fused kernel
+    where it is built): the scores are those of the candidates decoded to fp32 first and scored
+    in PyTorch, text → image and image → text (the stored image against the caption bank)."""
     torch.manual_seed(0)
     model, tokenizer = create_model(replace(get_preset("hat-tiny"), direction=direction))
     ckpt = model.eval().save_pretrained(tmp_path / "ckpt", tokenizer)
@@ -86,11 +87,13 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
         for norms, regions in zip(stored.norms, decoded[positions].levels, strict=True):
             torch.testing.assert_close(norms, torch.linalg.vector_norm(regions, dim=2))
     text = searcher.encoder.encode_caption("a square of colour 3")
-    want = searcher.model.level_scores(decoded, text)[:, :, 0]
+    with native.eager():  # decoded and scored in PyTorch; the re-rank in the fused kernel
+        want = searcher.model.level_scores(decoded, text)[:, :, 0]
     torch.testing.assert_close(searcher.score_images(ids, text), want, atol=1e-5, rtol=0)
     captions = range(gallery.num_captions)
     ((_, image),) = gallery.image_parts([1])
-    want = searcher.model.level_scores(decoded[3:4], gallery.text_features(captions))[:, 0, :]
+    with native.eager():
+        want = searcher.model.level_scores(decoded[3:4], gallery.text_features(captions))[:, 0, :]
     got = searcher.score_captions(captions, image)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 

@@ -16,6 +16,7 @@ build settings (:func:`gallery_key` hashes all three)::
         text.<level>.npy       (tokens, D) real tokens of all captions back to back, likewise
         text.offsets.npy       caption r owns tokens offsets[r]:offsets[r + 1]
         image.embedding.npy, text.embedding.npy   first-stage vectors (fp16)
+        image.gate.npy         (rows,) each image's concept gate, fp32 (models with a gate only)
         image.xxh3.npy, text.xxh3.npy   per image / caption: digest of its features, of its vector
 
 The whole directory is staged and renamed into place, so a reader never sees half of it; opening

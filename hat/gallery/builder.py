@@ -163,7 +163,15 @@ def encode_segment(
     tokens = encoder.tokenize(flat or ["-"])
     lengths = tokens["attention_mask"].sum(dim=1).numpy()[: len(flat)]
     shapes = [tuple(x.shape[1:]) for x in probe.levels]
-    writer = SegmentWriter(directory, precision, len(paths), shapes, lengths, model.first_stage_dim)
+    writer = SegmentWriter(
+        directory,
+        precision,
+        len(paths),
+        shapes,
+        lengths,
+        model.first_stage_dim,
+        gate=model.stored_gate,
+    )
     loader = encoder.image_loader(paths, batch_size, num_workers, skip_bad=True)
 
     def encode_images(pixels: torch.Tensor) -> tuple[ImageFeatures, torch.Tensor]:
@@ -287,6 +295,7 @@ def gallery_header(
         num_levels=config.num_levels,
         dim=config.embed_dim,
         embedding_dim=config.first_stage_dim,
+        gated=config.gated,
     )
 
 

@@ -25,7 +25,9 @@ from hat.training_state import STATE_NAME, TENSORS_NAME
 # differences from it.
 # 4: int8 image levels store their regions' norms (image.<level>.norm.npy, fp32, in the row
 # digest); first-stage vectors are fp16, and an IVF index holds them as fp16 too.
-FORMAT_VERSION = 4
+# 5: a model with a concept gate gets each image's gate stored (image.gate.npy, fp32, read whole);
+# the manifest says whether (``gated``).
+FORMAT_VERSION = 5
 KARPATHY_PREFIX = "karpathy:"
 CAPTIONS_WITHOUT_IMAGES = "captions_without_images.txt"
 TRAINING_ONLY_FILES = {STATE_NAME, TENSORS_NAME}

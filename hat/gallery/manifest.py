@@ -36,6 +36,7 @@ class GalleryHeader:
     num_levels: int
     dim: int
     embedding_dim: int
+    gated: bool  # each image's concept gate is stored (HATConfig.gated)
 
     def same_build(self, raw: dict[str, Any]) -> bool:
         """Whether a manifest read as plain JSON (of any format) has this source, checkpoint and

@@ -68,11 +68,6 @@ def _token_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.
     return np.repeat(starts, lengths) + within, within
 
 
-def _unless_none(per_level: Sequence) -> list | None:
-    """``per_level`` as a list, or None where every level has None."""
-    return None if all(x is None for x in per_level) else list(per_level)
-
-
 @dataclass
 class BuildReport:
     """What a build did: ``encoded_images == 0`` on a cache hit."""
@@ -121,41 +116,36 @@ class Gallery:
         return self.paths[owner] if owner >= 0 else None
 
     def image_features(self, ids: Sequence[int]) -> ImageFeatures:
-        """fp32 region features of images ``ids`` (in that order), one tensor per level."""
+        """fp32 region features of images ``ids`` (in that order), one tensor per level, with
+        their stored concept gates."""
         parts = [(positions, part.expanded()) for positions, part in self.image_parts(ids)]
         if len(parts) == 1 and np.array_equal(parts[0][0], np.arange(len(ids))):
             return parts[0][1]  # ids in file order: no copy
         levels = [torch.empty(len(ids), regions, self.manifest.dim) for regions in self.regions()]
+        gates = torch.empty(len(ids)) if self.manifest.gated else None
         for positions, part in parts:
             index = torch.from_numpy(positions)
             for out, values in zip(levels, part.levels, strict=True):
                 out[index] = values
-        return ImageFeatures(levels)
+            if gates is not None:
+                gates[index] = part.gates
+        return ImageFeatures(levels, gates=gates)
 
     def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
         the values as stored (int8 with ``ImageFeatures.scales``, fp16, or a compressed
         segment's coordinates in its own ``ImageFeatures.bases``), with the region norms the
         gallery stores: scoring decodes them a cache-sized block at a time (int8 not at all),
-        so the candidates never pass through memory in fp32."""
+        so the candidates never pass through memory in fp32; and their concept gates where the
+        gallery stores them."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
             self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
-        out = []
-        for seg, positions in by_segment:
-            segment = self.segments[seg]
-            stored, norms = segment.read_images(rows[positions, 1], self.checked)
-            levels, scales, bases = zip(
-                *(segment.for_scoring("image", i, values) for i, values in enumerate(stored)),
-                strict=True,
-            )
-            norms = [None if n is None else torch.from_numpy(n) for n in norms]
-            features = ImageFeatures(
-                list(levels), _unless_none(bases), _unless_none(scales), _unless_none(norms)
-            )
-            out.append((positions, features))
-        return out
+        return [
+            (positions, self.segments[seg].images_as_scored(rows[positions, 1], self.checked))
+            for seg, positions in by_segment
+        ]
 
     def text_features(self, ids: Sequence[int]) -> TextFeatures:
         """fp32 word features of captions ``ids``, right-padded, with the real-token mask."""

@@ -5,6 +5,8 @@ later galleries can share it through hard links. Every row (an image's region fe
 levels; a caption's tokens) has an xxh3 digest, written with it, and a read checks the digest of
 exactly the rows it gathers: bytes changed on disk are never served, and a query pays only for
 hashing its own candidates (benchmarks/row_checks.py measures it); opening only checks file sizes.
+A model whose concept level has a novelty gate gets each image's gate stored too, taken from the
+stored values as a query would take it (4 bytes per image, read whole and checked at opening).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ Stored = list[tuple[np.ndarray, np.ndarray | None]]  # values and side array of 
 Norms = list[np.ndarray | None]  # region norms of every image level (None: not stored)
 CODEBOOKS = "codec.npy"  # suffix of a level's trained codec (serialised faiss), pq only
 NORMS = "norm"  # infix of a level's stored region norms: image.<level>.norm.npy
+GATES = "image.gate.npy"  # each image's concept gate (HATModel.concept_gate), gated models only
+Gate = Callable[[ImageFeatures], torch.Tensor]  # images as scored -> (N,) gates
 # Rows to prefetch closer than this many bytes are asked for in one system call (the kernel
 # reads ahead about as far anyway): a query's 100 scales or norms of a small gallery, one call.
 PREFETCH_GAP = 1 << 17
@@ -62,6 +66,26 @@ def _flat(stored: Stored, norms: Norms = ()) -> list[np.ndarray]:
     return [a for pair in stored for a in pair if a is not None] + [
         n for n in norms if n is not None
     ]
+
+
+def _unless_none(per_level: Sequence) -> list | None:
+    """``per_level`` as a list, or None where every level has None."""
+    return None if all(x is None for x in per_level) else list(per_level)
+
+
+def as_scored(
+    codecs: Sequence[Codec], stored: Stored, norms: Norms, gates: torch.Tensor | None = None
+) -> ImageFeatures:
+    """Image rows as scoring takes them: every level's stored values through its codec
+    (``Codec.for_scoring``), with their region norms and gates where stored."""
+    levels, scales, bases = zip(
+        *(codec.for_scoring(*pair) for codec, pair in zip(codecs, stored, strict=True)),
+        strict=True,
+    )
+    norms = [None if n is None else torch.from_numpy(n) for n in norms]
+    return ImageFeatures(
+        list(levels), _unless_none(bases), _unless_none(scales), _unless_none(norms), gates
+    )
 
 
 def _npy(path: Path) -> np.ndarray:
@@ -123,6 +147,9 @@ class Segment:
         rows = {"image": len(self.digests["image"]), "text": int(self.offsets[-1])}
         if len(self.offsets) != len(self.digests["text"]) + 1:
             raise self._damaged("text.offsets.npy", "does not match its captions")
+        self.gates = load(GATES) if manifest.gated else None
+        if self.gates is not None and self.gates.shape != (rows["image"],):
+            raise self._damaged(GATES, f"has shape {list(self.gates.shape)}")
         self.codecs: dict[str, list[Codec]] = {}
         for kind in KINDS:
             stored_as = kind_precision(precision, kind)
@@ -168,9 +195,11 @@ class Segment:
         """fp32 features of ``stored`` values of ``kind`` at ``level``."""
         return self.codecs[kind][level].decode(*stored)
 
-    def for_scoring(self, kind: str, level: int, stored: tuple[np.ndarray, np.ndarray | None]):
-        """``stored`` values as scoring takes them: see ``Codec.for_scoring``."""
-        return self.codecs[kind][level].for_scoring(*stored)
+    def images_as_scored(self, rows: np.ndarray, check: bool = True) -> ImageFeatures:
+        """Image ``rows`` as scoring takes them (:func:`as_scored`), checked row by row."""
+        stored, norms = self.read_images(rows, check)
+        gates = None if self.gates is None else torch.from_numpy(self.gates[rows])
+        return as_scored(self.codecs["image"], stored, norms, gates)
 
     def _damaged(self, file: str | None, problem: str) -> CorruptionError:
         """The error naming ``file`` of this segment, or the segment (``None``)."""
@@ -238,8 +267,10 @@ class SegmentWriter:
     Captions are stored for every image of the list, tokens back to back. A codec that must be
     trained (``pq``) holds the first batches of its kind in memory until it has seen
     ``PQ_TRAINING_VECTORS`` vectors per level (or the segment closes), trains on them, then
-    writes them and everything after (``codecs`` trained elsewhere skip that). :meth:`close`
-    writes the codecs and the rows' digests.
+    writes them and everything after (``codecs`` trained elsewhere skip that). ``gate``: a gated
+    model's :meth:`~hat.model.HATModel.concept_gate`, taken of every image as stored (so that it
+    equals what a query would take of it). :meth:`close` writes the codecs, the gates and the
+    rows' digests.
     """
 
     def __init__(
@@ -251,9 +282,12 @@ class SegmentWriter:
         caption_lengths: np.ndarray,
         embedding_dim: int,
         codecs: dict[str, list[Codec]] | None = None,
+        gate: Gate | None = None,
     ):
         directory.mkdir(parents=True)
         self.directory = directory
+        self.gate = gate
+        self.gates = np.zeros(num_images, dtype=np.float32) if gate else None
         self.offsets = np.concatenate([[0], np.cumsum(caption_lengths)]).astype(np.int64)
         np.save(directory / "text.offsets.npy", self.offsets)
         self.arrays: dict[str, np.ndarray] = {}
@@ -327,9 +361,13 @@ class SegmentWriter:
             self.arrays[f"{kind}.{level}"][items] = values
             if side is not None:
                 self.arrays[f"{kind}.{level}.{codec.side}"][items] = side
+            norms.append(None)
             if kind == "image" and codec.stores_norms:
-                norms.append(codec.norms(values, side))
+                norms[-1] = codec.norms(values, side)
                 self.arrays[f"{kind}.{level}.{NORMS}"][items] = norms[-1]
+        if kind == "image" and self.gate is not None:
+            scored = as_scored(self.codecs[kind], contiguous, norms)
+            self.gates[rows] = self.gate(scored).float().cpu().numpy()
         vectors = np.ascontiguousarray(np.asarray(embedding, dtype=EMBEDDING_DTYPE))
         self.arrays[f"{kind}.embedding"][rows] = vectors
         self.digests[kind][rows, FEATURES] = row_digests(_flat(contiguous, norms), bounds)
@@ -368,3 +406,5 @@ class SegmentWriter:
         self.arrays.clear()
         for kind, digests in self.digests.items():
             np.save(self.directory / f"{kind}.xxh3.npy", digests)
+        if self.gates is not None:
+            np.save(self.directory / GATES, self.gates)
