@@ -130,6 +130,7 @@ class DemoEngine:
         self.gallery_dir = Path(gallery_dir)
         self.device = device or default_device()
         self.encoder = Encoder.from_pretrained(self.checkpoint, self.device)
+        self.encoder.encoding_model()  # a bf16 copy, if any, now: not in the first visitor's query
         loaded = time.perf_counter()
 
         def build() -> Gallery:
