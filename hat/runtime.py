@@ -98,9 +98,9 @@ def encode_dtype(device: torch.device, precision: str | None = None) -> torch.dt
 
     ``auto`` (the default; the ``HAT_ENCODE_PRECISION`` environment variable overrides it) is
     bfloat16 on a CPU with AMX tiles: oneDNN runs bf16 products there over ten times as fast as
-    fp32 on one core, so encoding an image or a caption takes about a third of the time, and the
-    retrieval figures stay those of fp32 (reports/README.md). Elsewhere fp32: a CPU without AMX
-    runs bf16 no faster, and on a GPU it is not measured here.
+    fp32 on one core, so encoding an image takes about half the time (its backbone levels a
+    third), and the retrieval figures stay those of fp32 (reports/README.md). Elsewhere fp32: a
+    CPU without AMX runs bf16 no faster, and on a GPU it is not measured here.
     """
     import torch
 
