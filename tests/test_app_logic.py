@@ -255,6 +255,7 @@ def test_the_demo_searches_the_same_gallery_in_bf16_as_in_fp32(tmp_path, monkeyp
         monkeypatch.setenv("HAT_ENCODE_PRECISION", precision)
         engine = DemoEngine(checkpoint, gallery, tmp_path / precision, tmp_path / "tmp", False)
         try:
+            assert engine.describe()["encode_precision"] == precision
             hits = engine.search_text("a square of colour 2", 5, BUILTIN).hits
             results[precision] = {h.caption: h.score for h in hits}
         finally:

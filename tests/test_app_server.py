@@ -210,6 +210,7 @@ def refusal(call) -> str:
 def test_info_names_the_model_the_device_and_every_level(client, before):
     info = client.predict(api_name="/info")
     assert info["model"] == "hat-tiny" and info["device"] in ("cpu", "cuda")
+    assert info["encode_precision"] == "fp32"  # as tests/conftest.py asks
     assert [level["image_layer"] for level in info["levels"]] == [
         "layers.1",
         "layers.2",

@@ -31,7 +31,8 @@ def header(engine: DemoEngine) -> None:
     info = engine.describe()
     gr.Markdown(
         f"# HAT: hierarchical alignment image ↔ text retrieval\n"
-        f"Model `{html.escape(info['model'])}` on **{info['device']}** · built-in gallery: "
+        f"Model `{html.escape(info['model'])}` on **{info['device']}** "
+        f"({info['encode_precision']} encoding) · built-in gallery: "
         f"{info['gallery_images']} images, {info['gallery_captions']} captions. "
         f"Scores are sums of one cross-attention score per level:\n\n{engine.legend()}"
     )
