@@ -11,7 +11,10 @@ plain C (no PyTorch headers), so it compiles in about a second; the library is c
 which releases the GIL. Float sums run in another order than PyTorch's: scores agree to float
 rounding (the tests hold it to 1e-5 against float64 on every precision).
 
-``HAT_NATIVE=0`` in the environment, or :func:`eager` in code, keeps scoring in PyTorch.
+:mod:`hat.alignment` calls it at one PyTorch thread only (a server's model calls, as app.py
+splits the cores; the speed targets): it runs on one thread, and with more PyTorch's own
+elementwise steps run on all of them. ``HAT_NATIVE=0`` in the environment, or :func:`eager` in
+code, keeps scoring in PyTorch.
 """
 
 from __future__ import annotations
