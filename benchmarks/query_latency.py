@@ -259,11 +259,15 @@ def rerank_paths(
     return out
 
 
-class WidenedSearcher(Searcher):
-    """Search with the re-rank before stored norms (:func:`widened`), for comparison."""
+class EarlierSearcher(Searcher):
+    """Search with an earlier re-rank (:func:`rerank_as`), for comparison."""
+
+    def __init__(self, searcher: Searcher, earlier: Callable[[ImageFeatures], ImageFeatures]):
+        super().__init__(searcher.gallery, searcher.encoder)
+        self.earlier = earlier
 
     def score_images(self, ids, text: TextFeatures) -> torch.Tensor:
-        return rerank_as(self, np.asarray(ids), text, widened)
+        return rerank_as(self, np.asarray(ids), text, self.earlier)
 
 
 def server_ms(result) -> float:
@@ -298,20 +302,24 @@ def encode_split(searcher: Searcher, image) -> dict[str, float]:
 
 def gallery_queries(searcher: Searcher, captions: list[str], images: int, k: int = 8) -> dict:
     """Both directions on a built gallery as the app's server times them (k = 8, the page's
-    default): text → image as search does it and without the stored norms, interleaved, with
-    the scores compared; image → text with its first ``images`` images as queries."""
-    old = WidenedSearcher(searcher.gallery, searcher.encoder)
+    default): text → image as search does it and, interleaved, the earlier re-ranks in PyTorch
+    (with the concept gates taken per query; also without the stored norms), with the scores
+    compared; image → text with its first ``images`` images as queries."""
+    searchers = {
+        "new": searcher,
+        "gate_per_query": EarlierSearcher(searcher, gate_per_query),
+        "without_stored_norms": EarlierSearcher(searcher, widened),
+    }
     for caption in captions[-3:]:  # warm-up
-        searcher.text_to_image(caption, k)
-        old.text_to_image(caption, k)
-    t2i: dict[str, list] = {"new": [], "without_stored_norms": []}
+        for way in searchers.values():
+            way.text_to_image(caption, k)
+    t2i: dict[str, list] = {name: [] for name in searchers}
     for caption in captions:
-        new_result = searcher.text_to_image(caption, k)
-        old_result = old.text_to_image(caption, k)
-        for a, b in zip(new_result.hits, old_result.hits, strict=True):
-            assert abs(a.score - b.score) < 1e-5, (caption, a, b)
-        t2i["new"].append(new_result)
-        t2i["without_stored_norms"].append(old_result)
+        for name, way in searchers.items():
+            t2i[name].append(way.text_to_image(caption, k))
+        for name in searchers:
+            for a, b in zip(t2i["new"][-1].hits, t2i[name][-1].hits, strict=True):
+                assert abs(a.score - b.score) < 1e-5, (caption, a, b)
     out = {
         f"text_to_image_{name}": {
             **stats_ms([server_ms(r) / 1000 for r in results]),

@@ -36,10 +36,11 @@ The pair score is the sum of the level scores. How it is computed fast:
   product with exact int32 sums. Three pieces keep 24 bits of each word, as many as fp32 has,
   so the similarities are as close to the exact ones as an fp32 product's, and the query reads
   its candidates' int8 values once instead of widening them to four times their size.
-* Image → text in fp32 on a CPU without gradients (search, evaluation) leaves everything after
-  the similarity product to one fused kernel (:mod:`hat.native`, plain C built at first use),
-  which makes the ~8 elementwise passes of the steps above over one image's (words × regions)
-  slab while it is in cache; where no C compiler built it, the same steps run in PyTorch.
+* Image → text in fp32 on one CPU thread without gradients (a query, evaluation) leaves
+  everything after the similarity product to one fused kernel (:mod:`hat.native`, plain C built
+  at first use), which makes the ~8 elementwise passes of the steps above over one image's
+  (words × regions) slab while it is in cache; where no C compiler built it, or PyTorch has more
+  threads (the kernel runs on one), the same steps run in PyTorch.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
@@ -254,8 +255,8 @@ def _block_scores(
     multiplies its similarities and its part in the attended vectors, far fewer numbers than the
     region's own. ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local
     cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. Without ``details`` (the scores
-    alone), i2t in fp32 on a CPU without gradients runs in the fused kernel of :mod:`hat.native`
-    where it is built, and the attention and local cosines are None.
+    alone), i2t in fp32 on one CPU thread without gradients runs in the fused kernel of
+    :mod:`hat.native` where it is built, and the attention and local cosines are None.
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = captions.words.shape
@@ -270,7 +271,8 @@ def _block_scores(
             along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
             sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
     fused = not details and inplace and direction == "i2t" and sims.dtype == torch.float32
-    if fused and sims.device.type == "cpu" and (kernel := native.i2t_kernel()) is not None:
+    fused = fused and sims.device.type == "cpu" and torch.get_num_threads() == 1
+    if fused and (kernel := native.i2t_kernel()) is not None:
         gram, lam = captions.gram, lambda_softmax
         scores = native.i2t_block_scores(kernel, sims, scales, gram, region_norms, lam, slope, EPS)
         return scores, None, None

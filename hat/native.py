@@ -6,12 +6,16 @@ After the similarity product, eager PyTorch makes about eight passes over a bloc
 exp, the Gram-term product, two products with the attention and their sums over words. The
 kernel makes them over one image's (words × regions) slab at a time, which stays in the core's
 L1/L2 cache, and takes the Gram term ‖a_k‖² = e_k G e_kᵀ over half of the symmetric G. It is
-plain C (no PyTorch headers), so it compiles in about a second; the library is cached under
+plain C (no PyTorch headers), so it compiles in well under a second; the library is cached under
 ``$XDG_CACHE_HOME/hat/kernels`` by a hash of its source and flags, and called through ctypes,
 which releases the GIL. Float sums run in another order than PyTorch's: scores agree to float
-rounding (the tests hold it to 1e-5 against float64 on every precision).
+rounding (the tests: within 2e-6 of PyTorch's; a gallery's re-rank within 1e-5 of its decoded
+features' scores, on every precision).
 
-``HAT_NATIVE=0`` in the environment, or :func:`eager` in code, keeps scoring in PyTorch.
+:mod:`hat.alignment` calls it at one PyTorch thread only (a server's model calls, as app.py
+splits the cores; the speed targets): it runs on one thread, and with more PyTorch's own
+elementwise steps run on all of them. ``HAT_NATIVE=0`` in the environment, or :func:`eager` in
+code, keeps scoring in PyTorch.
 """
 
 from __future__ import annotations
@@ -192,8 +196,8 @@ def _load() -> Callable | None:
     try:
         if not target.is_file():
             _build(compiler, target)
-        library = ctypes.CDLL(str(target))
-    except (OSError, subprocess.SubprocessError) as exc:
+        function = ctypes.CDLL(str(target)).i2t_block_scores
+    except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.warning(
             "the fused scoring kernel could not be built (%s %s): scoring stays in PyTorch",
@@ -201,7 +205,6 @@ def _load() -> Callable | None:
             detail.decode(errors="replace")[-500:],
         )
         return None
-    function = library.i2t_block_scores
     pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     function.argtypes = [pointer] * 4 + [size] * 4 + [real] * 3 + [pointer] * 2
     function.restype = None

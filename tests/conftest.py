@@ -24,6 +24,16 @@ def synthetic_dataset(tmp_path_factory):
 
 
 @pytest.fixture()
+def one_thread():
+    """One PyTorch thread, as a server's model calls run: only there does image → text scoring
+    take the fused kernel of hat.native."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def tiny_model():
     from hat import create_model
 

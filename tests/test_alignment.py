@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from hat import native
-from hat.alignment import Basis, align_pair, hierarchical_scores, level_scores
+from hat.alignment import (
+    Basis,
+    _block_scores,
+    _Captions,
+    align_pair,
+    hierarchical_scores,
+    level_scores,
+)
 
 
 def reference_pair_score(regions, words, lam, direction, slope=0.1):
@@ -215,10 +222,15 @@ def fused_cases():
     yield torch.randn(5, 7, 7, generator=g), texts, mask, {"basis": Basis(shared, own)}
 
 
-def test_the_fused_kernel_scores_image_to_text_as_pytorch_does():
+def test_the_fused_kernel_scores_image_to_text_as_pytorch_does(one_thread):
     if native._compiler() is None:
         pytest.skip("no C compiler: scoring stays in PyTorch")
     assert native.i2t_kernel() is not None
+    images, texts, mask, _ = next(fused_cases())
+    norms = torch.linalg.vector_norm(images, dim=2)
+    captions = _Captions.of(torch.arange(4), texts, mask, "i2t")
+    _, attention, _ = _block_scores(images, norms, captions, 9.0, "i2t", 0.1, details=False)
+    assert attention is None  # the kernel gave the scores alone
     for regions, words, mask, stored in fused_cases():
         fused = level_scores(regions, words, mask, **stored)
         with native.eager():

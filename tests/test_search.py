@@ -65,6 +65,7 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     tmp_path,
     precision,
     direction,
+    one_thread,
 ):
     """The re-rank takes the candidates as stored (int8 with scales, fp16, pq coordinates) and
     decodes them a block at a time while scoring (image → text attention in the fused kernel
