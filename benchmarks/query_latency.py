@@ -285,18 +285,20 @@ def parts_p50(results: list) -> dict:
 @torch.inference_mode()
 def encode_split(searcher: Searcher, image) -> dict[str, float]:
     """Seconds to preprocess a query image, to run the image tower and head on it, and the
-    concept level's teacher (which reads the same pixels)."""
-    model, out = searcher.model, {}
+    concept level's teacher (which reads the same pixels), at the encoder's precision."""
+    out = {}
     start = time.perf_counter()
     pixels = searcher.encoder.transform(load_image(image))[None]
     out["preprocess"] = time.perf_counter() - start
-    start = time.perf_counter()
-    model.image_head(model.image_tower.backbone_levels(pixels))
-    out["image_tower"] = time.perf_counter() - start
-    if model.concepts is not None:
+    model, context = searcher.encoder.encoding_model()
+    with context:
         start = time.perf_counter()
-        model.concepts.image_level(pixels)
-        out["concept_teacher"] = time.perf_counter() - start
+        model.image_head(model.image_tower.backbone_levels(pixels))
+        out["image_tower"] = time.perf_counter() - start
+        if model.concepts is not None:
+            start = time.perf_counter()
+            model.concepts.image_level(pixels)
+            out["concept_teacher"] = time.perf_counter() - start
     return out
 
 
