@@ -27,7 +27,6 @@ from hat.data.images import list_images, load_image
 from hat.encoder import Encoder
 from hat.gallery import PRECISIONS, BuildSettings, build_gallery, folder_collection
 from hat.model import HATModel
-from hat.runtime import encode_dtype
 
 
 def write_images(folder: Path, count: int, size: tuple[int, int] = (480, 360)) -> None:
@@ -82,7 +81,7 @@ def concept_level_cost(model, tokenizer, pixels: torch.Tensor, batch_size: int, 
     @torch.inference_mode()
     def teacher(plain: bool):
         for batch in batches:
-            raw = (batch * regions.std + regions.mean - 0.5) / 0.5
+            raw = regions.teacher_input(batch)
             if plain:
                 regions.teacher.forward_features(raw)
             else:
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "images": args.images,
         "batch_size": args.batch_size,
-        "encode_dtype": str(encode_dtype(encoder.device)),
+        "encode_dtype": str(encoder.encode_dtype),
         "forward_alone_images_per_s": round(best["forward_alone"], 2),
         "build_images_per_s": round(best["build"], 2),
         "build_over_forward": round(best["build"] / best["forward_alone"], 3),

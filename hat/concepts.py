@@ -141,13 +141,17 @@ class ConceptRegions(nn.Module):
             self._rewritten = (key, inference_copy(self.teacher, key[2]))
         return self._rewritten[1]
 
-    def class_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, R, 1000)`` logits of the classifier at every region (row-major)."""
+    def teacher_input(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """HAT-normalised pixels as the teacher reads them: its own size and normalisation."""
         raw = pixel_values * self.std + self.mean  # back to [0, 1], then the teacher's own
         if self.input_size and raw.shape[-1] != self.input_size:
             size = (self.input_size, self.input_size)
             raw = F.interpolate(raw, size=size, mode="bilinear", antialias=True)
-        inputs = ((raw - TEACHER_MEAN) / TEACHER_STD).contiguous(memory_format=torch.channels_last)
+        return (raw - TEACHER_MEAN) / TEACHER_STD
+
+    def class_maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, R, 1000)`` logits of the classifier at every region (row-major)."""
+        inputs = self.teacher_input(pixel_values).contiguous(memory_format=torch.channels_last)
         teacher = self.inference_teacher(inputs.shape[-2:])
         regions = teacher.forward_features(inputs).flatten(2).transpose(1, 2)
         return teacher.classifier(regions)

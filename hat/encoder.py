@@ -71,11 +71,16 @@ class Encoder:
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def encode_dtype(self) -> torch.dtype | None:
+        """What the towers encode in here (:func:`hat.runtime.encode_dtype`; None: fp32)."""
+        return encode_dtype(self.device, self.precision)
+
     def encoding_model(self) -> tuple[HATModel, contextlib.AbstractContextManager]:
         """The model that encodes and the context it runs in: the model itself in fp32, or
         under :func:`hat.runtime.encode_dtype`'s autocast a :func:`low_precision_copy`, made
         again whenever the model's weights change (their versions) or move."""
-        dtype = encode_dtype(self.device, self.precision)
+        dtype = self.encode_dtype
         if dtype is None:
             return self.model, contextlib.nullcontext()
         weights = tuple((p.data_ptr(), p._version) for p in self.model.parameters())

@@ -41,7 +41,7 @@ from hat.gallery import (
 )
 from hat.model import HATModel, ImageFeatures
 from hat.owners import Owner, sweep
-from hat.runtime import default_device, encode_dtype
+from hat.runtime import default_device
 from hat.search import Hit, Searcher, SearchResult
 
 BUILTIN = "built-in"
@@ -241,11 +241,6 @@ class DemoEngine:
         """The built-in gallery's image folder (the app may serve files from it)."""
         return Path(self.gallery.manifest.root)
 
-    @property
-    def encode_dtype(self) -> torch.dtype | None:
-        """What the towers encode queries in (:func:`hat.runtime.encode_dtype`; None: fp32)."""
-        return encode_dtype(self.encoder.device, self.encoder.precision)
-
     def describe(self) -> dict[str, Any]:
         """Model, device, levels, gallery size and start-up timings (the ``/info`` endpoint)."""
         cfg = self.model.config
@@ -253,7 +248,7 @@ class DemoEngine:
             "model": cfg.name,
             "checkpoint": self.checkpoint.name,  # not the server's file system
             "device": str(self.device),
-            "encode_precision": "fp32" if self.encode_dtype is None else "bf16",
+            "encode_precision": "fp32" if self.encoder.encode_dtype is None else "bf16",
             "image_backbone": cfg.image_backbone,
             "text_backbone": cfg.text_backbone,
             "levels": [
