@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "shape": vars(args) | {"mean_words": sum(lengths) / len(lengths)},
         "pairs": pairs,
-        "fused_kernel": native.i2t_kernel() is not None,
+        "fused_kernel": native.kernels() is not None,
         "max_abs_diff_vs_reference": max_diff,
         "max_abs_diff_vs_eager": float((ours - eager).abs().max()),
         "runs": [],

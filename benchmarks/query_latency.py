@@ -229,7 +229,7 @@ def rerank_paths(
         earlier = {"gate_per_query": gate_per_query, **earlier}
     for name, earlier_part in earlier.items() if old_path else ():
         ways[name] = lambda ids, text, f=earlier_part: rerank_as(searcher, ids, text, f)
-    if old_path and native.i2t_kernel() is not None:
+    if old_path and native.kernels() is not None:
         ways["eager"] = lambda ids, text: rerank_as(searcher, ids, text, lambda part: part)
     times: dict[str, list[float]] = {name: [] for name in ways}
     flops, pairs = 0, 0

@@ -145,6 +145,7 @@ class _IntegerWords:
     """
 
     pieces: torch.Tensor  # (L · P, D) int8, word-major
+    piece_weights: torch.Tensor  # (L, P): each word's pieces' weights
     weights: torch.Tensor  # (L, L · P): word l's row holds its pieces' weights, zeros elsewhere
 
     @classmethod
@@ -159,15 +160,20 @@ class _IntegerWords:
             pieces.append(piece.to(torch.int8))
             weights.append(step)
             step = step / PIECE_STEP
+        piece_weights = torch.cat(weights, dim=1).float()
         own = torch.eye(len(words), dtype=torch.float32, device=words.device)[:, :, None]
-        spread = own * torch.cat(weights, dim=1).float()[:, None, :]  # (L, L, P)
-        return cls(torch.stack(pieces, dim=1).flatten(0, 1), spread.flatten(1))
+        spread = own * piece_weights[:, None, :]  # (L, L, P)
+        return cls(torch.stack(pieces, dim=1).flatten(0, 1), piece_weights, spread.flatten(1))
+
+    def counts(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``(M, L · P)`` exact int32 products of int8 ``vectors`` ``(M, D)`` with every piece:
+        one int8 product (vectors first: the faster order)."""
+        return torch._int_mm(vectors, self.pieces.T)
 
     def times(self, vectors: torch.Tensor) -> torch.Tensor:
-        """``(L, M)`` products with int8 ``vectors`` ``(M, D)``: one int8 product (vectors first:
-        the faster order), then each word's pieces weighted together."""
-        counts = torch._int_mm(vectors, self.pieces.T)  # (M, L · P) int32, exact
-        return self.weights @ counts.float().T
+        """``(L, M)`` products with int8 ``vectors`` ``(M, D)``: each word's pieces' products
+        weighted together."""
+        return self.weights @ self.counts(vectors).float().T
 
 
 @dataclass
@@ -187,16 +193,20 @@ class _Captions:
     norms: torch.Tensor | None = None
     integer: _IntegerWords | None = None  # the probe in int8 pieces, made for int8 regions
 
+    def integer_words(self) -> _IntegerWords:
+        """The probe (one caption) in int8 pieces, made once."""
+        if self.integer is None:
+            (words,) = self.probe
+            self.integer = _IntegerWords.of(words)
+        return self.integer
+
     def similarities(self, regions: torch.Tensor) -> torch.Tensor:
         """``(T, L, I, K)`` products of the probe with regions ``(I, K, d)``: fp32, or int8
-        multiplied in integers (one caption; its pieces are made once)."""
+        multiplied in integers (one caption)."""
         n_img, n_reg, dim = regions.shape
         flat = regions.reshape(-1, dim)
         if regions.dtype == torch.int8:
-            if self.integer is None:
-                (words,) = self.probe
-                self.integer = _IntegerWords.of(words)
-            sims = self.integer.times(flat)
+            sims = self.integer_words().times(flat)
         else:
             sims = self.probe.reshape(-1, dim) @ flat.T
         return sims.view(*self.probe.shape[:2], n_img, n_reg)
@@ -264,17 +274,26 @@ def _block_scores(
         torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
     )
     mul, _ = _ops(inplace)
+    fused = not details and inplace and direction == "i2t" and regions.device.type == "cpu"
+    kernels = native.kernels() if fused and torch.get_num_threads() == 1 else None
+    scoring = (lambda_softmax, slope, EPS)
+    if kernels is not None and regions.dtype == torch.int8:  # the kernel folds the pieces
+        integer = captions.integer_words()
+        counts = integer.counts(regions.reshape(-1, dim)).view(n_img, n_reg, -1)
+        weights, gram = integer.piece_weights, captions.gram[0]
+        scores = native.i2t_count_scores(
+            kernels, counts, weights, scales, gram, region_norms, *scoring
+        )
+        return scores, None, None
     sims = captions.similarities(regions)
     if own_words is not None:  # the own rows' term: word along row j times region coordinate j
         shared = dim - own_words.shape[3]
         for j in range(own_words.shape[3]):
             along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
             sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
-    fused = not details and inplace and direction == "i2t" and sims.dtype == torch.float32
-    fused = fused and sims.device.type == "cpu" and torch.get_num_threads() == 1
-    if fused and (kernel := native.i2t_kernel()) is not None:
-        gram, lam = captions.gram, lambda_softmax
-        scores = native.i2t_block_scores(kernel, sims, scales, gram, region_norms, lam, slope, EPS)
+    if kernels is not None and sims.dtype == torch.float32:
+        gram = captions.gram
+        scores = native.i2t_block_scores(kernels, sims, scales, gram, region_norms, *scoring)
         return scores, None, None
     if scales is not None:
         sims = mul(sims, scales)

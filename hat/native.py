@@ -30,9 +30,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
+import xxhash
 
 from hat.fileio import cache_home
 
@@ -105,46 +109,123 @@ static void tail_sums(const float *e, const float *x, const float *g, int64_t L,
     }
 }
 
+/* LeakyReLU(v)^2 over a row of K similarities, the row's part of a norm over regions. */
+static inline float leaky_squares(const float *x, int64_t K, float slope)
+{
+    float ss = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float y = x[k] > 0.0f ? x[k] : slope * x[k];
+        ss += y * y;
+    }
+    return ss;
+}
+
+/* The score of one image against one caption from their (words x regions) slab x of
+   region-word products, as scored (times the regions' scales), and each word's
+   f_l = lambda / (||LeakyReLU(x_l)|| + eps): e = exp(f_l LeakyReLU(x_lk)) into work, then
+   sum_k cos(v_k, a_k) / K. Words whose Gram diagonal is 0 are zero vectors (padding): they
+   add nothing to any sum, so they are skipped. work: L K + 2 K floats. */
+static float slab_score(const float *x, const float *f, const float *g, const float *n,
+                        int64_t L, int64_t K, float slope, float eps, float *work)
+{
+    float *e = work, *dots = e + L * K, *sq = dots + K;
+    for (int64_t l = 0; l < L; l++) {
+        if (g[l * L + l] == 0.0f) continue;
+        const float *xl = x + l * K;
+        float *el = e + l * K, fl = f[l];
+        for (int64_t k = 0; k < K; k++) {
+            float v = xl[k];
+            el[k] = expf((v > 0.0f ? v : slope * v) * fl);
+        }
+    }
+    int64_t k0 = 0;
+    for (; k0 + BLOCK <= K; k0 += BLOCK) sums(e, x, g, L, K, k0, dots, sq);
+    tail_sums(e, x, g, L, K, k0, K - k0, dots, sq);
+    float total = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        float length = sqrtf(sq[k] > 0.0f ? sq[k] : 0.0f) * n[k];
+        total += dots[k] / (length > eps ? length : eps);
+    }
+    return total / (float)K;
+}
+
 /* Image -> text scores of a block: sims (T, L, I, K) region-word products, scales (I, K) or
    NULL, gram (T, L, L) word Gram matrices, norms (I, K) region norms as scored; out (T, I);
-   work: 2 L K + 2 K floats. Words whose Gram diagonal is 0 are zero vectors (padding): they
-   add nothing to any sum, so they are skipped. */
+   work: 2 L K + 2 K + L floats. */
 void i2t_block_scores(const float *sims, const float *scales, const float *gram,
                       const float *norms, int64_t T, int64_t L, int64_t I, int64_t K,
                       float lam, float slope, float eps, float *work, float *out)
 {
-    float *x = work, *e = work + L * K, *dots = e + L * K, *sq = dots + K;
+    float *x = work, *f = work + L * K, *rest = f + L;
     for (int64_t t = 0; t < T; t++) {
         const float *g = gram + t * L * L;
         for (int64_t i = 0; i < I; i++) {
             const float *sc = scales ? scales + i * K : 0;
             for (int64_t l = 0; l < L; l++) {
-                if (g[l * L + l] == 0.0f) continue;
                 const float *s = sims + ((t * L + l) * I + i) * K;
-                float *xl = x + l * K, *el = e + l * K, ss = 0.0f;
+                float *xl = x + l * K, ss = 0.0f;
                 for (int64_t k = 0; k < K; k++) {
-                    float v = sc ? s[k] * sc[k] : s[k];
-                    float y = v > 0.0f ? v : slope * v;
+                    float v = sc ? s[k] * sc[k] : s[k], y = v > 0.0f ? v : slope * v;
                     xl[k] = v;
                     ss += y * y;
                 }
-                float f = lam / (sqrtf(ss) + eps);
-                for (int64_t k = 0; k < K; k++) {
-                    float v = xl[k];
-                    el[k] = expf((v > 0.0f ? v : slope * v) * f);
-                }
+                f[l] = lam / (sqrtf(ss) + eps);
             }
-            int64_t k0 = 0;
-            for (; k0 + BLOCK <= K; k0 += BLOCK) sums(e, x, g, L, K, k0, dots, sq);
-            tail_sums(e, x, g, L, K, k0, K - k0, dots, sq);
-            const float *n = norms + i * K;
-            float total = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                float length = sqrtf(sq[k] > 0.0f ? sq[k] : 0.0f) * n[k];
-                total += dots[k] / (length > eps ? length : eps);
-            }
-            out[t * I + i] = total / (float)K;
+            out[t * I + i] = slab_score(x, f, g, norms + i * K, L, K, slope, eps, rest);
         }
+    }
+}
+
+/* The same for one caption against int8 regions multiplied in integers: counts (I, K, L P)
+   exact int32 sums of each region with each word's P int8 pieces, weights (L, P) the pieces'
+   weights, so that a similarity is scale_k sum_p weights_lp counts_klp; out (I). */
+void i2t_count_scores(const int32_t *counts, const float *weights, int64_t P,
+                      const float *scales, const float *gram, const float *norms, int64_t L,
+                      int64_t I, int64_t K, float lam, float slope, float eps, float *work,
+                      float *out)
+{
+    float *x = work, *f = work + L * K, *rest = f + L;
+    const int64_t LP = L * P;
+    for (int64_t i = 0; i < I; i++) {
+        const float *sc = scales ? scales + i * K : 0;
+        const int32_t *c = counts + i * K * LP;
+        for (int64_t l = 0; l < L; l++) {
+            float *xl = x + l * K;
+            for (int64_t k = 0; k < K; k++) xl[k] = 0.0f;
+            for (int64_t p = 0; p < P; p++) {
+                const int32_t *cp = c + l * P + p;
+                float w = weights[l * P + p];
+                for (int64_t k = 0; k < K; k++) xl[k] += w * (float)cp[k * LP];
+            }
+            if (sc)
+                for (int64_t k = 0; k < K; k++) xl[k] *= sc[k];
+            f[l] = lam / (sqrtf(leaky_squares(xl, K, slope)) + eps);
+        }
+        out[i] = slab_score(x, f, gram, norms + i * K, L, K, slope, eps, rest);
+    }
+}
+
+/* xxh3-64 streaming functions (the xxhash library's, passed in by address). */
+typedef int (*xxh_reset)(void *state);
+typedef int (*xxh_update)(void *state, const void *data, size_t length);
+typedef uint64_t (*xxh_digest)(const void *state);
+
+/* Rows `rows` (n) of P row-major arrays (src[p], row_bytes[p] bytes a row) copied into dst[p]
+   back to back; where state is not NULL each row's digest, its parts hashed in order, into
+   digests[r]. Each row is hashed right after it is copied, while it is in cache, so the
+   rows pass through memory once. */
+void gather_rows(int64_t P, char *const *src, char *const *dst, const int64_t *row_bytes,
+                 const int64_t *rows, int64_t n, void *state, xxh_reset reset,
+                 xxh_update update, xxh_digest digest, uint64_t *digests)
+{
+    for (int64_t r = 0; r < n; r++) {
+        if (state) reset(state);
+        for (int64_t p = 0; p < P; p++) {
+            char *to = dst[p] + r * row_bytes[p];
+            memcpy(to, src[p] + rows[r] * row_bytes[p], (size_t)row_bytes[p]);
+            if (state) update(state, to, (size_t)row_bytes[p]);
+        }
+        if (state) digests[r] = digest(state);
     }
 }
 """
@@ -160,9 +241,18 @@ COMPILE_FLAGS = ["-O3", "-ffast-math", "-fPIC", "-fno-plt"]
 DISABLE = "HAT_NATIVE"  # environment variable: "0" keeps scoring in PyTorch
 
 _lock = threading.Lock()
-_kernel: Callable | None = None
+_kernels: Kernels | None = None
 _tried = False
 _enabled = True
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The compiled library's functions, their argument types set."""
+
+    block_scores: Callable  # i2t_block_scores
+    count_scores: Callable  # i2t_count_scores
+    gather_rows: Callable
 
 
 def _flags() -> list[str]:
@@ -186,17 +276,40 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(library, target)
 
 
-def _load() -> Callable | None:
+def _typed(function: Callable, *argtypes) -> Callable:
+    function.argtypes, function.restype = list(argtypes), None
+    return function
+
+
+def _load() -> Kernels | None:
     compiler = _compiler()
     if compiler is None:
-        log.info("no C compiler found: image → text scoring stays in PyTorch")
+        log.info("no C compiler found: scoring stays in PyTorch")
         return None
     key = hashlib.sha256("\0".join([SOURCE, compiler, *_flags()]).encode()).hexdigest()[:16]
-    target = cache_home() / "kernels" / f"i2t-{key}.so"
+    target = cache_home() / "kernels" / f"hat-{key}.so"
     try:
         if not target.is_file():
             _build(compiler, target)
-        function = ctypes.CDLL(str(target)).i2t_block_scores
+        library = ctypes.CDLL(str(target))
+        pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        return Kernels(
+            _typed(
+                library.i2t_block_scores, *[pointer] * 4, *[size] * 4, *[real] * 3, pointer, pointer
+            ),
+            _typed(
+                library.i2t_count_scores,
+                pointer,
+                pointer,
+                size,
+                *[pointer] * 3,
+                *[size] * 3,
+                *[real] * 3,
+                pointer,
+                pointer,
+            ),
+            _typed(library.gather_rows, size, *[pointer] * 4, size, *[pointer] * 5),
+        )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
         log.warning(
@@ -205,22 +318,18 @@ def _load() -> Callable | None:
             detail.decode(errors="replace")[-500:],
         )
         return None
-    pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    function.argtypes = [pointer] * 4 + [size] * 4 + [real] * 3 + [pointer] * 2
-    function.restype = None
-    return function
 
 
-def i2t_kernel() -> Callable | None:
-    """The compiled kernel (built, or loaded from the cache, on the first call: a server calls
+def kernels() -> Kernels | None:
+    """The compiled kernels (built, or loaded from the cache, on the first call: a server calls
     this at start-up), or None where scoring stays in PyTorch."""
-    global _kernel, _tried
+    global _kernels, _tried
     if not _enabled or os.environ.get(DISABLE) == "0":
         return None
     with _lock:
         if not _tried:
-            _kernel, _tried = _load(), True
-    return _kernel
+            _kernels, _tried = _load(), True
+    return _kernels
 
 
 @contextmanager
@@ -234,8 +343,12 @@ def eager() -> Iterator[None]:
         _enabled = before
 
 
+def _address(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
 def i2t_block_scores(
-    kernel: Callable,
+    kernels: Kernels,
     sims: torch.Tensor,
     scales: torch.Tensor | None,
     gram: torch.Tensor,
@@ -250,12 +363,9 @@ def i2t_block_scores(
     tensors = [sims, scales, gram, norms]
     sims, scales, gram, norms = (None if x is None else x.float().contiguous() for x in tensors)
     out = torch.empty(n_txt, n_img)
-    work = torch.empty(2 * n_words * n_reg + 2 * n_reg)
-    kernel(
-        sims.data_ptr(),
-        None if scales is None else scales.data_ptr(),
-        gram.data_ptr(),
-        norms.data_ptr(),
+    work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
+    kernels.block_scores(
+        *map(_address, (sims, scales, gram, norms)),
         n_txt,
         n_words,
         n_img,
@@ -267,3 +377,97 @@ def i2t_block_scores(
         out.data_ptr(),
     )
     return out.T
+
+
+def i2t_count_scores(
+    kernels: Kernels,
+    counts: torch.Tensor,
+    weights: torch.Tensor,
+    scales: torch.Tensor | None,
+    gram: torch.Tensor,
+    norms: torch.Tensor,
+    lambda_softmax: float,
+    slope: float,
+    eps: float,
+) -> torch.Tensor:
+    """Scores ``(I, 1)`` of one caption against int8 regions from their integer products:
+    ``counts`` ``(I, K, L · P)`` int32 sums with each word's P int8 pieces, ``weights``
+    ``(L, P)`` the pieces' weights (``hat.alignment._IntegerWords``)."""
+    n_img, n_reg, _ = counts.shape
+    n_words, pieces = weights.shape
+    counts = counts.contiguous()
+    weights, scales, gram, norms = (
+        None if x is None else x.float().contiguous() for x in (weights, scales, gram, norms)
+    )
+    out = torch.empty(n_img)
+    work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
+    kernels.count_scores(
+        counts.data_ptr(),
+        weights.data_ptr(),
+        pieces,
+        *map(_address, (scales, gram, norms)),
+        n_words,
+        n_img,
+        n_reg,
+        lambda_softmax,
+        slope,
+        eps,
+        work.data_ptr(),
+        out.data_ptr(),
+    )
+    return out[:, None]
+
+
+@lru_cache(maxsize=1)
+def _xxh3() -> tuple[ctypes.CDLL, list[int]] | None:
+    """The xxhash library's xxh3-64 streaming functions (the ``xxhash`` package's own build,
+    which dispatches to the CPU's widest vectors), or None where they cannot be found."""
+    try:
+        library = ctypes.CDLL(xxhash._xxhash.__file__)
+        functions = []
+        for name in ("XXH3_64bits_reset", "XXH3_64bits_update", "XXH3_64bits_digest"):
+            dispatched = getattr(library, f"{name}_dispatch", None)  # absent for reset/digest
+            functions.append(ctypes.cast(dispatched or getattr(library, name), ctypes.c_void_p))
+        library.XXH3_createState.restype = ctypes.c_void_p
+        library.XXH3_freeState.argtypes = [ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return library, [f.value for f in functions]
+
+
+def hashes_rows() -> bool:
+    """Whether :func:`gather_rows` can check rows (the kernels and xxhash's functions)."""
+    return kernels() is not None and _xxh3() is not None
+
+
+def gather_rows(
+    kernels: Kernels, arrays: list[np.ndarray], rows: np.ndarray, digest: bool
+) -> tuple[list[np.ndarray], np.ndarray | None]:
+    """Rows ``rows`` of C-contiguous ``arrays`` (memory-mapped or not), as ``array[rows]``
+    makes them, and with ``digest`` the xxh3-64 of each row, its arrays' parts in order (as
+    :func:`hat.gallery.storage.row_digests` takes them; needs :func:`hashes_rows`)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    out = [np.empty((len(rows), *a.shape[1:]), dtype=a.dtype) for a in arrays]
+    row_bytes = np.array([a.strides[0] if len(a) else 0 for a in arrays], dtype=np.int64)
+    pointers = ctypes.c_void_p * len(arrays)
+    sources = pointers(*[a.ctypes.data for a in arrays])
+    targets = pointers(*[o.ctypes.data for o in out])
+    digests = np.empty(len(rows), dtype=np.uint64) if digest else None
+    library, functions = _xxh3() if digest else (None, [None] * 3)
+    state = library.XXH3_createState() if digest else None
+    try:
+        kernels.gather_rows(
+            len(arrays),
+            ctypes.cast(sources, ctypes.c_void_p),
+            ctypes.cast(targets, ctypes.c_void_p),
+            row_bytes.ctypes.data,
+            rows.ctypes.data,
+            len(rows),
+            state,
+            *functions,
+            None if digests is None else digests.ctypes.data,
+        )
+    finally:
+        if state:
+            library.XXH3_freeState(state)
+    return out, digests

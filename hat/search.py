@@ -76,7 +76,7 @@ class Searcher:
     def __init__(self, gallery: Gallery, encoder: Encoder):
         self.gallery = gallery
         self.encoder = encoder
-        native.i2t_kernel()  # built or loaded now, not on the first query
+        native.kernels()  # built or loaded now, not on the first query
 
     @classmethod
     def open(cls, directory: str | Path, device: str | None = None) -> Searcher:

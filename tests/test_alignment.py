@@ -225,7 +225,7 @@ def fused_cases():
 def test_the_fused_kernel_scores_image_to_text_as_pytorch_does(one_thread):
     if native._compiler() is None:
         pytest.skip("no C compiler: scoring stays in PyTorch")
-    assert native.i2t_kernel() is not None
+    assert native.kernels() is not None
     images, texts, mask, _ = next(fused_cases())
     norms = torch.linalg.vector_norm(images, dim=2)
     captions = _Captions.of(torch.arange(4), texts, mask, "i2t")
@@ -240,16 +240,16 @@ def test_the_fused_kernel_scores_image_to_text_as_pytorch_does(one_thread):
 
 def test_without_a_compiler_scoring_stays_in_pytorch(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built yet
-    monkeypatch.setattr(native, "_kernel", None)  # (restored after the test)
+    monkeypatch.setattr(native, "_kernels", None)  # (restored after the test)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    assert native.i2t_kernel() is None and "could not be built" in caplog.text
+    assert native.kernels() is None and "could not be built" in caplog.text
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("PATH", str(tmp_path))  # none at all
-    assert native._compiler() is None and native.i2t_kernel() is None
+    assert native._compiler() is None and native.kernels() is None
     images, texts, mask, _ = random_batch(dim=16, seed=3)
     got = level_scores(images.float(), texts.float(), mask)
     torch.testing.assert_close(got.double(), level_scores(images, texts, mask), atol=1e-5, rtol=0)
     monkeypatch.setattr(native, "_tried", False)
     monkeypatch.setenv("HAT_NATIVE", "0")
-    assert native.i2t_kernel() is None and not native._tried
+    assert native.kernels() is None and not native._tried

@@ -1,11 +1,13 @@
 """The Encoder: batched, single-query and direct model encodings agree, wherever they run."""
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
 
 from hat.data.images import ImageLoadError
-from hat.encoder import Encoder
+from hat.encoder import Encoder, PackedLinear
 from hat.runtime import ENCODE_PRECISION_ENV, cpu_has_amx, encode_dtype
 from hat.tokenization import tokenize
 
@@ -121,10 +123,25 @@ def test_bf16_encoding_holds_a_bf16_copy_that_follows_the_models_weights(tiny_mo
     before = encoder.encode_captions(CAPTIONS).levels[-1]
     copy, _ = encoder.encoding_model()
     assert copy is encoder.encoding_model()[0]  # made once
-    assert copy.text_proj[-1].weight.dtype == torch.bfloat16
+    layer = copy.text_proj[-1]
+    assert isinstance(layer, PackedLinear) or layer.weight.dtype == torch.bfloat16
     assert model.text_proj[-1].weight.dtype == torch.float32  # the model itself is untouched
     model.text_proj[-1].weight.mul_(-1)  # as an optimiser step would: in place
     after = encoder.encode_captions(CAPTIONS).levels[-1]
     assert encoder.encoding_model()[0] is not copy
     torch.testing.assert_close(after, -before, rtol=0.05, atol=0.05)
     model.text_proj[-1].weight.mul_(-1)
+
+
+@pytest.mark.skipif(not PackedLinear.supported(torch.device("cpu")), reason="no oneDNN bf16")
+def test_a_packed_linear_layer_multiplies_as_a_bf16_linear_layer_under_autocast():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 40)
+    x = torch.randn(2, 7, 48)
+    plain = copy.deepcopy(linear).to(torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = plain(x)
+        got = PackedLinear(linear)(x)
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == (2, 7, 40)
+    torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+    assert (got == expected).float().mean() > 0.99  # the same products: bit for bit, nearly all

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hat import create_model
+from hat import create_model, native
 from hat.alignment import level_scores
 from hat.encoder import Encoder
 from hat.gallery import (
@@ -33,7 +33,7 @@ from hat.gallery import (
 )
 from hat.gallery.codecs import PQ_BYTES, PQCodec, new_codec, training_sample
 from hat.gallery.first_stage import IVF_PROBES, ivf_lists
-from hat.gallery.storage import PREFETCH_GAP, _merged
+from hat.gallery.storage import PREFETCH_GAP, _merged, row_digests
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 230), (240, 220, 20), (200, 40, 200)]
@@ -359,6 +359,13 @@ def all_images(gallery):
     return gallery.image_features(range(gallery.num_images))
 
 
+def all_images_hashed_in_python(gallery):
+    """As :func:`all_images`, the rows copied and hashed by numpy and xxhash's Python binding
+    instead of hat.native's kernel (where no compiler built it)."""
+    with native.eager():
+        return all_images(gallery)
+
+
 def all_captions(gallery):
     return gallery.text_features(range(gallery.num_captions))
 
@@ -367,6 +374,7 @@ def all_captions(gallery):
     ("victim", "read"),
     [
         ("image.1.npy", all_images),
+        ("image.1.npy", all_images_hashed_in_python),
         ("image.2.scale.npy", all_images),
         ("image.0.norm.npy", all_images),
         ("text.0.npy", all_captions),
@@ -543,3 +551,23 @@ def test_karpathy_collection_builds_a_gallery(checkpoint, folder, tmp_path):
         "caption 1",
     ]
     assert [s["path"] for s in gallery.skipped] == ["missing.png"]
+
+
+def test_rows_hashed_as_they_are_copied_match_their_digests(tmp_path):
+    if native.kernels() is None or not native.hashes_rows():
+        pytest.skip("no C compiler: rows are copied and hashed in Python")
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i, (shape, dtype) in enumerate(
+        [((9, 5, 3), np.int8), ((9, 5), np.float16), ((9,), np.float32)]
+    ):
+        np.save(tmp_path / f"{i}.npy", rng.standard_normal(shape).astype(dtype))
+        arrays.append(np.load(tmp_path / f"{i}.npy", mmap_mode="r"))
+    rows = np.array([7, 0, 3, 3, 8])
+    gathered, digests = native.gather_rows(native.kernels(), arrays, rows, digest=True)
+    for got, array in zip(gathered, arrays, strict=True):
+        np.testing.assert_array_equal(got, array[rows])
+    expected = row_digests([a[rows] for a in arrays], np.arange(len(rows) + 1))
+    np.testing.assert_array_equal(digests, expected)
+    copies, none = native.gather_rows(native.kernels(), arrays, rows[:0], digest=False)
+    assert none is None and [c.shape[0] for c in copies] == [0, 0, 0]

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
+from hat import native
 from hat.gallery.codecs import (
     PQ_TRAINING_VECTORS,
     Codec,
@@ -226,7 +227,10 @@ class Segment:
             _prefetch(array, starts, counts)
 
     def _check(self, kind: str, column: int, rows: np.ndarray, parts, bounds: np.ndarray) -> None:
-        bad = rows[row_digests(parts, bounds) != self.digests[kind][rows, column]]
+        self._compare(kind, column, rows, row_digests(parts, bounds))
+
+    def _compare(self, kind: str, column: int, rows: np.ndarray, digests: np.ndarray) -> None:
+        bad = rows[digests != self.digests[kind][rows, column]]
         if bad.size:
             what = "first-stage vectors" if column == EMBEDDING else "rows"
             raise self._damaged(
@@ -235,12 +239,19 @@ class Segment:
 
     def read_images(self, rows: np.ndarray, check: bool = True) -> tuple[Stored, Norms]:
         """Stored values (and side arrays) and region norms of image ``rows``, every level,
-        checked row by row."""
-        stored = [(v[rows], None if s is None else s[rows]) for v, s in self.image]
-        norms = [None if n is None else n[rows] for n in self.image_norms]
-        if check:
-            self._check("image", FEATURES, rows, _flat(stored, norms), np.arange(len(rows) + 1))
-        return stored, norms
+        checked row by row (where :mod:`hat.native` is built, each row hashed as it is copied,
+        while it is in cache)."""
+        arrays = _flat(self.image, self.image_norms)
+        if check and native.hashes_rows():
+            gathered, digests = native.gather_rows(native.kernels(), arrays, rows, digest=True)
+            self._compare("image", FEATURES, rows, digests)
+        else:
+            gathered = [a[rows] for a in arrays]
+            if check:
+                self._check("image", FEATURES, rows, gathered, np.arange(len(rows) + 1))
+        parts = iter(gathered)
+        stored = [(next(parts), None if s is None else next(parts)) for _, s in self.image]
+        return stored, [None if n is None else next(parts) for n in self.image_norms]
 
     def read_captions(self, rows: np.ndarray, tokens: np.ndarray, check: bool = True) -> Stored:
         """Stored token values of captions ``rows`` (``tokens``: their flat token indices, in
