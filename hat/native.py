@@ -210,22 +210,26 @@ typedef int (*xxh_reset)(void *state);
 typedef int (*xxh_update)(void *state, const void *data, size_t length);
 typedef uint64_t (*xxh_digest)(const void *state);
 
-/* Rows `rows` (n) of P row-major arrays (src[p], row_bytes[p] bytes a row) copied into dst[p]
-   back to back; where state is not NULL each row's digest, its parts hashed in order, into
-   digests[r]. Each row is hashed right after it is copied, while it is in cache, so the
+/* Rows of P arrays copied back to back into dst[p]: row r is items starts[r] ..
+   starts[r] + counts[r] of every array (item_bytes[p] bytes an item: an image's regions, a
+   caption's tokens). Where state is not NULL, each row's digest, its arrays' parts hashed in
+   order, into digests[r]: each part right after it is copied, while it is in cache, so the
    rows pass through memory once. */
-void gather_rows(int64_t P, char *const *src, char *const *dst, const int64_t *row_bytes,
-                 const int64_t *rows, int64_t n, void *state, xxh_reset reset,
-                 xxh_update update, xxh_digest digest, uint64_t *digests)
+void gather_rows(int64_t P, char *const *src, char *const *dst, const int64_t *item_bytes,
+                 const int64_t *starts, const int64_t *counts, int64_t n, void *state,
+                 xxh_reset reset, xxh_update update, xxh_digest digest, uint64_t *digests)
 {
+    int64_t done = 0;
     for (int64_t r = 0; r < n; r++) {
         if (state) reset(state);
         for (int64_t p = 0; p < P; p++) {
-            char *to = dst[p] + r * row_bytes[p];
-            memcpy(to, src[p] + rows[r] * row_bytes[p], (size_t)row_bytes[p]);
-            if (state) update(state, to, (size_t)row_bytes[p]);
+            size_t length = (size_t)(counts[r] * item_bytes[p]);
+            char *to = dst[p] + done * item_bytes[p];
+            memcpy(to, src[p] + starts[r] * item_bytes[p], length);
+            if (state) update(state, to, length);
         }
         if (state) digests[r] = digest(state);
+        done += counts[r];
     }
 }
 """
@@ -308,7 +312,7 @@ def _load() -> Kernels | None:
                 pointer,
                 pointer,
             ),
-            _typed(library.gather_rows, size, *[pointer] * 4, size, *[pointer] * 5),
+            _typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
         )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -441,18 +445,26 @@ def hashes_rows() -> bool:
 
 
 def gather_rows(
-    kernels: Kernels, arrays: list[np.ndarray], rows: np.ndarray, digest: bool
+    kernels: Kernels,
+    arrays: list[np.ndarray],
+    starts: np.ndarray,
+    counts: np.ndarray | None = None,
+    digest: bool = False,
 ) -> tuple[list[np.ndarray], np.ndarray | None]:
-    """Rows ``rows`` of C-contiguous ``arrays`` (memory-mapped or not), as ``array[rows]``
-    makes them, and with ``digest`` the xxh3-64 of each row, its arrays' parts in order (as
-    :func:`hat.gallery.storage.row_digests` takes them; needs :func:`hashes_rows`)."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    out = [np.empty((len(rows), *a.shape[1:]), dtype=a.dtype) for a in arrays]
-    row_bytes = np.array([a.strides[0] if len(a) else 0 for a in arrays], dtype=np.int64)
+    """Rows of C-contiguous ``arrays`` (memory-mapped or not), back to back: row r is items
+    ``starts[r] : starts[r] + counts[r]`` of each (one item where ``counts`` is None: an
+    image's), as numpy's fancy indexing gathers them; with ``digest`` the xxh3-64 of each row,
+    its arrays' parts in order (:func:`hat.gallery.storage.row_digests`; needs
+    :func:`hashes_rows`)."""
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    counts = np.ones_like(starts) if counts is None else np.ascontiguousarray(counts, np.int64)
+    items = int(counts.sum())
+    out = [np.empty((items, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+    item_bytes = np.array([a.itemsize * int(np.prod(a.shape[1:])) for a in arrays], np.int64)
     pointers = ctypes.c_void_p * len(arrays)
     sources = pointers(*[a.ctypes.data for a in arrays])
     targets = pointers(*[o.ctypes.data for o in out])
-    digests = np.empty(len(rows), dtype=np.uint64) if digest else None
+    digests = np.empty(len(starts), dtype=np.uint64) if digest else None
     library, functions = _xxh3() if digest else (None, [None] * 3)
     state = library.XXH3_createState() if digest else None
     try:
@@ -460,9 +472,10 @@ def gather_rows(
             len(arrays),
             ctypes.cast(sources, ctypes.c_void_p),
             ctypes.cast(targets, ctypes.c_void_p),
-            row_bytes.ctypes.data,
-            rows.ctypes.data,
-            len(rows),
+            item_bytes.ctypes.data,
+            starts.ctypes.data,
+            counts.ctypes.data,
+            len(starts),
             state,
             *functions,
             None if digests is None else digests.ctypes.data,

@@ -359,11 +359,15 @@ def all_images(gallery):
     return gallery.image_features(range(gallery.num_images))
 
 
-def all_images_hashed_in_python(gallery):
-    """As :func:`all_images`, the rows copied and hashed by numpy and xxhash's Python binding
-    instead of hat.native's kernel (where no compiler built it)."""
-    with native.eager():
-        return all_images(gallery)
+def in_python(read):
+    """``read`` with rows copied and hashed by numpy and xxhash's Python binding instead of
+    hat.native's kernel (where no compiler built it)."""
+
+    def read_in_python(gallery):
+        with native.eager():
+            return read(gallery)
+
+    return read_in_python
 
 
 def all_captions(gallery):
@@ -374,10 +378,11 @@ def all_captions(gallery):
     ("victim", "read"),
     [
         ("image.1.npy", all_images),
-        ("image.1.npy", all_images_hashed_in_python),
+        ("image.1.npy", in_python(all_images)),
         ("image.2.scale.npy", all_images),
         ("image.0.norm.npy", all_images),
         ("text.0.npy", all_captions),
+        ("text.0.npy", in_python(all_captions)),
         ("text.1.scale.npy", all_captions),
         ("image.embedding.npy", lambda gallery: gallery.embeddings("image")),
     ],
@@ -569,5 +574,12 @@ def test_rows_hashed_as_they_are_copied_match_their_digests(tmp_path):
         np.testing.assert_array_equal(got, array[rows])
     expected = row_digests([a[rows] for a in arrays], np.arange(len(rows) + 1))
     np.testing.assert_array_equal(digests, expected)
-    copies, none = native.gather_rows(native.kernels(), arrays, rows[:0], digest=False)
+    copies, none = native.gather_rows(native.kernels(), arrays, rows[:0])
     assert none is None and [c.shape[0] for c in copies] == [0, 0, 0]
+    starts, counts = np.array([4, 0, 6]), np.array([2, 3, 0])  # ragged rows: captions' tokens
+    gathered, digests = native.gather_rows(native.kernels(), arrays, starts, counts, digest=True)
+    tokens = np.concatenate([np.arange(s, s + c) for s, c in zip(starts, counts, strict=True)])
+    for got, array in zip(gathered, arrays, strict=True):
+        np.testing.assert_array_equal(got, array[tokens])
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    np.testing.assert_array_equal(digests, row_digests([a[tokens] for a in arrays], bounds))

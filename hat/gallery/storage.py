@@ -255,13 +255,20 @@ class Segment:
 
     def read_captions(self, rows: np.ndarray, tokens: np.ndarray, check: bool = True) -> Stored:
         """Stored token values of captions ``rows`` (``tokens``: their flat token indices, in
-        row order), every level, checked caption by caption."""
-        stored = [(v[tokens], None if s is None else s[tokens]) for v, s in self.text]
-        if check:
-            lengths = self.offsets[rows + 1] - self.offsets[rows]
-            bounds = np.concatenate([[0], np.cumsum(lengths)])
-            self._check("text", FEATURES, rows, _flat(stored), bounds)
-        return stored
+        row order), every level, checked caption by caption (as :meth:`read_images`)."""
+        arrays = _flat(self.text)
+        lengths = self.offsets[rows + 1] - self.offsets[rows]
+        if check and native.hashes_rows():
+            kernels, starts = native.kernels(), self.offsets[rows]
+            gathered, digests = native.gather_rows(kernels, arrays, starts, lengths, digest=True)
+            self._compare("text", FEATURES, rows, digests)
+        else:
+            gathered = [a[tokens] for a in arrays]
+            if check:
+                bounds = np.concatenate([[0], np.cumsum(lengths)])
+                self._check("text", FEATURES, rows, gathered, bounds)
+        parts = iter(gathered)
+        return [(next(parts), None if s is None else next(parts)) for _, s in self.text]
 
     def read_embeddings(self, kind: str, rows: np.ndarray, check: bool = True) -> np.ndarray:
         """First-stage vectors of ``rows`` of ``kind``, checked row by row."""
