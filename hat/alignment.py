@@ -35,7 +35,8 @@ The pair score is the sum of the level scores. How it is computed fast:
   pieces, w = c (n₀ + n₁/254 + n₂/254²), and the region–word products are one int8 matrix
   product with exact int32 sums. Three pieces keep 24 bits of each word, as many as fp32 has,
   so the similarities are as close to the exact ones as an fp32 product's, and the query reads
-  its candidates' int8 values once instead of widening them to four times their size.
+  its candidates' int8 values once instead of widening them to four times their size. Where the
+  fused kernel below is built, it weighs each word's pieces together itself, slab by slab.
 * Image → text in fp32 on one CPU thread without gradients (a query, evaluation) leaves
   everything after the similarity product to one fused kernel (:mod:`hat.native`, plain C built
   at first use), which makes the ~8 elementwise passes of the steps above over one image's
@@ -376,6 +377,30 @@ def level_scores(
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
     words = _as_compute_dtype(words)
     n_img, n_reg, dim = regions.shape
+    ragged = (  # one image's fp32 regions against captions (a query image): the kernel, unpadded
+        n_img == 1
+        and direction == "i2t"
+        and basis is None
+        and scales is None
+        and regions.dtype == words.dtype == torch.float32
+        and regions.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (regions.requires_grad or words.requires_grad))
+        and torch.get_num_threads() == 1
+    )
+    if ragged and (kernels := native.kernels()) is not None:
+        region_norms = torch.linalg.vector_norm(regions[0], dim=1) if norms is None else norms[0]
+        real = word_mask.bool()
+        scores = native.i2t_ragged_scores(
+            kernels,
+            regions[0],
+            region_norms,
+            words[real],
+            real.sum(dim=1),
+            lambda_softmax,
+            slope,
+            EPS,
+        )
+        return scores[None]
     captions = _caption_blocks(words, word_mask, n_reg, block_elements, direction, basis)
     widest = max((c.words.shape[0] * c.words.shape[1] * n_reg for c in captions), default=1)
     integer = (  # a query's candidates against its caption (_IntegerWords)

@@ -1,21 +1,30 @@
-"""A fused kernel for the image → text block score, built at first use with the system's C
-compiler; where there is none, or it fails, scoring stays in PyTorch (:mod:`hat.alignment`).
+"""Fused kernels for the re-rank, built at first use with the system's C compiler; where there is
+none, or it fails, scoring and row checks stay in PyTorch, numpy and xxhash's Python binding.
 
-After the similarity product, eager PyTorch makes about eight passes over a block's
-(captions × words × images × regions) similarities: LeakyReLU, the norm over regions, the scale,
-exp, the Gram-term product, two products with the attention and their sums over words. The
-kernel makes them over one image's (words × regions) slab at a time, which stays in the core's
-L1/L2 cache, and takes the Gram term ‖a_k‖² = e_k G e_kᵀ over half of the symmetric G. It is
-plain C (no PyTorch headers), so it compiles in well under a second; the library is cached under
-``$XDG_CACHE_HOME/hat/kernels`` by a hash of its source and flags, and called through ctypes,
-which releases the GIL. Float sums run in another order than PyTorch's: scores agree to float
-rounding (the tests: within 2e-6 of PyTorch's; a gallery's re-rank within 1e-5 of its decoded
-features' scores, on every precision).
+- **Image → text block scores** (``i2t_block_scores``). After the similarity product, eager
+  PyTorch makes about eight passes over a block's (captions × words × images × regions)
+  similarities: LeakyReLU, the norm over regions, the scale, exp, the Gram-term product, two
+  products with the attention and their sums over words. The kernel makes them over one image's
+  (words × regions) slab at a time, which stays in the core's L1/L2 cache, and takes the Gram
+  term ‖a_k‖² = e_k G e_kᵀ over half of the symmetric G.
+- **The same from integer products** (``i2t_count_scores``): int8 regions multiplied with a
+  caption's int8 word pieces (:mod:`hat.alignment`) give int32 counts; the kernel weighs each
+  word's pieces together slab by slab, so no fp32 similarity block is written and read again.
+- **Rows copied and hashed in one pass** (``gather_rows``): a query's candidate rows (an image's
+  regions, a caption's tokens, every level) copied out of the memory-mapped segments, each part
+  hashed (xxh3-64, xxhash's own C functions, found in the ``xxhash`` package's library) right
+  after it is copied, while it is in cache, instead of a second pass over all of them.
 
-:mod:`hat.alignment` calls it at one PyTorch thread only (a server's model calls, as app.py
+It is plain C (no PyTorch headers), so it compiles in well under a second; the library is cached
+under ``$XDG_CACHE_HOME/hat/kernels`` by a hash of its source and flags, and called through
+ctypes, which releases the GIL. Float sums run in another order than PyTorch's: scores agree to
+float rounding (the tests: within 2e-6 of PyTorch's; a gallery's re-rank within 1e-5 of its
+decoded features' scores, on every precision); digests are bit for bit xxhash's.
+
+:mod:`hat.alignment` scores in it at one PyTorch thread only (a server's model calls, as app.py
 splits the cores; the speed targets): it runs on one thread, and with more PyTorch's own
 elementwise steps run on all of them. ``HAT_NATIVE=0`` in the environment, or :func:`eager` in
-code, keeps scoring in PyTorch.
+code, keeps everything in PyTorch and numpy.
 """
 
 from __future__ import annotations
@@ -205,6 +214,31 @@ void i2t_count_scores(const int32_t *counts, const float *weights, int64_t P,
     }
 }
 
+/* Image -> text scores of one image against T captions held ragged: sims (N, K) the products
+   of the captions' N real words, back to back (caption t's are rows offsets[t] ..
+   offsets[t + 1]), with the image's K regions; words (N, D) those words, whose Gram matrix
+   each caption's slab needs; norms (K) the regions' norms; out (T). No padding is multiplied
+   or skipped. work: W K + 2 K + W + W W floats, W the longest caption's words. */
+void i2t_ragged_scores(const float *sims, const float *words, const int64_t *offsets,
+                       int64_t T, int64_t K, int64_t D, int64_t W, const float *norms,
+                       float lam, float slope, float eps, float *work, float *out)
+{
+    float *g = work, *f = g + W * W, *rest = f + W;
+    for (int64_t t = 0; t < T; t++) {
+        int64_t first = offsets[t], L = offsets[t + 1] - first;
+        const float *x = sims + first * K, *w = words + first * D;
+        for (int64_t l = 0; l < L; l++) {
+            for (int64_t m = 0; m <= l; m++) {
+                float dot = 0.0f;
+                for (int64_t d = 0; d < D; d++) dot += w[l * D + d] * w[m * D + d];
+                g[l * L + m] = g[m * L + l] = dot;
+            }
+            f[l] = lam / (sqrtf(leaky_squares(x + l * K, K, slope)) + eps);
+        }
+        out[t] = slab_score(x, f, g, norms, L, K, slope, eps, rest);
+    }
+}
+
 /* xxh3-64 streaming functions (the xxhash library's, passed in by address). */
 typedef int (*xxh_reset)(void *state);
 typedef int (*xxh_update)(void *state, const void *data, size_t length);
@@ -256,6 +290,7 @@ class Kernels:
 
     block_scores: Callable  # i2t_block_scores
     count_scores: Callable  # i2t_count_scores
+    ragged_scores: Callable  # i2t_ragged_scores
     gather_rows: Callable
 
 
@@ -308,6 +343,15 @@ def _load() -> Kernels | None:
                 size,
                 *[pointer] * 3,
                 *[size] * 3,
+                *[real] * 3,
+                pointer,
+                pointer,
+            ),
+            _typed(
+                library.i2t_ragged_scores,
+                *[pointer] * 3,
+                *[size] * 4,
+                pointer,
                 *[real] * 3,
                 pointer,
                 pointer,
@@ -420,6 +464,45 @@ def i2t_count_scores(
         out.data_ptr(),
     )
     return out[:, None]
+
+
+def i2t_ragged_scores(
+    kernels: Kernels,
+    regions: torch.Tensor,
+    norms: torch.Tensor,
+    words: torch.Tensor,
+    lengths: torch.Tensor,
+    lambda_softmax: float,
+    slope: float,
+    eps: float,
+) -> torch.Tensor:
+    """Scores ``(T,)`` of one image's fp32 regions ``(K, D)`` (norms ``(K,)``) against T
+    captions whose real words ``(N, D)`` lie back to back, ``lengths`` ``(T,)`` of them each:
+    one product of all words with the regions, then the kernel caption by caption."""
+    words = words.float().contiguous()
+    sims = words @ regions.float().T  # (N, K): caption t's slab is its rows
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(lengths.to(torch.int64), dim=0, out=offsets[1:])
+    widest = int(lengths.max()) if len(lengths) else 0
+    n_reg, dim = regions.shape
+    out = torch.empty(len(lengths))
+    work = torch.empty(widest * n_reg + 2 * n_reg + widest + widest * widest)
+    kernels.ragged_scores(
+        sims.data_ptr(),
+        words.data_ptr(),
+        offsets.data_ptr(),
+        len(lengths),
+        n_reg,
+        dim,
+        widest,
+        norms.float().contiguous().data_ptr(),
+        lambda_softmax,
+        slope,
+        eps,
+        work.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
 
 
 @lru_cache(maxsize=1)

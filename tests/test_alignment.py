@@ -202,15 +202,19 @@ def test_unknown_direction_is_rejected():
 
 
 def fused_cases():
-    """Image → text inputs that take every path into the fused kernel: ragged captions, int8
-    regions with scales and norms against one caption (integer products), coordinates with rows
-    of each image's own, and regions both fewer and more than the kernel's register block."""
+    """Image → text inputs that take every path into the fused kernels: ragged captions, one
+    image against them (a query image: its captions' words back to back, no padding; one of
+    them without a real word), int8 regions with scales and norms against one caption (integer
+    products), coordinates with rows of each image's own, and regions both fewer and more than
+    the kernel's register block."""
     g = torch.Generator().manual_seed(8)
     for regions in (7, 2 * 128 + 5):
         images = torch.randn(5, regions, 24, generator=g) + torch.randn(5, 1, 24, generator=g)
         texts = torch.randn(4, 9, 24, generator=g)
         mask = torch.arange(9)[None] < torch.tensor([[9], [3], [6], [1]])
         yield images, texts, mask, {}
+        without_words = torch.cat([mask, torch.zeros(1, 9, dtype=torch.bool)])
+        yield images[:1], torch.cat([texts, texts[:1]]), without_words, {}
         scales = (images.abs().amax(dim=2) / 127).half()
         values = torch.round(images / scales.float()[..., None]).to(torch.int8)
         norms = torch.linalg.vector_norm(values.float() * scales.float()[..., None], dim=2)
