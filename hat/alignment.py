@@ -413,7 +413,10 @@ def level_scores(
     )
     widen = regions.dtype != words.dtype and not integer
     img_step = max(1, block_elements // widest)
-    if not integer:  # blocks of regions that stay in cache while they are widened and scored
+    # Blocks of regions that stay in cache while they are widened and scored against every
+    # caption block. Regions scored as they are (int8 in integers, floats of the words' dtype)
+    # against one caption block are read once whatever the blocks: one block then.
+    if not integer and (widen or len(captions) > 1):
         region_elements = max(1, block_elements // REGION_SHARE)
         img_step = max(1, min(img_step, region_elements // (n_reg * dim)))
     out = words.new_empty(n_img, words.shape[0])

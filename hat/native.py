@@ -239,6 +239,37 @@ void i2t_ragged_scores(const float *sims, const float *words, const int64_t *off
     }
 }
 
+/* pq codes to coordinates in one pass: region r = i K + k of image i has M one-byte codes,
+   code c of sub-quantiser m standing for centroids[(m 256 + c) dsub ..] (dsub numbers);
+   out (I K, M dsub + extra) holds the decoded numbers plus shift[i] (the image's mean in the
+   basis, M dsub numbers) and, where own is not NULL (extra = 1), own[i] last. */
+void pq_coordinates(const uint8_t *codes, int64_t I, int64_t K, int64_t M, int64_t dsub,
+                    const float *centroids, const float *shift, const float *own, float *out)
+{
+    const int64_t kept = M * dsub, width = kept + (own ? 1 : 0);
+    for (int64_t i = 0; i < I; i++) {
+        const float *sh = shift + i * kept;
+        for (int64_t k = 0; k < K; k++) {
+            const uint8_t *c = codes + (i * K + k) * M;
+            float *o = out + (i * K + k) * width;
+            if (dsub == 3) /* the codec's: a constant the compiler unrolls */
+                for (int64_t m = 0; m < M; m++) {
+                    const float *centroid = centroids + (m * 256 + c[m]) * 3;
+                    o[3 * m] = centroid[0] + sh[3 * m];
+                    o[3 * m + 1] = centroid[1] + sh[3 * m + 1];
+                    o[3 * m + 2] = centroid[2] + sh[3 * m + 2];
+                }
+            else
+                for (int64_t m = 0; m < M; m++) {
+                    const float *centroid = centroids + (m * 256 + c[m]) * dsub;
+                    for (int64_t d = 0; d < dsub; d++)
+                        o[m * dsub + d] = centroid[d] + sh[m * dsub + d];
+                }
+            if (own) o[kept] = own[i];
+        }
+    }
+}
+
 /* xxh3-64 streaming functions (the xxhash library's, passed in by address). */
 typedef int (*xxh_reset)(void *state);
 typedef int (*xxh_update)(void *state, const void *data, size_t length);
@@ -291,6 +322,7 @@ class Kernels:
     block_scores: Callable  # i2t_block_scores
     count_scores: Callable  # i2t_count_scores
     ragged_scores: Callable  # i2t_ragged_scores
+    pq_coordinates: Callable
     gather_rows: Callable
 
 
@@ -356,6 +388,7 @@ def _load() -> Kernels | None:
                 pointer,
                 pointer,
             ),
+            _typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 4),
             _typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
         )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
@@ -500,6 +533,37 @@ def i2t_ragged_scores(
         slope,
         eps,
         work.data_ptr(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def pq_coordinates(
+    kernels: Kernels,
+    codes: np.ndarray,
+    centroids: np.ndarray,
+    shift: torch.Tensor,
+    own: torch.Tensor | None,
+) -> torch.Tensor:
+    """Coordinates ``(I, K, M · dsub (+ 1))`` of pq ``codes`` ``(I, K, M)``: each code's
+    centroid (``centroids`` ``(M, 256, dsub)``) plus the image's ``shift`` ``(I, M · dsub)``,
+    then ``own`` ``(I,)`` where given (:meth:`hat.gallery.codecs.PQCodec.coordinates`)."""
+    n_img, n_reg, subs = codes.shape
+    dsub = centroids.shape[2]
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    centroids = np.ascontiguousarray(centroids, dtype=np.float32)
+    shift = shift.float().contiguous()
+    own = None if own is None else own.float().contiguous()
+    out = torch.empty(n_img, n_reg, subs * dsub + (own is not None))
+    kernels.pq_coordinates(
+        codes.ctypes.data,
+        n_img,
+        n_reg,
+        subs,
+        dsub,
+        centroids.ctypes.data,
+        shift.data_ptr(),
+        _address(own),
         out.data_ptr(),
     )
     return out

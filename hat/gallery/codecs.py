@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 import torch
 
+from hat import native
 from hat.alignment import Basis
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
@@ -154,6 +155,8 @@ class PQCodec(Codec):
         pca = faiss.downcast_VectorTransform(index.chain.at(0))
         matrix = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
         self.matrix = torch.from_numpy(matrix.astype(np.float32))
+        pq = self.pq
+        self.centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
         self.bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32))
 
     @property
@@ -215,27 +218,39 @@ class PQCodec(Codec):
         the PCA, then the length of the mean's remaining part, along a row of the image's own.
         A PCA that keeps every dimension leaves no remaining part: ``d`` coordinates, no own row.
         """
-        codes = np.ascontiguousarray(values).reshape(-1, PQ_BYTES)
         kept = self.matrix.shape[0]
-        decoded = self.pq.decode(codes) if len(codes) else np.zeros((0, kept), np.float32)
-        differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
-        own_rows = 0 if kept == self.dim else 1
+        length, own = None, None
+        if kept < self.dim:
+            outside = mean - inside @ self.matrix
+            outside -= (outside @ self.matrix.T) @ self.matrix  # again: orthogonal to rounding
+            length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
+            own = (outside / length.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(-2)
+        basis = Basis(self.matrix, own)
+        shift = inside - self.bias
+        width = kept + (length is not None)
+        codes = np.ascontiguousarray(values)
+        if codes.size and (kernels := native.kernels()) is not None:  # decoded in one C pass
+            regions = values.shape[-2]
+            coordinates = native.pq_coordinates(
+                kernels,
+                codes.reshape(-1, regions, PQ_BYTES),
+                self.centroids,
+                shift.reshape(-1, kept),
+                None if length is None else length.reshape(-1),
+            )
+            return coordinates.view(*values.shape[:-1], width), basis
+        flat = codes.reshape(-1, PQ_BYTES)
+        decoded = self.pq.decode(flat) if len(flat) else np.zeros((0, kept), np.float32)
+        differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
         # Written in one pass, straight into place beside the own coordinate: these are the
         # largest arrays a pq query makes.
-        coordinates = torch.empty(*differences.shape[:-1], kept + own_rows)
-        torch.add(differences, (inside - self.bias).unsqueeze(-2), out=coordinates[..., :kept])
-        if not own_rows:
-            return coordinates, Basis(self.matrix)
-        outside = mean - inside @ self.matrix
-        outside -= (
-            outside @ self.matrix.T
-        ) @ self.matrix  # once more: orthogonal to float precision
-        length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
-        own = outside / length.clamp(min=torch.finfo(torch.float32).tiny)
-        coordinates[..., kept:] = length.unsqueeze(-2)
-        return coordinates, Basis(self.matrix, own.unsqueeze(-2))
+        coordinates = torch.empty(*differences.shape[:-1], width)
+        torch.add(differences, shift.unsqueeze(-2), out=coordinates[..., :kept])
+        if length is not None:
+            coordinates[..., kept:] = length.unsqueeze(-2)
+        return coordinates, basis
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)
