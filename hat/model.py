@@ -48,7 +48,8 @@ class ImageFeatures:
     :func:`hat.alignment.level_scores`): fp16 or int8 values, times per-region ``scales[i]``
     ``(N, K_i)`` where given, or coordinates ``(N, K_i, d + e)`` in an orthonormal basis
     ``bases[i]`` (:class:`hat.alignment.Basis`), with the regions' norms ``norms[i]``
-    ``(N, K_i)`` where the gallery stores them, and each image's concept gate ``gates`` ``(N,)``
+    ``(N, K_i)`` where the gallery stores them (int8) or took them as it decoded the regions
+    (``pq``, where :mod:`hat.native` is built), and each image's concept gate ``gates`` ``(N,)``
     where it stores them (:meth:`HATModel.concept_gate`: it depends on the image alone, so a
     gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features.
     """

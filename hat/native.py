@@ -242,9 +242,11 @@ void i2t_ragged_scores(const float *sims, const float *words, const int64_t *off
 /* pq codes to coordinates in one pass: region r = i K + k of image i has M one-byte codes,
    code c of sub-quantiser m standing for centroids[(m 256 + c) dsub ..] (dsub numbers);
    out (I K, M dsub + extra) holds the decoded numbers plus shift[i] (the image's mean in the
-   basis, M dsub numbers) and, where own is not NULL (extra = 1), own[i] last. */
+   basis, M dsub numbers) and, where own is not NULL (extra = 1), own[i] last; norms (I K)
+   each row's Euclidean norm, taken while it is in cache. */
 void pq_coordinates(const uint8_t *codes, int64_t I, int64_t K, int64_t M, int64_t dsub,
-                    const float *centroids, const float *shift, const float *own, float *out)
+                    const float *centroids, const float *shift, const float *own, float *out,
+                    float *norms)
 {
     const int64_t kept = M * dsub, width = kept + (own ? 1 : 0);
     for (int64_t i = 0; i < I; i++) {
@@ -265,7 +267,13 @@ void pq_coordinates(const uint8_t *codes, int64_t I, int64_t K, int64_t M, int64
                     for (int64_t d = 0; d < dsub; d++)
                         o[m * dsub + d] = centroid[d] + sh[m * dsub + d];
                 }
-            if (own) o[kept] = own[i];
+            float ss = 0.0f;
+            for (int64_t d = 0; d < kept; d++) ss += o[d] * o[d];
+            if (own) {
+                o[kept] = own[i];
+                ss += own[i] * own[i];
+            }
+            norms[i * K + k] = sqrtf(ss);
         }
     }
 }
@@ -388,7 +396,7 @@ def _load() -> Kernels | None:
                 pointer,
                 pointer,
             ),
-            _typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 4),
+            _typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 5),
             _typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
         )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
@@ -544,10 +552,11 @@ def pq_coordinates(
     centroids: np.ndarray,
     shift: torch.Tensor,
     own: torch.Tensor | None,
-) -> torch.Tensor:
-    """Coordinates ``(I, K, M · dsub (+ 1))`` of pq ``codes`` ``(I, K, M)``: each code's
-    centroid (``centroids`` ``(M, 256, dsub)``) plus the image's ``shift`` ``(I, M · dsub)``,
-    then ``own`` ``(I,)`` where given (:meth:`hat.gallery.codecs.PQCodec.coordinates`)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coordinates ``(I, K, M · dsub (+ 1))`` of pq ``codes`` ``(I, K, M)`` and their norms
+    ``(I, K)``: each code's centroid (``centroids`` ``(M, 256, dsub)``) plus the image's
+    ``shift`` ``(I, M · dsub)``, then ``own`` ``(I,)`` where given
+    (:meth:`hat.gallery.codecs.PQCodec.coordinates`)."""
     n_img, n_reg, subs = codes.shape
     dsub = centroids.shape[2]
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -555,6 +564,7 @@ def pq_coordinates(
     shift = shift.float().contiguous()
     own = None if own is None else own.float().contiguous()
     out = torch.empty(n_img, n_reg, subs * dsub + (own is not None))
+    norms = torch.empty(n_img, n_reg)
     kernels.pq_coordinates(
         codes.ctypes.data,
         n_img,
@@ -565,8 +575,9 @@ def pq_coordinates(
         shift.data_ptr(),
         _address(own),
         out.data_ptr(),
+        norms.data_ptr(),
     )
-    return out
+    return out, norms
 
 
 @lru_cache(maxsize=1)

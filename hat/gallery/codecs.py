@@ -32,8 +32,9 @@ from hat import native
 from hat.alignment import Basis
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
-# What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis.
-Scorable = tuple[torch.Tensor, torch.Tensor | None, Basis | None]
+# What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis, and the
+# vectors' norms as scored where decoding took them on the way (None: scoring takes them).
+Scorable = tuple[torch.Tensor, torch.Tensor | None, Basis | None, torch.Tensor | None]
 FLOATS = {"fp32": np.float32, "fp16": np.float16}
 PQ_BYTES = 32  # codes per region
 PQ_DIMS = 3 * PQ_BYTES  # PCA output: 3 dimensions per code
@@ -85,7 +86,7 @@ class Codec:
         """Stored values as :func:`hat.alignment.level_scores` takes them, which decodes them a
         cache-sized block at a time while it scores: (values, per-vector scales or None,
         :class:`~hat.alignment.Basis` of coordinates or None)."""
-        return self.decode(values, side), None, None
+        return self.decode(values, side), None, None, None
 
 
 class FloatCodec(Codec):
@@ -101,7 +102,7 @@ class FloatCodec(Codec):
 
     def for_scoring(self, values: np.ndarray, scales: None) -> Scorable:
         """The floats as stored (fp16 is widened block by block as it is scored)."""
-        return torch.from_numpy(np.ascontiguousarray(values)), None, None
+        return torch.from_numpy(np.ascontiguousarray(values)), None, None, None
 
 
 class Int8Codec(Codec):
@@ -124,7 +125,7 @@ class Int8Codec(Codec):
     def for_scoring(self, values: np.ndarray, scales: np.ndarray) -> Scorable:
         """The int8 values and their scales, as stored (decoded block by block as scored)."""
         as_tensor = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
-        return *as_tensor, None
+        return *as_tensor, None, None
 
     def norms(self, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """fp32 norms ``(...)`` of the vectors as scored: of their values, times their scales,
@@ -210,14 +211,19 @@ class PQCodec(Codec):
         return basis.expand(coordinates)
 
     def for_scoring(self, values: np.ndarray, side: np.ndarray) -> Scorable:
-        coordinates, basis = self.coordinates(values, side)
-        return coordinates, None, basis
+        return self._coordinates(values, side)
 
     def coordinates(self, values: np.ndarray, side: np.ndarray) -> tuple[torch.Tensor, Basis]:
         """Coordinates ``(..., regions, d + 1)``: the decoded difference plus the mean's part in
         the PCA, then the length of the mean's remaining part, along a row of the image's own.
         A PCA that keeps every dimension leaves no remaining part: ``d`` coordinates, no own row.
         """
+        coordinates, _, basis, _ = self._coordinates(values, side)
+        return coordinates, basis
+
+    def _coordinates(self, values: np.ndarray, side: np.ndarray) -> Scorable:
+        """:meth:`coordinates` as scoring takes them: with their norms where :mod:`hat.native`
+        decoded them (in one pass with them, while each row is in cache)."""
         kept = self.matrix.shape[0]
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
@@ -233,14 +239,15 @@ class PQCodec(Codec):
         codes = np.ascontiguousarray(values)
         if codes.size and (kernels := native.kernels()) is not None:  # decoded in one C pass
             regions = values.shape[-2]
-            coordinates = native.pq_coordinates(
+            coordinates, norms = native.pq_coordinates(
                 kernels,
                 codes.reshape(-1, regions, PQ_BYTES),
                 self.centroids,
                 shift.reshape(-1, kept),
                 None if length is None else length.reshape(-1),
             )
-            return coordinates.view(*values.shape[:-1], width), basis
+            leading = values.shape[:-1]
+            return coordinates.view(*leading, width), None, basis, norms.view(leading)
         flat = codes.reshape(-1, PQ_BYTES)
         decoded = self.pq.decode(flat) if len(flat) else np.zeros((0, kept), np.float32)
         differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
@@ -250,7 +257,7 @@ class PQCodec(Codec):
         torch.add(differences, shift.unsqueeze(-2), out=coordinates[..., :kept])
         if length is not None:
             coordinates[..., kept:] = length.unsqueeze(-2)
-        return coordinates, basis
+        return coordinates, None, basis, None
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)
