@@ -24,8 +24,9 @@ all measured in the same run.
 ``--gallery SPEC`` also times both directions as the app's server does (``Searcher``: encode,
 first stage, re-rank; the status line's time) on a real gallery built with the checkpoint (the
 app's built-in one: ``assets/gallery``): text → image with the re-rank as search does it and,
-interleaved, without the stored norms; image → text with gallery images as queries, and how
-encoding the query image splits between the image tower and the concept level's teacher.
+interleaved, without the stored norms; image → text with gallery images as queries, and,
+interleaved, all in PyTorch (``native.eager``: padded caption blocks, rows hashed in Python), and
+how encoding the query image splits between the image tower and the concept level's teacher.
 
     nice -n 10 python benchmarks/query_latency.py [--sizes 1000 10000 100000] [--checkpoint DIR]
     nice -n 10 python benchmarks/query_latency.py --sizes 1000 --precisions fp32 fp16 int8 pq
@@ -333,9 +334,13 @@ def gallery_queries(searcher: Searcher, captions: list[str], images: int, k: int
         searcher.gallery.image_path(i) for i in range(min(images, searcher.gallery.num_images))
     ]
     searcher.image_to_text(paths[0], k)  # warm-up
-    i2t, split = [], []
+    i2t, eager, split = [], [], []
     for path in paths:
         i2t.append(searcher.image_to_text(path, k))
+        with native.eager():  # the earlier path: padded caption blocks scored in PyTorch
+            eager.append(searcher.image_to_text(path, k))
+        for a, b in zip(i2t[-1].hits, eager[-1].hits, strict=True):
+            assert abs(a.score - b.score) < 1e-5, (path, a, b)
         split.append(encode_split(searcher, path))
     out["image_to_text"] = {
         **stats_ms([server_ms(r) / 1000 for r in i2t]),
@@ -343,6 +348,10 @@ def gallery_queries(searcher: Searcher, captions: list[str], images: int, k: int
         "encode_split_p50_ms": {
             name: round(float(np.median([1000 * s[name] for s in split])), 2) for name in split[0]
         },
+    }
+    out["image_to_text_eager"] = {
+        **stats_ms([server_ms(r) / 1000 for r in eager]),
+        "parts_p50_ms": parts_p50(eager),
     }
     return out
 

@@ -266,8 +266,8 @@ def _block_scores(
     multiplies its similarities and its part in the attended vectors, far fewer numbers than the
     region's own. ``region_norms`` ``(I, K)`` are the scaled regions' norms (i2t only). Local
     cosines are ``(T, I, K)`` for i2t and ``(T, L, I)`` for t2i. Without ``details`` (the scores
-    alone), i2t in fp32 on one CPU thread without gradients runs in the fused kernel of
-    :mod:`hat.native` where it is built, and the attention and local cosines are None.
+    alone), fp32 or int8 on one CPU thread without gradients runs in the fused kernels of
+    :mod:`hat.native` where they are built, and the attention and local cosines are None.
     """
     n_img, n_reg, dim = regions.shape
     n_txt, n_words, _ = captions.words.shape
@@ -275,10 +275,10 @@ def _block_scores(
         torch.is_grad_enabled() and (regions.requires_grad or captions.words.requires_grad)
     )
     mul, _ = _ops(inplace)
-    fused = not details and inplace and direction == "i2t" and regions.device.type == "cpu"
+    fused = not details and inplace and regions.device.type == "cpu"
     kernels = native.kernels() if fused and torch.get_num_threads() == 1 else None
     scoring = (lambda_softmax, slope, EPS)
-    if kernels is not None and regions.dtype == torch.int8:  # the kernel folds the pieces
+    if kernels is not None and regions.dtype == torch.int8:  # i2t; the kernel folds the pieces
         integer = captions.integer_words()
         counts = integer.counts(regions.reshape(-1, dim)).view(n_img, n_reg, -1)
         weights, gram = integer.piece_weights, captions.gram[0]
@@ -292,9 +292,13 @@ def _block_scores(
         for j in range(own_words.shape[3]):
             along, coordinate = own_words[..., j, None], regions[:, :, shared + j]
             sims = sims.addcmul_(along, coordinate) if inplace else sims.addcmul(along, coordinate)
-    if kernels is not None and sims.dtype == torch.float32:
-        gram = captions.gram
-        scores = native.i2t_block_scores(kernels, sims, scales, gram, region_norms, *scoring)
+    if kernels is not None and sims.dtype == regions.dtype == torch.float32:
+        if direction == "i2t":
+            gram = captions.gram
+            scores = native.i2t_block_scores(kernels, sims, scales, gram, region_norms, *scoring)
+        else:
+            norms, real = captions.norms[..., 0], captions.mask
+            scores = native.t2i_block_scores(kernels, sims, regions, scales, norms, real, *scoring)
         return scores, None, None
     if scales is not None:
         sims = mul(sims, scales)

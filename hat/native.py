@@ -10,6 +10,11 @@ none, or it fails, scoring and row checks stay in PyTorch, numpy and xxhash's Py
 - **The same from integer products** (``i2t_count_scores``): int8 regions multiplied with a
   caption's int8 word pieces (:mod:`hat.alignment`) give int32 counts; the kernel weighs each
   word's pieces together slab by slab, so no fp32 similarity block is written and read again.
+- **One image against captions held ragged** (``i2t_ragged_scores``, a query image against the
+  caption bank): every caption's real words back to back in one product with the regions, then
+  caption by caption, its Gram matrix taken from its words; no sorting, blocks or padding.
+- **pq codes to coordinates** (``pq_coordinates``): each code's centroid plus the image's mean,
+  and each region's norm, in one pass instead of faiss's decode and two more over its output.
 - **Rows copied and hashed in one pass** (``gather_rows``): a query's candidate rows (an image's
   regions, a caption's tokens, every level) copied out of the memory-mapped segments, each part
   hashed (xxh3-64, xxhash's own C functions, found in the ``xxhash`` package's library) right
@@ -214,6 +219,61 @@ void i2t_count_scores(const int32_t *counts, const float *weights, int64_t P,
     }
 }
 
+/* Text -> image scores of a block (words attend to regions): sims (T, L, I, K) region-word
+   products of regions (I, K, D) (times scales (I, K) where not NULL), word_norms (T, L),
+   real (T, L) 1 for a real word and 0 for padding (padded words are zero vectors); out (T, I).
+   For each pair: e_lk = exp(lambda LeakyReLU(x_lk) / ||LeakyReLU(x_.k)||) with the norm over
+   words, a_l = sum_k e_lk v_k materialised (D numbers), and the mean over real words of
+   cos(t_l, a_l) = sum_k e_lk x_lk / (||t_l|| ||a_l||). work: 2 L K + K + D floats. */
+void t2i_block_scores(const float *sims, const float *regions, const float *scales,
+                      const float *word_norms, const float *real, int64_t T, int64_t L,
+                      int64_t I, int64_t K, int64_t D, float lam, float slope, float eps,
+                      float *work, float *out)
+{
+    float *x = work, *e = x + L * K, *f = e + L * K, *a = f + K;
+    for (int64_t t = 0; t < T; t++) {
+        float words = 0.0f;
+        for (int64_t l = 0; l < L; l++) words += real[t * L + l];
+        for (int64_t i = 0; i < I; i++) {
+            const float *sc = scales ? scales + i * K : 0, *v = regions + i * K * D;
+            for (int64_t k = 0; k < K; k++) f[k] = 0.0f;
+            for (int64_t l = 0; l < L; l++) {
+                const float *s = sims + ((t * L + l) * I + i) * K;
+                float *xl = x + l * K;
+                for (int64_t k = 0; k < K; k++) {
+                    float value = sc ? s[k] * sc[k] : s[k];
+                    float y = value > 0.0f ? value : slope * value;
+                    xl[k] = value;
+                    f[k] += y * y;
+                }
+            }
+            for (int64_t k = 0; k < K; k++) f[k] = lam / (sqrtf(f[k]) + eps);
+            float total = 0.0f;
+            for (int64_t l = 0; l < L; l++) {
+                if (real[t * L + l] == 0.0f) continue;
+                const float *xl = x + l * K;
+                float *el = e + l * K, dot = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    float value = xl[k];
+                    el[k] = expf((value > 0.0f ? value : slope * value) * f[k]);
+                    dot += el[k] * value;
+                }
+                for (int64_t d = 0; d < D; d++) a[d] = 0.0f;
+                for (int64_t k = 0; k < K; k++) {
+                    float w = sc ? el[k] * sc[k] : el[k];
+                    const float *vk = v + k * D;
+                    for (int64_t d = 0; d < D; d++) a[d] += w * vk[d];
+                }
+                float ss = 0.0f;
+                for (int64_t d = 0; d < D; d++) ss += a[d] * a[d];
+                float length = word_norms[t * L + l] * sqrtf(ss);
+                total += dot / (length > eps ? length : eps);
+            }
+            out[t * I + i] = total / (words > 1.0f ? words : 1.0f);
+        }
+    }
+}
+
 /* Image -> text scores of one image against T captions held ragged: sims (N, K) the products
    of the captions' N real words, back to back (caption t's are rows offsets[t] ..
    offsets[t + 1]), with the image's K regions; words (N, D) those words, whose Gram matrix
@@ -329,6 +389,7 @@ class Kernels:
 
     block_scores: Callable  # i2t_block_scores
     count_scores: Callable  # i2t_count_scores
+    t2i_scores: Callable  # t2i_block_scores
     ragged_scores: Callable  # i2t_ragged_scores
     pq_coordinates: Callable
     gather_rows: Callable
@@ -372,32 +433,36 @@ def _load() -> Kernels | None:
             _build(compiler, target)
         library = ctypes.CDLL(str(target))
         pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        floats = [real] * 3  # lambda, the LeakyReLU slope, eps
         return Kernels(
-            _typed(
-                library.i2t_block_scores, *[pointer] * 4, *[size] * 4, *[real] * 3, pointer, pointer
+            block_scores=_typed(
+                library.i2t_block_scores, *[pointer] * 4, *[size] * 4, *floats, pointer, pointer
             ),
-            _typed(
+            count_scores=_typed(
                 library.i2t_count_scores,
                 pointer,
                 pointer,
                 size,
                 *[pointer] * 3,
                 *[size] * 3,
-                *[real] * 3,
+                *floats,
                 pointer,
                 pointer,
             ),
-            _typed(
+            t2i_scores=_typed(
+                library.t2i_block_scores, *[pointer] * 5, *[size] * 5, *floats, pointer, pointer
+            ),
+            ragged_scores=_typed(
                 library.i2t_ragged_scores,
                 *[pointer] * 3,
                 *[size] * 4,
                 pointer,
-                *[real] * 3,
+                *floats,
                 pointer,
                 pointer,
             ),
-            _typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 5),
-            _typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
+            pq_coordinates=_typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 5),
+            gather_rows=_typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
         )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -505,6 +570,44 @@ def i2t_count_scores(
         out.data_ptr(),
     )
     return out[:, None]
+
+
+def t2i_block_scores(
+    kernels: Kernels,
+    sims: torch.Tensor,
+    regions: torch.Tensor,
+    scales: torch.Tensor | None,
+    word_norms: torch.Tensor,
+    real: torch.Tensor,
+    lambda_softmax: float,
+    slope: float,
+    eps: float,
+) -> torch.Tensor:
+    """Scores ``(I, T)`` of fp32 CPU similarities ``(T, L, I, K)`` of ``regions`` ``(I, K, D)``
+    (times ``scales`` ``(I, K)`` where given), as :func:`hat.alignment._block_scores` computes
+    them for text → image; ``word_norms`` and ``real`` ``(T, L)``."""
+    n_txt, n_words, n_img, n_reg = sims.shape
+    dim = regions.shape[2]
+    tensors = (sims, regions, scales, word_norms, real)
+    sims, regions, scales, word_norms, real = (
+        None if x is None else x.float().contiguous() for x in tensors
+    )
+    out = torch.empty(n_txt, n_img)
+    work = torch.empty(2 * n_words * n_reg + n_reg + dim)
+    kernels.t2i_scores(
+        *map(_address, (sims, regions, scales, word_norms, real)),
+        n_txt,
+        n_words,
+        n_img,
+        n_reg,
+        dim,
+        lambda_softmax,
+        slope,
+        eps,
+        work.data_ptr(),
+        out.data_ptr(),
+    )
+    return out.T
 
 
 def i2t_ragged_scores(

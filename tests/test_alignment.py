@@ -226,7 +226,7 @@ def fused_cases():
     yield torch.randn(5, 7, 7, generator=g), texts, mask, {"basis": Basis(shared, own)}
 
 
-def test_the_fused_kernel_scores_image_to_text_as_pytorch_does(one_thread):
+def test_the_fused_kernels_score_as_pytorch_does(one_thread):
     if native._compiler() is None:
         pytest.skip("no C compiler: scoring stays in PyTorch")
     assert native.kernels() is not None
@@ -235,11 +235,12 @@ def test_the_fused_kernel_scores_image_to_text_as_pytorch_does(one_thread):
     captions = _Captions.of(torch.arange(4), texts, mask, "i2t")
     _, attention, _ = _block_scores(images, norms, captions, 9.0, "i2t", 0.1, details=False)
     assert attention is None  # the kernel gave the scores alone
-    for regions, words, mask, stored in fused_cases():
-        fused = level_scores(regions, words, mask, **stored)
-        with native.eager():
-            eager = level_scores(regions, words, mask, **stored)
-        torch.testing.assert_close(fused, eager, atol=2e-6, rtol=0)
+    for direction in ("i2t", "t2i"):  # the t2i kernel: words attend to regions
+        for regions, words, mask, stored in fused_cases():
+            fused = level_scores(regions, words, mask, direction=direction, **stored)
+            with native.eager():
+                eager = level_scores(regions, words, mask, direction=direction, **stored)
+            torch.testing.assert_close(fused, eager, atol=2e-6, rtol=0)
 
 
 def test_without_a_compiler_scoring_stays_in_pytorch(monkeypatch, tmp_path, caplog):
