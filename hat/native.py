@@ -219,23 +219,56 @@ void i2t_count_scores(const int32_t *counts, const float *weights, int64_t P,
     }
 }
 
+/* sq[l] = ||sum_k w_lk v_k||^2 for words l < L (at most WORDS): the attended vectors of a block
+   of words, held in registers a slice of D at a time, never written out. w (L, K) with rows
+   of stride K, v (K, D). */
+enum { WORDS = 8, SLICE = 2 * LANES };
+static void attended_squares(const float *w, const float *v, int64_t L, int64_t K, int64_t D,
+                             float *sq)
+{
+    for (int64_t l = 0; l < L; l++) sq[l] = 0.0f;
+    int64_t d0 = 0;
+    for (; d0 + SLICE <= D; d0 += SLICE) {
+        vf acc[WORDS][2] = {{0}};
+        for (int64_t k = 0; k < K; k++) {
+            vf v0 = load(v + k * D + d0), v1 = load(v + k * D + d0 + LANES);
+            for (int64_t l = 0; l < L; l++) {
+                float wl = w[l * K + k];
+                acc[l][0] += wl * v0;
+                acc[l][1] += wl * v1;
+            }
+        }
+        for (int64_t l = 0; l < L; l++) {
+            vf q = acc[l][0] * acc[l][0] + acc[l][1] * acc[l][1];
+            for (int j = 0; j < LANES; j++) sq[l] += q[j];
+        }
+    }
+    for (int64_t d = d0; d < D; d++) /* the rest of D, one number at a time */
+        for (int64_t l = 0; l < L; l++) {
+            float a = 0.0f;
+            for (int64_t k = 0; k < K; k++) a += w[l * K + k] * v[k * D + d];
+            sq[l] += a * a;
+        }
+}
+
 /* Text -> image scores of a block (words attend to regions): sims (T, L, I, K) region-word
    products of regions (I, K, D) (times scales (I, K) where not NULL), word_norms (T, L),
    real (T, L) 1 for a real word and 0 for padding (padded words are zero vectors); out (T, I).
    For each pair: e_lk = exp(lambda LeakyReLU(x_lk) / ||LeakyReLU(x_.k)||) with the norm over
-   words, a_l = sum_k e_lk v_k materialised (D numbers), and the mean over real words of
-   cos(t_l, a_l) = sum_k e_lk x_lk / (||t_l|| ||a_l||). work: 2 L K + K + D floats. */
+   words, and the mean over real words of cos(t_l, a_l) = sum_k e_lk x_lk / (||t_l|| ||a_l||),
+   a_l = sum_k e_lk v_k. work: 2 L K + K + L floats. */
 void t2i_block_scores(const float *sims, const float *regions, const float *scales,
                       const float *word_norms, const float *real, int64_t T, int64_t L,
                       int64_t I, int64_t K, int64_t D, float lam, float slope, float eps,
                       float *work, float *out)
 {
-    float *x = work, *e = x + L * K, *f = e + L * K, *a = f + K;
+    float *x = work, *e = x + L * K, *f = e + L * K, *sq = f + K;
     for (int64_t t = 0; t < T; t++) {
+        const float *rl = real + t * L, *nl = word_norms + t * L;
         float words = 0.0f;
-        for (int64_t l = 0; l < L; l++) words += real[t * L + l];
+        for (int64_t l = 0; l < L; l++) words += rl[l];
         for (int64_t i = 0; i < I; i++) {
-            const float *sc = scales ? scales + i * K : 0, *v = regions + i * K * D;
+            const float *sc = scales ? scales + i * K : 0;
             for (int64_t k = 0; k < K; k++) f[k] = 0.0f;
             for (int64_t l = 0; l < L; l++) {
                 const float *s = sims + ((t * L + l) * I + i) * K;
@@ -248,26 +281,32 @@ void t2i_block_scores(const float *sims, const float *regions, const float *scal
                 }
             }
             for (int64_t k = 0; k < K; k++) f[k] = lam / (sqrtf(f[k]) + eps);
-            float total = 0.0f;
             for (int64_t l = 0; l < L; l++) {
-                if (real[t * L + l] == 0.0f) continue;
                 const float *xl = x + l * K;
-                float *el = e + l * K, dot = 0.0f;
+                float *el = e + l * K;
                 for (int64_t k = 0; k < K; k++) {
                     float value = xl[k];
                     el[k] = expf((value > 0.0f ? value : slope * value) * f[k]);
-                    dot += el[k] * value;
                 }
-                for (int64_t d = 0; d < D; d++) a[d] = 0.0f;
-                for (int64_t k = 0; k < K; k++) {
-                    float w = sc ? el[k] * sc[k] : el[k];
-                    const float *vk = v + k * D;
-                    for (int64_t d = 0; d < D; d++) a[d] += w * vk[d];
+            }
+            float total = 0.0f, dots[WORDS];
+            for (int64_t l0 = 0; l0 < L; l0 += WORDS) {
+                int64_t n = L - l0 < WORDS ? L - l0 : WORDS;
+                for (int64_t j = 0; j < n; j++) { /* t_l . a_l, then a_l's weights: e_lk s_k */
+                    float *el = e + (l0 + j) * K;
+                    const float *xl = x + (l0 + j) * K;
+                    float dot = 0.0f;
+                    for (int64_t k = 0; k < K; k++) dot += el[k] * xl[k];
+                    dots[j] = dot;
+                    if (sc)
+                        for (int64_t k = 0; k < K; k++) el[k] *= sc[k];
                 }
-                float ss = 0.0f;
-                for (int64_t d = 0; d < D; d++) ss += a[d] * a[d];
-                float length = word_norms[t * L + l] * sqrtf(ss);
-                total += dot / (length > eps ? length : eps);
+                attended_squares(e + l0 * K, regions + i * K * D, n, K, D, sq);
+                for (int64_t j = 0; j < n; j++) {
+                    if (rl[l0 + j] == 0.0f) continue;
+                    float length = nl[l0 + j] * sqrtf(sq[j]);
+                    total += dots[j] / (length > eps ? length : eps);
+                }
             }
             out[t * I + i] = total / (words > 1.0f ? words : 1.0f);
         }
@@ -593,7 +632,7 @@ def t2i_block_scores(
         None if x is None else x.float().contiguous() for x in tensors
     )
     out = torch.empty(n_txt, n_img)
-    work = torch.empty(2 * n_words * n_reg + n_reg + dim)
+    work = torch.empty(2 * n_words * n_reg + n_reg + n_words)
     kernels.t2i_scores(
         *map(_address, (sims, regions, scales, word_norms, real)),
         n_txt,
