@@ -47,7 +47,9 @@ class PackedLinear(nn.Module):
 
     @staticmethod
     def supported(device: torch.device) -> bool:
-        return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+            return False
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
