@@ -131,6 +131,11 @@ class ConceptRegions(nn.Module):
     def _forget_rewritten(self, module: nn.Module, incompatible_keys) -> None:
         self._rewritten = None  # new teacher weights: rewrite them again
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles leave the rewritten teacher out (made again on demand: its
+        oneDNN-packed weights cannot be copied)."""
+        return {**self.__dict__, "_rewritten": None}
+
     def inference_teacher(self, input_size: tuple[int, int]) -> nn.Module:
         """The frozen teacher rewritten for inference on inputs of ``input_size``
         (:func:`hat.teacher_inference.inference_copy`, the same outputs about twice as fast);

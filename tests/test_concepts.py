@@ -138,6 +138,9 @@ def test_the_teacher_runs_rewritten_for_inference_and_follows_new_weights(teache
     assert not torch.allclose(plain(trained), plain(teacher), atol=1e-2)
     saved = concepts.state_dict()
     assert all(key.startswith(("teacher.", "table", "mean", "std")) for key in saved)
+    copied = copy.deepcopy(concepts)  # (a bf16 encoding copy of the model is one)
+    assert copied._rewritten is None and concepts._rewritten is not None
+    torch.testing.assert_close(copied.class_maps(pixels), plain(trained), rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")

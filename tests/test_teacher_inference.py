@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.layers import BatchNormAct2d, Conv2dSame
 
-from hat.teacher_inference import inference_copy
+from hat.teacher_inference import PackedConvolution, inference_copy
 
 
 def with_trained_norms(net: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
@@ -32,10 +32,18 @@ def test_the_rewritten_teacher_gives_the_teachers_features(side):
     kinds = {type(m) for m in rewritten.modules()}
     assert not kinds & {BatchNormAct2d, torch.nn.BatchNorm2d, Conv2dSame, torch.nn.ReLU6}
     assert not any(p.requires_grad for p in rewritten.parameters())
-    pixels = torch.randn(2, 3, side, side)
+    if PackedConvolution.supported(teacher.conv_stem.weight):  # every convolution prepacked
+        packed = [m for m in rewritten.modules() if isinstance(m, PackedConvolution)]
+        assert torch.nn.Conv2d not in kinds and len(packed) == 49
+        assert sum(m.activation[0] == "hardtanh" for m in packed) == 33  # their ReLU6 taken in
+    pixels = torch.randn(3, 3, side, side)
     with torch.no_grad():
         expected = teacher.forward_features(pixels)
         got = rewritten.forward_features(pixels.contiguous(memory_format=torch.channels_last))
+        alone = rewritten.forward_features(
+            pixels[1:2].contiguous(memory_format=torch.channels_last)
+        )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(alone, expected[1:2], rtol=1e-4, atol=1e-4)  # any batch size
     assert expected.abs().mean() > 0.1  # a real signal, not all zeros
     assert teacher.conv_stem.__class__ is Conv2dSame  # the teacher itself is left as it was
