@@ -5,7 +5,8 @@ TensorFlow "same" padding as a padded copy of the input before each strided conv
 activations that write new tensors. For a frozen network in eval mode each of these is one more
 pass over a feature map, and the teacher's maps are large. The rewrites below change no output
 beyond float rounding (a test compares them), and channels-last memory is what oneDNN's
-convolutions run fastest on.
+convolutions run fastest on; on a CPU each convolution's weight is laid out for oneDNN once,
+not on every call, and the ReLU6 after it is applied as it writes its output.
 """
 
 from __future__ import annotations
