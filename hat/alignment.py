@@ -37,11 +37,13 @@ The pair score is the sum of the level scores. How it is computed fast:
   so the similarities are as close to the exact ones as an fp32 product's, and the query reads
   its candidates' int8 values once instead of widening them to four times their size. Where the
   fused kernel below is built, it weighs each word's pieces together itself, slab by slab.
-* Image → text in fp32 on one CPU thread without gradients (a query, evaluation) leaves
-  everything after the similarity product to one fused kernel (:mod:`hat.native`, plain C built
-  at first use), which makes the ~8 elementwise passes of the steps above over one image's
-  (words × regions) slab while it is in cache; where no C compiler built it, or PyTorch has more
-  threads (the kernel runs on one), the same steps run in PyTorch.
+* On one CPU thread without gradients (a query, evaluation) everything after the similarity
+  product runs in fused kernels (:mod:`hat.native`, plain C built at first use), which make the
+  ~8 elementwise passes of the steps above over one image's (words × regions) slab while it is
+  in cache: image → text (from fp32 similarities, or from the int32 counts of int8 regions),
+  text → image, and one image against many captions held ragged (a query image: all their real
+  words in one product, no padding). Where no C compiler built them, or PyTorch has more threads
+  (the kernels run on one), the same steps run in PyTorch.
 * Regions stored as coordinates y in an orthonormal basis B (x = y B, a PCA-compressed gallery)
   are scored without expanding them: with the words projected into the basis (w B^T), every
   region–word dot, region norm and attended-vector norm is the same, and the words' Gram matrix
