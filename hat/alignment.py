@@ -149,7 +149,6 @@ class _IntegerWords:
 
     pieces: torch.Tensor  # (L · P, D) int8, word-major
     piece_weights: torch.Tensor  # (L, P): each word's pieces' weights
-    weights: torch.Tensor  # (L, L · P): word l's row holds its pieces' weights, zeros elsewhere
 
     @classmethod
     def of(cls, words: torch.Tensor) -> _IntegerWords:
@@ -163,10 +162,7 @@ class _IntegerWords:
             pieces.append(piece.to(torch.int8))
             weights.append(step)
             step = step / PIECE_STEP
-        piece_weights = torch.cat(weights, dim=1).float()
-        own = torch.eye(len(words), dtype=torch.float32, device=words.device)[:, :, None]
-        spread = own * piece_weights[:, None, :]  # (L, L, P)
-        return cls(torch.stack(pieces, dim=1).flatten(0, 1), piece_weights, spread.flatten(1))
+        return cls(torch.stack(pieces, dim=1).flatten(0, 1), torch.cat(weights, dim=1).float())
 
     def counts(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(M, L · P)`` exact int32 products of int8 ``vectors`` ``(M, D)`` with every piece:
@@ -175,8 +171,10 @@ class _IntegerWords:
 
     def times(self, vectors: torch.Tensor) -> torch.Tensor:
         """``(L, M)`` products with int8 ``vectors`` ``(M, D)``: each word's pieces' products
-        weighted together."""
-        return self.weights @ self.counts(vectors).float().T
+        weighted together (one product with a matrix whose row l holds word l's weights)."""
+        n_words, pieces = self.piece_weights.shape
+        own = torch.eye(n_words, device=vectors.device)[:, :, None] * self.piece_weights[:, None]
+        return own.view(n_words, n_words * pieces) @ self.counts(vectors).float().T
 
 
 @dataclass

@@ -455,8 +455,21 @@ def _build(compiler: str, target: Path) -> None:
         os.replace(library, target)
 
 
-def _typed(function: Callable, *argtypes) -> Callable:
-    function.argtypes, function.restype = list(argtypes), None
+# Each kernel's C function and its arguments: p a pointer, s an int64_t, f a float.
+SIGNATURES = {
+    "block_scores": ("i2t_block_scores", "pppp ssss fff pp"),
+    "count_scores": ("i2t_count_scores", "pps ppp sss fff pp"),
+    "t2i_scores": ("t2i_block_scores", "ppppp sssss fff pp"),
+    "ragged_scores": ("i2t_ragged_scores", "ppp ssss p fff pp"),
+    "pq_coordinates": ("pq_coordinates", "p ssss ppppp"),
+    "gather_rows": ("gather_rows", "s ppppp s ppppp"),
+}
+C_TYPES = {"p": ctypes.c_void_p, "s": ctypes.c_int64, "f": ctypes.c_float}
+
+
+def _typed(function: Callable, signature: str) -> Callable:
+    function.argtypes = [C_TYPES[kind] for kind in signature.replace(" ", "")]
+    function.restype = None
     return function
 
 
@@ -471,37 +484,11 @@ def _load() -> Kernels | None:
         if not target.is_file():
             _build(compiler, target)
         library = ctypes.CDLL(str(target))
-        pointer, size, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        floats = [real] * 3  # lambda, the LeakyReLU slope, eps
         return Kernels(
-            block_scores=_typed(
-                library.i2t_block_scores, *[pointer] * 4, *[size] * 4, *floats, pointer, pointer
-            ),
-            count_scores=_typed(
-                library.i2t_count_scores,
-                pointer,
-                pointer,
-                size,
-                *[pointer] * 3,
-                *[size] * 3,
-                *floats,
-                pointer,
-                pointer,
-            ),
-            t2i_scores=_typed(
-                library.t2i_block_scores, *[pointer] * 5, *[size] * 5, *floats, pointer, pointer
-            ),
-            ragged_scores=_typed(
-                library.i2t_ragged_scores,
-                *[pointer] * 3,
-                *[size] * 4,
-                pointer,
-                *floats,
-                pointer,
-                pointer,
-            ),
-            pq_coordinates=_typed(library.pq_coordinates, pointer, *[size] * 4, *[pointer] * 5),
-            gather_rows=_typed(library.gather_rows, size, *[pointer] * 5, size, *[pointer] * 5),
+            **{
+                field: _typed(getattr(library, symbol), signature)
+                for field, (symbol, signature) in SIGNATURES.items()
+            }
         )
     except (OSError, AttributeError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -540,6 +527,11 @@ def _address(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+def _floats(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The tensors as the kernels read them: fp32, contiguous (None stays None)."""
+    return [None if x is None else x.float().contiguous() for x in tensors]
+
+
 def i2t_block_scores(
     kernels: Kernels,
     sims: torch.Tensor,
@@ -553,8 +545,7 @@ def i2t_block_scores(
     """Scores ``(I, T)`` of fp32 CPU similarities ``(T, L, I, K)`` (times ``scales`` ``(I, K)``
     where given), as :func:`hat.alignment._block_scores` computes them for image → text."""
     n_txt, n_words, n_img, n_reg = sims.shape
-    tensors = [sims, scales, gram, norms]
-    sims, scales, gram, norms = (None if x is None else x.float().contiguous() for x in tensors)
+    sims, scales, gram, norms = _floats(sims, scales, gram, norms)
     out = torch.empty(n_txt, n_img)
     work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
     kernels.block_scores(
@@ -589,9 +580,7 @@ def i2t_count_scores(
     n_img, n_reg, _ = counts.shape
     n_words, pieces = weights.shape
     counts = counts.contiguous()
-    weights, scales, gram, norms = (
-        None if x is None else x.float().contiguous() for x in (weights, scales, gram, norms)
-    )
+    weights, scales, gram, norms = _floats(weights, scales, gram, norms)
     out = torch.empty(n_img)
     work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
     kernels.count_scores(
@@ -627,10 +616,7 @@ def t2i_block_scores(
     them for text → image; ``word_norms`` and ``real`` ``(T, L)``."""
     n_txt, n_words, n_img, n_reg = sims.shape
     dim = regions.shape[2]
-    tensors = (sims, regions, scales, word_norms, real)
-    sims, regions, scales, word_norms, real = (
-        None if x is None else x.float().contiguous() for x in tensors
-    )
+    sims, regions, scales, word_norms, real = _floats(sims, regions, scales, word_norms, real)
     out = torch.empty(n_txt, n_img)
     work = torch.empty(2 * n_words * n_reg + n_reg + n_words)
     kernels.t2i_scores(
@@ -662,8 +648,8 @@ def i2t_ragged_scores(
     """Scores ``(T,)`` of one image's fp32 regions ``(K, D)`` (norms ``(K,)``) against T
     captions whose real words ``(N, D)`` lie back to back, ``lengths`` ``(T,)`` of them each:
     one product of all words with the regions, then the kernel caption by caption."""
-    words = words.float().contiguous()
-    sims = words @ regions.float().T  # (N, K): caption t's slab is its rows
+    words, regions, norms = _floats(words, regions, norms)
+    sims = words @ regions.T  # (N, K): caption t's slab is its rows
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     torch.cumsum(lengths.to(torch.int64), dim=0, out=offsets[1:])
     widest = int(lengths.max()) if len(lengths) else 0
@@ -678,7 +664,7 @@ def i2t_ragged_scores(
         n_reg,
         dim,
         widest,
-        norms.float().contiguous().data_ptr(),
+        norms.data_ptr(),
         lambda_softmax,
         slope,
         eps,
@@ -703,8 +689,7 @@ def pq_coordinates(
     dsub = centroids.shape[2]
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     centroids = np.ascontiguousarray(centroids, dtype=np.float32)
-    shift = shift.float().contiguous()
-    own = None if own is None else own.float().contiguous()
+    shift, own = _floats(shift, own)
     out = torch.empty(n_img, n_reg, subs * dsub + (own is not None))
     norms = torch.empty(n_img, n_reg)
     kernels.pq_coordinates(

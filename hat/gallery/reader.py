@@ -22,7 +22,7 @@ import xxhash
 
 from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.manifest import MANIFEST, Manifest
-from hat.gallery.storage import Segment
+from hat.gallery.storage import Segment, ranges
 from hat.model import ImageFeatures, TextFeatures
 
 ITEMS = "items.json"
@@ -59,13 +59,6 @@ def _by_segment(rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     for seg in np.unique(rows[:, 0]).tolist():
         positions = np.flatnonzero(rows[:, 0] == seg)
         yield seg, positions[np.argsort(rows[positions, 1], kind="stable")]
-
-
-def _token_index(offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Flat token indices of captions ``rows`` (ragged storage) and each token's position."""
-    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + within, within
 
 
 @dataclass
@@ -160,8 +153,8 @@ class Gallery:
         levels = [torch.zeros(len(rows), width, dim) for _ in range(self.num_levels)]
         for seg, positions in _by_segment(rows):
             segment, seg_rows = self.segments[seg], rows[positions, 1]
-            tokens, within = _token_index(segment.offsets, seg_rows)
-            stored = segment.read_captions(seg_rows, tokens, self.checked)
+            _, within = ranges(segment.offsets[seg_rows], lengths[positions])
+            stored = segment.read_captions(seg_rows, self.checked)
             owner = torch.from_numpy(np.repeat(positions, lengths[positions]))
             for level, out in enumerate(levels):
                 out[owner, torch.from_numpy(within)] = segment.decode("text", level, stored[level])

@@ -62,6 +62,13 @@ def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
     return out
 
 
+def ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Items ``starts[r] : starts[r] + counts[r]`` of every row r back to back (a ragged row's
+    flat indices, such as a caption's tokens), and each item's position within its row."""
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(starts, counts) + within, within
+
+
 def _flat(stored: Stored, norms: Norms = ()) -> list[np.ndarray]:
     """What a row's feature digest covers, in order."""
     return [a for pair in stored for a in pair if a is not None] + [
@@ -241,37 +248,38 @@ class Segment:
                 None, f"{kind} {what} {bad[:5].tolist()} do not match their checksums"
             )
 
+    def _gather(
+        self, kind: str, arrays: list[np.ndarray], rows: np.ndarray, starts, counts, check: bool
+    ) -> list[np.ndarray]:
+        """Items ``starts[r] : starts[r] + counts[r]`` of ``arrays`` for each of ``rows`` of
+        ``kind``, back to back, checked row by row: where :mod:`hat.native` is built, each row
+        hashed as it is copied, while it is in cache."""
+        if check and native.hashes_rows():
+            kernels = native.kernels()
+            gathered, digests = native.gather_rows(kernels, arrays, starts, counts, digest=True)
+            self._compare(kind, FEATURES, rows, digests)
+            return gathered
+        gathered = [a[ranges(starts, counts)[0]] for a in arrays]
+        if check:
+            bounds = np.concatenate([[0], np.cumsum(counts)])
+            self._check(kind, FEATURES, rows, gathered, bounds)
+        return gathered
+
     def read_images(self, rows: np.ndarray, check: bool = True) -> tuple[Stored, Norms]:
         """Stored values (and side arrays) and region norms of image ``rows``, every level,
-        checked row by row (where :mod:`hat.native` is built, each row hashed as it is copied,
-        while it is in cache)."""
+        checked row by row."""
         arrays = _flat(self.image, self.image_norms)
-        if check and native.hashes_rows():
-            gathered, digests = native.gather_rows(native.kernels(), arrays, rows, digest=True)
-            self._compare("image", FEATURES, rows, digests)
-        else:
-            gathered = [a[rows] for a in arrays]
-            if check:
-                self._check("image", FEATURES, rows, gathered, np.arange(len(rows) + 1))
-        parts = iter(gathered)
+        ones = np.ones(len(rows), dtype=np.int64)
+        parts = iter(self._gather("image", arrays, rows, rows, ones, check))
         stored = [(next(parts), None if s is None else next(parts)) for _, s in self.image]
         return stored, [None if n is None else next(parts) for n in self.image_norms]
 
-    def read_captions(self, rows: np.ndarray, tokens: np.ndarray, check: bool = True) -> Stored:
-        """Stored token values of captions ``rows`` (``tokens``: their flat token indices, in
-        row order), every level, checked caption by caption (as :meth:`read_images`)."""
-        arrays = _flat(self.text)
-        lengths = self.offsets[rows + 1] - self.offsets[rows]
-        if check and native.hashes_rows():
-            kernels, starts = native.kernels(), self.offsets[rows]
-            gathered, digests = native.gather_rows(kernels, arrays, starts, lengths, digest=True)
-            self._compare("text", FEATURES, rows, digests)
-        else:
-            gathered = [a[tokens] for a in arrays]
-            if check:
-                bounds = np.concatenate([[0], np.cumsum(lengths)])
-                self._check("text", FEATURES, rows, gathered, bounds)
-        parts = iter(gathered)
+    def read_captions(self, rows: np.ndarray, check: bool = True) -> Stored:
+        """Stored token values of captions ``rows``, every level, back to back in row order,
+        checked caption by caption."""
+        starts = self.offsets[rows]
+        lengths = self.offsets[rows + 1] - starts
+        parts = iter(self._gather("text", _flat(self.text), rows, starts, lengths, check))
         return [(next(parts), None if s is None else next(parts)) for _, s in self.text]
 
     def read_embeddings(self, kind: str, rows: np.ndarray, check: bool = True) -> np.ndarray:
