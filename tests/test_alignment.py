@@ -201,6 +201,18 @@ def test_unknown_direction_is_rejected():
         level_scores(images, texts, mask, direction="both")
 
 
+def int8_in_tiles(g: torch.Generator, words: int = 11):
+    """int8 regions that cut into whole AMX tiles (32 regions, 128 deep) against one caption of
+    ``words`` (3 pieces each: more than one block of 16), with scales and norms."""
+    images = torch.randn(4, 32, 128, generator=g) + torch.randn(4, 1, 128, generator=g)
+    scales = (images.abs().amax(dim=2) / 127).half()
+    values = torch.round(images / scales.float()[..., None]).to(torch.int8)
+    norms = torch.linalg.vector_norm(values.float() * scales.float()[..., None], dim=2)
+    texts = torch.randn(1, words, 128, generator=g)
+    mask = torch.arange(words)[None] < max(words - 2, 1)
+    return values, texts, mask, {"scales": scales, "norms": norms}
+
+
 def fused_cases():
     """Image → text inputs that take every path into the fused kernels: ragged captions, one
     image against them (a query image: its captions' words back to back, no padding; one of
@@ -219,6 +231,7 @@ def fused_cases():
         values = torch.round(images / scales.float()[..., None]).to(torch.int8)
         norms = torch.linalg.vector_norm(values.float() * scales.float()[..., None], dim=2)
         yield values, texts[:1], mask[:1], {"scales": scales, "norms": norms}
+    yield int8_in_tiles(g)
     shared = torch.linalg.qr(torch.randn(24, 6, generator=g))[0].T
     own = F.normalize(
         torch.randn(5, 1, 24, generator=g) @ (torch.eye(24) - shared.T @ shared), dim=2
@@ -241,6 +254,26 @@ def test_the_fused_kernels_score_as_pytorch_does(one_thread):
             with native.eager():
                 eager = level_scores(regions, words, mask, direction=direction, **stored)
             torch.testing.assert_close(fused, eager, atol=2e-6, rtol=0)
+
+
+def test_products_in_amx_tiles_are_the_integer_products_bit_for_bit(one_thread):
+    """Where the CPU has AMX tiles, int8 regions against a caption are multiplied there: the
+    same exact integer sums as PyTorch's int8 product, so the same scores to the last bit."""
+    kernels = native.kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX tiles here (or no C compiler)")
+    g = torch.Generator().manual_seed(9)
+    for words in (1, 5, 11):  # one block of 16 pieces, one full, three
+        values, texts, mask, stored = int8_in_tiles(g, words)
+        assert native.tiles_fit(values)
+        captions = _Captions.of(torch.arange(1), texts, mask, "i2t")
+        integer = captions.integer_words()
+        args = (integer.piece_weights, stored["scales"], captions.gram[0], stored["norms"])
+        tiles = native.i2t_tile_scores(kernels, values, integer.pieces, *args, 9.0, 0.1, 1e-8)
+        counts = integer.counts(values.flatten(0, 1)).view(4, 32, -1)
+        torch.testing.assert_close(
+            tiles, native.i2t_count_scores(kernels, counts, *args, 9.0, 0.1, 1e-8), atol=0, rtol=0
+        )
 
 
 def test_without_a_compiler_scoring_stays_in_pytorch(monkeypatch, tmp_path, caplog):
