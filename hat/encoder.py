@@ -13,11 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from timm.layers import LayerScale, Mlp
+from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.activations import GELUActivation
+from transformers.models.bert.modeling_bert import BertIntermediate
 
 from hat.data.images import load_image
 from hat.data.loader import ImageDataset, collate_images
@@ -36,14 +41,31 @@ PACKED_ROWS = 256  # oneDNN's hint of the rows a packed weight multiplies: a que
 class PackedLinear(nn.Module):
     """A bf16 linear layer whose weight oneDNN has laid out for this CPU's matrix units once,
     instead of on every call (``nn.Linear`` hands oneDNN a plain weight, which it reorders each
-    time: a quarter of a query image's backbone time here). Same products, same output."""
+    time: a quarter of a query image's backbone time here). Same products, same output.
 
-    def __init__(self, linear: nn.Linear, rows: int = PACKED_ROWS):
+    ``gelu``: the exact GELU that follows the layer applied as oneDNN writes the output, to the
+    fp32 sums before they are rounded to bf16 (one pass less, and closer to fp32). ``scale``:
+    a per-output factor (a LayerScale's) folded into the weight and bias in fp32.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        rows: int = PACKED_ROWS,
+        gelu: bool = False,
+        scale: torch.Tensor | None = None,
+    ):
         super().__init__()
-        weight = linear.weight.detach().to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        weight, bias = linear.weight.detach().float(), linear.bias
+        bias = None if bias is None else bias.detach().float()
+        if scale is not None:
+            scale = scale.detach().float()
+            weight = weight * scale[:, None]
+            bias = None if bias is None else bias * scale
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16), rows)
+        self.bias = None if bias is None else bias.to(torch.bfloat16)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.activation = ("gelu", [], "none") if gelu else ("none", [], "")
 
     @staticmethod
     def supported(device: torch.device) -> bool:
@@ -53,27 +75,70 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, *self.activation)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 packed"
+        gelu = ", GELU" if self.activation[0] == "gelu" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16{gelu}"
+
+
+def _exact_gelu(module: nn.Module) -> bool:
+    if isinstance(module, nn.GELU):
+        return module.approximate == "none"
+    return isinstance(module, GELUActivation) and module.act is F.gelu
+
+
+Follower = tuple[nn.Module, str]  # the module holding a follower, and the follower's attribute
+
+
+def _followers(model: nn.Module) -> tuple[dict[nn.Linear, Follower], dict[nn.Linear, Follower]]:
+    """The linear layers an exact GELU follows (timm's ``Mlp``: fc1 then act; BERT's
+    intermediate: dense then its activation), and those a LayerScale multiplies (a timm ViT
+    block's attention projection and second MLP layer), each with where that follower is."""
+    gelus, scales = {}, {}
+    for module in model.modules():
+        if isinstance(module, Mlp) and isinstance(module.fc1, nn.Linear):
+            if _exact_gelu(module.act):
+                gelus[module.fc1] = (module, "act")
+        elif isinstance(module, BertIntermediate) and isinstance(module.dense, nn.Linear):
+            if _exact_gelu(module.intermediate_act_fn):
+                gelus[module.dense] = (module, "intermediate_act_fn")
+        elif isinstance(module, Block):
+            for attribute, last in (("ls1", module.attn.proj), ("ls2", module.mlp.fc2)):
+                if isinstance(getattr(module, attribute), LayerScale):
+                    scales[last] = (module, attribute)
+    return gelus, scales
+
+
+def _take(followers: dict[nn.Linear, Follower], linear: nn.Linear) -> nn.Module | None:
+    """The module that follows ``linear`` (None if none), replaced where it is by an identity."""
+    if linear not in followers:
+        return None
+    owner, attribute = followers[linear]
+    follower = getattr(owner, attribute)
+    setattr(owner, attribute, nn.Identity())
+    return follower
 
 
 @torch.no_grad()
 def low_precision_copy(model: HATModel, dtype: torch.dtype) -> HATModel:
     """A copy of ``model`` whose matrix weights (linear layers, convolutions) are ``dtype``, for
     encoding under autocast: autocast would cast them again on every call, which costs a single
-    caption more than its products. bf16 linear layers on a CPU are :class:`PackedLinear`.
+    caption more than its products. bf16 linear layers on a CPU are :class:`PackedLinear`, with
+    the GELU after them and the LayerScale that multiplies them taken in (:func:`_followers`).
     Norms stay fp32, and so does the concept level (see
     :meth:`hat.concepts.ConceptPath.image_level`)."""
     low = copy.deepcopy(model).eval()
     pack = dtype == torch.bfloat16 and PackedLinear.supported(model.device)
+    gelus, scales = _followers(low) if pack else ({}, {})
     for name, module in list(low.named_modules()):
         if name.startswith("concepts") or not isinstance(module, (nn.Linear, nn.Conv2d)):
             continue
         if pack and isinstance(module, nn.Linear):
+            gelu, scale = _take(gelus, module) is not None, _take(scales, module)
+            gamma = None if scale is None else scale.gamma
             parent, _, child = name.rpartition(".")
-            setattr(low.get_submodule(parent), child, PackedLinear(module))
+            setattr(low.get_submodule(parent), child, PackedLinear(module, gelu=gelu, scale=gamma))
         else:
             module.to(dtype)
     return low.requires_grad_(False)

@@ -1,15 +1,20 @@
 """The Encoder: batched, single-query and direct model encodings agree, wherever they run."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from PIL import Image
+from timm.layers import LayerScale
+from torch import nn
 
+from hat import create_model
 from hat.data.images import ImageLoadError
-from hat.encoder import Encoder, PackedLinear
+from hat.encoder import Encoder, PackedLinear, low_precision_copy
 from hat.runtime import ENCODE_PRECISION_ENV, cpu_has_amx, encode_dtype
 from hat.tokenization import tokenize
+from hat.train import load_config
 
 CAPTIONS = ["a red circle", "two blue squares on the left of a green triangle", "a star"]
 
@@ -145,3 +150,31 @@ def test_a_packed_linear_layer_multiplies_as_a_bf16_linear_layer_under_autocast(
     assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == (2, 7, 40)
     torch.testing.assert_close(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
     assert (got == expected).float().mean() > 0.99  # the same products: bit for bit, nearly all
+
+
+@pytest.mark.skipif(not PackedLinear.supported(torch.device("cpu")), reason="no oneDNN bf16")
+@torch.no_grad()
+def test_the_bf16_copy_takes_a_vits_gelus_and_layer_scales_into_its_linear_layers():
+    """A DINOv2-style ViT (LayerScale after attention and MLP): the packed layers apply the
+    GELU and the scales themselves, and the levels stay those of the fp32 model."""
+    config = dataclasses.replace(
+        load_config("hat-tiny"),
+        image_backbone="vit_small_patch14_dinov2",
+        image_levels=[0, 1, 2],
+        image_size=28,
+        image_backbone_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2},
+    )
+    torch.manual_seed(0)
+    model = create_model(config)[0].eval()
+    for block in model.image_tower.backbone.blocks:  # scales far from 1: dropping one would show
+        block.ls1.gamma.uniform_(0.3, 3)
+        block.ls2.gamma.uniform_(0.3, 3)
+    low = low_precision_copy(model, torch.bfloat16)
+    backbone = low.image_tower.backbone
+    assert not any(isinstance(m, (LayerScale, nn.GELU)) for m in backbone.modules())
+    assert all(block.mlp.fc1.activation[0] == "gelu" for block in backbone.blocks)
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        levels = low.image_tower(pixels)
+    for got, want in zip(levels, model.image_tower(pixels), strict=True):
+        assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.999
