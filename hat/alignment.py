@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from hat import native
+from hat.mapped_rows import MappedRows
 
 EPS = 1e-8
 # Size of one (captions, words, images, regions) score block: a few such tensors stay in the
@@ -327,6 +328,12 @@ def _block_scores(
     return (local.sum(dim=1) / real.sum(dim=1).clamp(min=1)).T, attn, local
 
 
+def _in_tiles(regions: torch.Tensor | MappedRows) -> bool:
+    """Whether int8 regions against one caption are multiplied in AMX tiles here."""
+    kernels = native.kernels() if torch.get_num_threads() == 1 else None
+    return kernels is not None and kernels.amx and native.tiles_fit(regions)
+
+
 def _by_length(word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Caption order, longest first, and each caption's used width (last real word + 1)."""
     positions = torch.arange(1, word_mask.shape[1] + 1, device=word_mask.device)
@@ -359,7 +366,7 @@ def _caption_blocks(
 
 
 def level_scores(
-    regions: torch.Tensor,
+    regions: torch.Tensor | MappedRows,
     words: torch.Tensor,
     word_mask: torch.Tensor,
     lambda_softmax: float = 9.0,
@@ -379,8 +386,9 @@ def level_scores(
     again. Regions are decoded a block of images at a time, small enough to stay in a core's
     cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so a
     gallery's candidates never pass through memory at full width; int8 regions with their norms
-    are not decoded at all (module docstring). Blocks hold at most ``block_elements``
-    region–word similarities, so memory stays bounded for any gallery size.
+    are not decoded at all (module docstring), and where they are multiplied in AMX tiles they
+    may be :class:`~hat.mapped_rows.MappedRows`, read where they lie. Blocks hold at most
+    ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
@@ -420,6 +428,8 @@ def level_scores(
         and direction == "i2t"
         and norms is not None
     )
+    if isinstance(regions, MappedRows) and not (integer and _in_tiles(regions)):
+        regions = regions.gathered()  # only the tile kernel reads rows where they lie
     widen = regions.dtype != words.dtype and not integer
     img_step = max(1, block_elements // widest)
     # Blocks of regions that stay in cache while they are widened and scored against every

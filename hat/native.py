@@ -45,7 +45,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -56,6 +56,7 @@ import torch
 import xxhash
 
 from hat.fileio import cache_home
+from hat.mapped_rows import MappedRows
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,8 @@ void i2t_count_scores(const int32_t *counts, const float *weights, int64_t P,
 }
 
 /* The same with the integer products taken here, an image at a time, in the CPU's AMX tiles
-   (Intel's matrix units): regions (I, K, D) int8 with K % 16 == 0 and D % 64 == 0; tiles the
+   (Intel's matrix units): regions[i] image i's (K, D) int8 values, wherever they lie (a
+   memory-mapped gallery row), K % 16 == 0 and D % 64 == 0; tiles the
    caption's L P pieces in NB blocks of 16 columns, each block D / 64 tiles of 16 rows x 64
    bytes in the tiles' order (four consecutive products of a column side by side). An image's
    counts (K, 16 NB) int32 stay in cache (scratch) for count_score. Only called where
@@ -275,7 +277,7 @@ static void tile_counts(const int8_t *regions, const int8_t *tiles, int64_t NB, 
 }
 
 __attribute__((target("amx-tile,amx-int8")))
-void i2t_tile_scores(const int8_t *regions, const int8_t *tiles, int64_t NB, int64_t D,
+void i2t_tile_scores(const int8_t *const *regions, const int8_t *tiles, int64_t NB, int64_t D,
                      const float *weights, int64_t P, const float *scales, const float *gram,
                      const float *norms, int64_t L, int64_t I, int64_t K, float lam,
                      float slope, float eps, float *work, int32_t *scratch, float *out)
@@ -289,7 +291,7 @@ void i2t_tile_scores(const int8_t *regions, const int8_t *tiles, int64_t NB, int
     }
     _tile_loadconfig(&cfg);
     for (int64_t i = 0; i < I; i++) {
-        tile_counts(regions + i * K * D, tiles, NB, K, D, scratch);
+        tile_counts(regions[i], tiles, NB, K, D, scratch);
         out[i] = count_score(scratch, 16 * NB, weights, P, scales ? scales + i * K : 0, gram,
                              norms + i * K, L, K, lam, slope, eps, work);
     }
@@ -298,7 +300,7 @@ void i2t_tile_scores(const int8_t *regions, const int8_t *tiles, int64_t NB, int
 #else
 int amx_ready(void) { return 0; }
 
-void i2t_tile_scores(const int8_t *regions, const int8_t *tiles, int64_t NB, int64_t D,
+void i2t_tile_scores(const int8_t *const *regions, const int8_t *tiles, int64_t NB, int64_t D,
                      const float *weights, int64_t P, const float *scales, const float *gram,
                      const float *norms, int64_t L, int64_t I, int64_t K, float lam,
                      float slope, float eps, float *work, int32_t *scratch, float *out)
@@ -471,9 +473,10 @@ typedef uint64_t (*xxh_digest)(const void *state);
 
 /* Rows of P arrays copied back to back into dst[p]: row r is items starts[r] ..
    starts[r] + counts[r] of every array (item_bytes[p] bytes an item: an image's regions, a
-   caption's tokens). Where state is not NULL, each row's digest, its arrays' parts hashed in
-   order, into digests[r]: each part right after it is copied, while it is in cache, so the
-   rows pass through memory once. */
+   caption's tokens); an array whose dst[p] is NULL is left where it is (read in place later).
+   Where state is not NULL, each row's digest, its arrays' parts hashed in order, into
+   digests[r]: each part right after it is copied, while it is in cache, so the rows pass
+   through memory once. */
 void gather_rows(int64_t P, char *const *src, char *const *dst, const int64_t *item_bytes,
                  const int64_t *starts, const int64_t *counts, int64_t n, void *state,
                  xxh_reset reset, xxh_update update, xxh_digest digest, uint64_t *digests)
@@ -483,9 +486,13 @@ void gather_rows(int64_t P, char *const *src, char *const *dst, const int64_t *i
         if (state) reset(state);
         for (int64_t p = 0; p < P; p++) {
             size_t length = (size_t)(counts[r] * item_bytes[p]);
-            char *to = dst[p] + done * item_bytes[p];
-            memcpy(to, src[p] + starts[r] * item_bytes[p], length);
-            if (state) update(state, to, length);
+            const char *from = src[p] + starts[r] * item_bytes[p];
+            if (dst[p]) {
+                char *to = dst[p] + done * item_bytes[p];
+                memcpy(to, from, length);
+                from = to;
+            }
+            if (state) update(state, from, length);
         }
         if (state) digests[r] = digest(state);
         done += counts[r];
@@ -714,7 +721,7 @@ def word_tiles(pieces: torch.Tensor) -> torch.Tensor:
 
 def i2t_tile_scores(
     kernels: Kernels,
-    regions: torch.Tensor,
+    regions: torch.Tensor | MappedRows,
     pieces: torch.Tensor,
     weights: torch.Tensor,
     scales: torch.Tensor | None,
@@ -725,17 +732,23 @@ def i2t_tile_scores(
     eps: float,
 ) -> torch.Tensor:
     """:func:`i2t_count_scores` with the integer products of int8 ``regions`` ``(I, K, D)``
-    (:func:`tiles_fit`) and ``pieces`` ``(L · P, D)`` taken in AMX tiles, an image at a time,
-    their counts never leaving the cache (``kernels.amx`` only)."""
+    (:func:`tiles_fit`; a tensor, or rows read where they lie) and ``pieces`` ``(L · P, D)``
+    taken in AMX tiles, an image at a time, their counts never leaving the cache
+    (``kernels.amx`` only)."""
     n_img, n_reg, dim = regions.shape
     n_words, n_pieces = weights.shape
-    regions, tiles = regions.contiguous(), word_tiles(pieces)
+    if isinstance(regions, MappedRows):
+        addresses = regions.addresses()
+    else:
+        regions = regions.contiguous()
+        addresses = regions.data_ptr() + n_reg * dim * np.arange(n_img, dtype=np.uint64)
+    tiles = word_tiles(pieces)
     weights, scales, gram, norms = _floats(weights, scales, gram, norms)
     out = torch.empty(n_img)
     work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
     scratch = torch.empty(n_reg, tiles.shape[0] * TILE_ROWS, dtype=torch.int32)
     kernels.tile_scores(
-        regions.data_ptr(),
+        addresses.ctypes.data,
         tiles.data_ptr(),
         tiles.shape[0],
         dim,
@@ -890,20 +903,26 @@ def gather_rows(
     starts: np.ndarray,
     counts: np.ndarray | None = None,
     digest: bool = False,
-) -> tuple[list[np.ndarray], np.ndarray | None]:
+    in_place: Sequence[bool] = (),
+) -> tuple[list[np.ndarray | None], np.ndarray | None]:
     """Rows of C-contiguous ``arrays`` (memory-mapped or not), back to back: row r is items
     ``starts[r] : starts[r] + counts[r]`` of each (one item where ``counts`` is None: an
     image's), as numpy's fancy indexing gathers them; with ``digest`` the xxh3-64 of each row,
     its arrays' parts in order (:func:`hat.gallery.storage.row_digests`; needs
-    :func:`hashes_rows`)."""
+    :func:`hashes_rows`). Arrays marked ``in_place`` are hashed where they lie, not copied
+    (None in their place)."""
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     counts = np.ones_like(starts) if counts is None else np.ascontiguousarray(counts, np.int64)
     items = int(counts.sum())
-    out = [np.empty((items, *a.shape[1:]), dtype=a.dtype) for a in arrays]
+    kept = list(in_place) + [False] * (len(arrays) - len(in_place))
+    out = [
+        None if keep else np.empty((items, *a.shape[1:]), dtype=a.dtype)
+        for a, keep in zip(arrays, kept, strict=True)
+    ]
     item_bytes = np.array([a.itemsize * int(np.prod(a.shape[1:])) for a in arrays], np.int64)
     pointers = ctypes.c_void_p * len(arrays)
     sources = pointers(*[a.ctypes.data for a in arrays])
-    targets = pointers(*[o.ctypes.data for o in out])
+    targets = pointers(*[None if o is None else o.ctypes.data for o in out])
     digests = np.empty(len(starts), dtype=np.uint64) if digest else None
     library, functions = _xxh3() if digest else (None, [None] * 3)
     state = library.XXH3_createState() if digest else None

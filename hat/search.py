@@ -131,7 +131,7 @@ class Searcher:
 
         def score(block: np.ndarray) -> torch.Tensor:
             out = torch.empty(self.gallery.num_levels, len(block))
-            for positions, images in self.gallery.image_parts(block):
+            for positions, images in self.gallery.image_parts(block, in_place=True):
                 scores = self._level_scores(images.to(self.device), text)[:, :, 0]
                 out[:, torch.from_numpy(positions)] = scores
             return out

@@ -1,5 +1,6 @@
 """The vectorised alignment equals a straightforward per-pair version of the paper's formulas."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,7 @@ from hat.alignment import (
     hierarchical_scores,
     level_scores,
 )
+from hat.mapped_rows import MappedRows
 
 
 def reference_pair_score(regions, words, lam, direction, slope=0.1):
@@ -274,6 +276,24 @@ def test_products_in_amx_tiles_are_the_integer_products_bit_for_bit(one_thread):
         torch.testing.assert_close(
             tiles, native.i2t_count_scores(kernels, counts, *args, 9.0, 0.1, 1e-8), atol=0, rtol=0
         )
+
+
+def test_rows_read_where_they_lie_score_as_the_rows_copied_out(one_thread):
+    """int8 regions handed over as rows of an array (a gallery's, memory-mapped), read in
+    place by the tile kernel where it runs and copied out otherwise: the same scores."""
+    g = torch.Generator().manual_seed(10)
+    values, texts, mask, stored = int8_in_tiles(g)
+    array = np.concatenate([values.numpy(), values.numpy()[::-1]])  # 8 rows
+    rows = np.array([5, 0, 3])
+    taken = {name: torch.cat([x, x.flip(0)])[rows] for name, x in stored.items()}
+    for n_reg in (32, 20):  # in tiles, and not
+        regions = np.ascontiguousarray(array[:, :n_reg])
+        taken = {name: x[:, :n_reg] for name, x in taken.items()}
+        for direction in ("i2t", "t2i"):
+            got = level_scores(MappedRows(regions, rows), texts, mask, 9.0, direction, **taken)
+            copied = torch.from_numpy(regions[rows])
+            want = level_scores(copied, texts, mask, 9.0, direction, **taken)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
 def test_without_a_compiler_scoring_stays_in_pytorch(monkeypatch, tmp_path, caplog):

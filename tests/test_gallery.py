@@ -370,6 +370,11 @@ def in_python(read):
     return read_in_python
 
 
+def re_rank_read(gallery):
+    """All images as a re-rank reads them: int8 values left where they lie where AMX is."""
+    return gallery.image_parts(range(gallery.num_images), in_place=True)
+
+
 def all_captions(gallery):
     return gallery.text_features(range(gallery.num_captions))
 
@@ -379,6 +384,7 @@ def all_captions(gallery):
     [
         ("image.1.npy", all_images),
         ("image.1.npy", in_python(all_images)),
+        ("image.1.npy", re_rank_read),
         ("image.2.scale.npy", all_images),
         ("image.0.norm.npy", all_images),
         ("text.0.npy", all_captions),
@@ -574,6 +580,11 @@ def test_rows_hashed_as_they_are_copied_match_their_digests(tmp_path):
         np.testing.assert_array_equal(got, array[rows])
     expected = row_digests([a[rows] for a in arrays], np.arange(len(rows) + 1))
     np.testing.assert_array_equal(digests, expected)
+    kept, in_place = native.gather_rows(
+        native.kernels(), arrays, rows, digest=True, in_place=[True, False]
+    )
+    assert kept[0] is None and np.array_equal(kept[1], arrays[1][rows])  # hashed where it lies
+    np.testing.assert_array_equal(in_place, expected)
     copies, none = native.gather_rows(native.kernels(), arrays, rows[:0])
     assert none is None and [c.shape[0] for c in copies] == [0, 0, 0]
     starts, counts = np.array([4, 0, 6]), np.array([2, 3, 0])  # ragged rows: captions' tokens

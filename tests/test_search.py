@@ -18,6 +18,7 @@ from hat.gallery import (
     folder_collection,
     open_gallery,
 )
+from hat.mapped_rows import MappedRows
 from hat.runtime import run_in_pieces
 from hat.search import Searcher, top_hits
 from tests.test_gallery import checkpoint, folder, write_folder, write_image  # noqa: F401  (fixtures)
@@ -70,9 +71,12 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     """The re-rank takes the candidates as stored (int8 with scales, fp16, pq coordinates) and
     decodes them a block at a time while scoring (image → text attention in the fused kernel
     where it is built): the scores are those of the candidates decoded to fp32 first and scored
-    in PyTorch, text → image and image → text (the stored image against the caption bank)."""
+    in PyTorch, text → image and image → text (the stored image against the caption bank).
+    64 wide, int8 levels of 64 and 16 regions cut into AMX tiles: where the CPU has them, those
+    are read where they lie, the 4-region level is copied out."""
     torch.manual_seed(0)
-    model, tokenizer = create_model(replace(get_preset("hat-tiny"), direction=direction))
+    config = replace(get_preset("hat-tiny"), direction=direction, embed_dim=64)
+    model, tokenizer = create_model(config)
     ckpt = model.eval().save_pretrained(tmp_path / "ckpt", tokenizer)
     settings = BuildSettings(precision)
     gallery = build_gallery(ckpt, folder_collection(*folder), tmp_path / "cache", settings=settings)
@@ -87,6 +91,11 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     else:  # the norms of the regions as they score: stored (int8), or taken as decoded (pq)
         for norms, regions in zip(stored.norms, decoded[positions].levels, strict=True):
             torch.testing.assert_close(norms, torch.linalg.vector_norm(regions, dim=2))
+    kernels = native.kernels()
+    if precision == "int8" and kernels is not None and kernels.amx:
+        ((_, in_place),) = gallery.image_parts(ids, in_place=True)
+        assert [isinstance(x, MappedRows) for x in in_place.levels] == [True] * 3
+        assert [native.tiles_fit(x) for x in in_place.levels] == [True, True, False]
     text = searcher.encoder.encode_caption("a square of colour 3")
     with native.eager():  # decoded and scored in PyTorch; the re-rank in the fused kernel
         want = searcher.model.level_scores(decoded, text)[:, :, 0]

@@ -30,6 +30,7 @@ import torch
 
 from hat import native
 from hat.alignment import Basis
+from hat.mapped_rows import MappedRows
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
 # What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis, and the
@@ -122,10 +123,12 @@ class Int8Codec(Codec):
         out = torch.from_numpy(np.ascontiguousarray(values)).float()
         return out.mul_(torch.from_numpy(np.ascontiguousarray(scales)).float()[..., None])
 
-    def for_scoring(self, values: np.ndarray, scales: np.ndarray) -> Scorable:
-        """The int8 values and their scales, as stored (decoded block by block as scored)."""
-        as_tensor = (torch.from_numpy(np.ascontiguousarray(a)) for a in (values, scales))
-        return *as_tensor, None, None
+    def for_scoring(self, values: np.ndarray | MappedRows, scales: np.ndarray) -> Scorable:
+        """The int8 values (copied out, or where they lie) and their scales, as stored
+        (decoded block by block as scored, or multiplied in integers)."""
+        if not isinstance(values, MappedRows):
+            values = torch.from_numpy(np.ascontiguousarray(values))
+        return values, torch.from_numpy(np.ascontiguousarray(scales)), None, None
 
     def norms(self, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """fp32 norms ``(...)`` of the vectors as scored: of their values, times their scales,

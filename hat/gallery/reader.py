@@ -124,19 +124,25 @@ class Gallery:
                 gates[index] = part.gates
         return ImageFeatures(levels, gates=gates)
 
-    def image_parts(self, ids: Sequence[int]) -> list[tuple[np.ndarray, ImageFeatures]]:
+    def image_parts(
+        self, ids: Sequence[int], in_place: bool = False
+    ) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
         the values as stored (int8 with ``ImageFeatures.scales``, fp16, or a compressed
         segment's coordinates in its own ``ImageFeatures.bases``), with the region norms the
         gallery stores: scoring decodes them a cache-sized block at a time (int8 not at all),
         so the candidates never pass through memory in fp32; and their concept gates where the
-        gallery stores them."""
+        gallery stores them. With ``in_place`` (a re-rank) int8 values may stay where they lie
+        (:meth:`hat.gallery.storage.Segment.read_images`)."""
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:
             self.segments[seg].prefetch("image", rows[positions, 1], np.ones(len(positions), int))
         return [
-            (positions, self.segments[seg].images_as_scored(rows[positions, 1], self.checked))
+            (
+                positions,
+                self.segments[seg].images_as_scored(rows[positions, 1], self.checked, in_place),
+            )
             for seg, positions in by_segment
         ]
 

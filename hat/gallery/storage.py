@@ -30,6 +30,7 @@ from hat.gallery.codecs import (
 )
 from hat.gallery.errors import CorruptionError
 from hat.gallery.manifest import Manifest
+from hat.mapped_rows import MappedRows
 from hat.model import ImageFeatures, TextFeatures
 
 KINDS = ("image", "text")
@@ -207,9 +208,12 @@ class Segment:
         """fp32 features of ``stored`` values of ``kind`` at ``level``."""
         return self.codecs[kind][level].decode(*stored)
 
-    def images_as_scored(self, rows: np.ndarray, check: bool = True) -> ImageFeatures:
-        """Image ``rows`` as scoring takes them (:func:`as_scored`), checked row by row."""
-        stored, norms = self.read_images(rows, check)
+    def images_as_scored(
+        self, rows: np.ndarray, check: bool = True, in_place: bool = False
+    ) -> ImageFeatures:
+        """Image ``rows`` as scoring takes them (:func:`as_scored`), checked row by row; with
+        ``in_place`` (a re-rank) int8 values may stay where they lie (:meth:`read_images`)."""
+        stored, norms = self.read_images(rows, check, in_place)
         gates = None if self.gates is None else torch.from_numpy(self.gates[rows])
         return as_scored(self.codecs["image"], stored, norms, gates)
 
@@ -249,28 +253,50 @@ class Segment:
             )
 
     def _gather(
-        self, kind: str, arrays: list[np.ndarray], rows: np.ndarray, starts, counts, check: bool
-    ) -> list[np.ndarray]:
+        self,
+        kind: str,
+        arrays: list[np.ndarray],
+        rows: np.ndarray,
+        starts,
+        counts,
+        check: bool,
+        in_place: list[bool] | None = None,
+    ) -> list[np.ndarray | MappedRows]:
         """Items ``starts[r] : starts[r] + counts[r]`` of ``arrays`` for each of ``rows`` of
         ``kind``, back to back, checked row by row: where :mod:`hat.native` is built, each row
-        hashed as it is copied, while it is in cache."""
+        hashed as it is copied, while it is in cache; there, arrays marked ``in_place`` (one
+        item a row) are hashed where they lie and handed out as :class:`MappedRows`."""
         if check and native.hashes_rows():
             kernels = native.kernels()
-            gathered, digests = native.gather_rows(kernels, arrays, starts, counts, digest=True)
+            gathered, digests = native.gather_rows(
+                kernels, arrays, starts, counts, digest=True, in_place=in_place or ()
+            )
             self._compare(kind, FEATURES, rows, digests)
-            return gathered
+            return [
+                MappedRows(a, starts) if g is None else g
+                for a, g in zip(arrays, gathered, strict=True)
+            ]
         gathered = [a[ranges(starts, counts)[0]] for a in arrays]
         if check:
             bounds = np.concatenate([[0], np.cumsum(counts)])
             self._check(kind, FEATURES, rows, gathered, bounds)
         return gathered
 
-    def read_images(self, rows: np.ndarray, check: bool = True) -> tuple[Stored, Norms]:
+    def read_images(
+        self, rows: np.ndarray, check: bool = True, in_place: bool = False
+    ) -> tuple[Stored, Norms]:
         """Stored values (and side arrays) and region norms of image ``rows``, every level,
-        checked row by row."""
+        checked row by row. With ``in_place``, where the CPU multiplies int8 in AMX tiles
+        (:mod:`hat.native`), int8 levels' values are checked but not copied: scoring reads
+        them where they lie (:class:`MappedRows`)."""
         arrays = _flat(self.image, self.image_norms)
+        kernels = native.kernels()
+        kept = []  # in _flat's order: each level's values, then its side array where it has one
+        if in_place and kernels is not None and kernels.amx:
+            for (_, side), codec in zip(self.image, self.codecs["image"], strict=True):
+                kept += [codec.precision == "int8"] + ([False] if side is not None else [])
         ones = np.ones(len(rows), dtype=np.int64)
-        parts = iter(self._gather("image", arrays, rows, rows, ones, check))
+        parts = iter(self._gather("image", arrays, rows, rows, ones, check, kept))
         stored = [(next(parts), None if s is None else next(parts)) for _, s in self.image]
         return stored, [None if n is None else next(parts) for n in self.image_norms]
 
