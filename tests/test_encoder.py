@@ -11,7 +11,7 @@ from torch import nn
 
 from hat import create_model
 from hat.data.images import ImageLoadError
-from hat.encoder import Encoder, PackedLinear, low_precision_copy
+from hat.encoder import Encoder, PackedLinear, PackedPatches, low_precision_copy
 from hat.runtime import ENCODE_PRECISION_ENV, cpu_has_amx, encode_dtype
 from hat.tokenization import tokenize
 from hat.train import load_config
@@ -173,8 +173,25 @@ def test_the_bf16_copy_takes_a_vits_gelus_and_layer_scales_into_its_linear_layer
     backbone = low.image_tower.backbone
     assert not any(isinstance(m, (LayerScale, nn.GELU)) for m in backbone.modules())
     assert all(block.mlp.fc1.activation[0] == "gelu" for block in backbone.blocks)
+    assert isinstance(backbone.patch_embed.proj, PackedPatches)
     pixels = torch.randn(2, 3, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         levels = low.image_tower(pixels)
     for got, want in zip(levels, model.image_tower(pixels), strict=True):
         assert torch.nn.functional.cosine_similarity(got.float(), want, dim=-1).min() > 0.999
+
+
+@pytest.mark.skipif(not PackedLinear.supported(torch.device("cpu")), reason="no oneDNN bf16")
+@torch.no_grad()
+def test_a_patch_embedding_as_a_linear_layer_is_the_convolution():
+    """Patches flattened in the weight's order, the bottom and right edges that make no whole
+    patch left out, as the strided convolution does; its NCHW output shape."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 24, kernel_size=(5, 4), stride=(5, 4))
+    assert PackedPatches.fits(conv) and not PackedPatches.fits(nn.Conv2d(3, 24, 5, 4))
+    x = torch.randn(2, 3, 23, 18)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = PackedPatches(conv)(x)
+    want = conv(x)
+    assert got.shape == want.shape == (2, 24, 4, 4)
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.03)
