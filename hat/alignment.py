@@ -129,6 +129,44 @@ class PairAlignment:
     local_scores: torch.Tensor
 
 
+@dataclass(frozen=True)
+class RaggedWords:
+    """Captions' real words back to back ``(N, D)``, caption after caption, and the ``(T, L)``
+    mask of their padded form (each row's real words first): a caption bank's words as a gallery
+    stores them. One image against them is scored so (the ragged kernel of :mod:`hat.native`);
+    anything else takes :meth:`padded`, the ``(T, L, D)`` words with zero vectors for padding."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.mask.shape, self.tokens.shape[1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.tokens.requires_grad
+
+    def padded(self) -> torch.Tensor:
+        out = self.tokens.new_zeros(self.shape)
+        out[self.mask] = self.tokens
+        return out
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return self.padded()[index]
+
+    def to(self, device: torch.device | str) -> RaggedWords:
+        return RaggedWords(self.tokens.to(device), self.mask.to(device))
+
+
 def _as_compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
@@ -367,7 +405,7 @@ def _caption_blocks(
 
 def level_scores(
     regions: torch.Tensor | MappedRows,
-    words: torch.Tensor,
+    words: torch.Tensor | RaggedWords,
     word_mask: torch.Tensor,
     lambda_softmax: float = 9.0,
     direction: str = "i2t",
@@ -387,12 +425,13 @@ def level_scores(
     cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so a
     gallery's candidates never pass through memory at full width; int8 regions with their norms
     are not decoded at all (module docstring), and where they are multiplied in AMX tiles they
-    may be :class:`~hat.mapped_rows.MappedRows`, read where they lie. Blocks hold at most
+    may be :class:`~hat.mapped_rows.MappedRows`, read where they lie; words may be
+    :class:`RaggedWords` (padded here unless one image is scored against them). Blocks hold at most
     ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
-    words = _as_compute_dtype(words)
+    words = words if isinstance(words, RaggedWords) else _as_compute_dtype(words)
     n_img, n_reg, dim = regions.shape
     ragged = (  # one image's fp32 regions against captions (a query image): the kernel, unpadded
         n_img == 1
@@ -411,13 +450,15 @@ def level_scores(
             kernels,
             regions[0],
             region_norms,
-            words[real],
+            words.tokens if isinstance(words, RaggedWords) else words[real],
             real.sum(dim=1),
             lambda_softmax,
             slope,
             EPS,
         )
         return scores[None]
+    if isinstance(words, RaggedWords):
+        words = _as_compute_dtype(words.padded())
     captions = _caption_blocks(words, word_mask, n_reg, block_elements, direction, basis)
     widest = max((c.words.shape[0] * c.words.shape[1] * n_reg for c in captions), default=1)
     integer = (  # a query's candidates against its caption (_IntegerWords)

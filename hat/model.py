@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from hat.alignment import Basis, hierarchical_scores
+from hat.alignment import Basis, RaggedWords, hierarchical_scores
 from hat.concepts import ConceptPath
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
@@ -111,7 +111,8 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """Projected word features, one ``(N, L, D)`` tensor per level, and the real-token mask."""
+    """Projected word features, one ``(N, L, D)`` tensor per level, and the real-token mask
+    (a gallery's caption bank may hand out :class:`~hat.alignment.RaggedWords` instead)."""
 
     levels: list[torch.Tensor]
     mask: torch.Tensor
@@ -127,6 +128,12 @@ class TextFeatures:
 
     def lengths(self) -> torch.Tensor:
         return self.mask.sum(dim=1)
+
+    def padded(self) -> TextFeatures:
+        """The same with every level a ``(N, L, D)`` tensor (a gallery may hand out
+        :class:`~hat.alignment.RaggedWords`)."""
+        levels = [x.padded() if isinstance(x, RaggedWords) else x for x in self.levels]
+        return TextFeatures(levels, self.mask)
 
 
 @dataclass
@@ -270,7 +277,7 @@ class HATModel(nn.Module):
         cfg = self.config
         with torch.autocast(device_type=images.levels[0].device.type, enabled=False):
             if cfg.scoring == "pooled":
-                images = images.expanded()
+                images, texts = images.expanded(), texts.padded()
                 scores = pooled_level_scores(images.levels, texts.levels, texts.mask)
             else:
                 count = len(images.levels)

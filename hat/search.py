@@ -146,7 +146,7 @@ class Searcher:
         size = min(TEXT_BLOCK, block_size(text_bytes * self.gallery.num_levels, self.device))
 
         def score(block: np.ndarray) -> torch.Tensor:
-            texts = self.gallery.text_features(block).to(self.device)
+            texts = self.gallery.text_features(block, ragged=True).to(self.device)
             return self._level_scores(image, texts)[:, 0, :]
 
         return self._in_blocks(score, ids, size)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hat import native
 from hat.alignment import (
     Basis,
+    RaggedWords,
     _block_scores,
     _Captions,
     align_pair,
@@ -293,6 +294,20 @@ def test_rows_read_where_they_lie_score_as_the_rows_copied_out(one_thread):
             got = level_scores(MappedRows(regions, rows), texts, mask, 9.0, direction, **taken)
             copied = torch.from_numpy(regions[rows])
             want = level_scores(copied, texts, mask, 9.0, direction, **taken)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_words_held_ragged_score_as_the_padded_words(one_thread):
+    """A caption bank's words back to back (RaggedWords): one image against them (the ragged
+    kernel, where it is built) and anything else (padded here) score as the padded words."""
+    images, texts, mask, _ = random_batch(n_img=3, dim=16, seed=11)
+    images, texts = images.float(), texts.float() * mask[..., None]
+    ragged = RaggedWords(texts[mask], mask)
+    torch.testing.assert_close(ragged.padded(), texts, atol=0, rtol=0)
+    for regions in (images[:1], images):
+        for direction in ("i2t", "t2i"):
+            got = level_scores(regions, ragged, mask, 9.0, direction)
+            want = level_scores(regions, texts, mask, 9.0, direction)
             torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hat import cli, create_model, get_preset, load_model, native, runtime
+from hat.alignment import RaggedWords
 from hat.encoder import Encoder
 from hat.gallery import (
     PRECISIONS,
@@ -245,6 +246,12 @@ def test_captions_without_images_join_the_caption_bank_only(
     torch.testing.assert_close(
         got, want[:, 0, :], atol=2e-2 if precision != "fp32" else 1e-5, rtol=0
     )
+    # words read ragged (a query image's re-rank) from both segments, out of order: as padded
+    ids = [11, 0, 10, 3]
+    padded, ragged = gallery.text_features(ids), gallery.text_features(ids, ragged=True)
+    assert all(isinstance(x, RaggedWords) for x in ragged.levels)
+    for a, b in zip(padded.levels, ragged.padded().levels, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
     # text → image never answers with them
     assert all(h.image is not None for h in searcher.text_to_image("a tabby cat", k=5).hits)
     open_gallery(gallery.directory, verify=True)  # every row's digest, the text-only segment's too

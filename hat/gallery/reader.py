@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import xxhash
 
+from hat.alignment import RaggedWords
 from hat.gallery.errors import CacheError, CorruptionError
 from hat.gallery.manifest import MANIFEST, Manifest
 from hat.gallery.storage import Segment, ranges
@@ -146,8 +147,10 @@ class Gallery:
             for seg, positions in by_segment
         ]
 
-    def text_features(self, ids: Sequence[int]) -> TextFeatures:
-        """fp32 word features of captions ``ids``, right-padded, with the real-token mask."""
+    def text_features(self, ids: Sequence[int], ragged: bool = False) -> TextFeatures:
+        """fp32 word features of captions ``ids``, right-padded, with the real-token mask; with
+        ``ragged`` each level's real words back to back (:class:`~hat.alignment.RaggedWords`,
+        as stored: one image against them is scored without padding them)."""
         rows = self.caption_rows[np.asarray(ids, dtype=np.int64)]
         lengths = np.zeros(len(rows), dtype=np.int64)
         for seg, positions in _by_segment(rows):
@@ -155,17 +158,19 @@ class Gallery:
             lengths[positions] = offsets[seg_rows + 1] - offsets[seg_rows]
             self.segments[seg].prefetch("text", offsets[seg_rows], lengths[positions])
         width = max(int(lengths.max(initial=0)), 1)
-        dim = self.manifest.dim
-        levels = [torch.zeros(len(rows), width, dim) for _ in range(self.num_levels)]
+        mask = torch.from_numpy(np.arange(width)[None] < lengths[:, None])
+        firsts = np.cumsum(lengths) - lengths  # each caption's first real word, back to back
+        tokens = [
+            torch.empty(int(lengths.sum()), self.manifest.dim) for _ in range(self.num_levels)
+        ]
         for seg, positions in _by_segment(rows):
             segment, seg_rows = self.segments[seg], rows[positions, 1]
-            _, within = ranges(segment.offsets[seg_rows], lengths[positions])
             stored = segment.read_captions(seg_rows, self.checked)
-            owner = torch.from_numpy(np.repeat(positions, lengths[positions]))
-            for level, out in enumerate(levels):
-                out[owner, torch.from_numpy(within)] = segment.decode("text", level, stored[level])
-        mask = torch.from_numpy(np.arange(width)[None] < lengths[:, None])
-        return TextFeatures(levels, mask)
+            slots = torch.from_numpy(ranges(firsts[positions], lengths[positions])[0])
+            for level, out in enumerate(tokens):
+                out.index_copy_(0, slots, segment.decode("text", level, stored[level]))
+        levels = [RaggedWords(t, mask) for t in tokens]
+        return TextFeatures(levels if ragged else [x.padded() for x in levels], mask)
 
     def embeddings(self, kind: str) -> np.ndarray:
         """First-stage vectors of every image (``kind="image"``) or caption (``"text"``)."""
