@@ -51,7 +51,8 @@ class ImageFeatures:
     ``(N, K_i)`` where the gallery stores them (int8) or took them as it decoded the regions
     (``pq``, where :mod:`hat.native` is built), and each image's concept gate ``gates`` ``(N,)``
     where it stores them (:meth:`HATModel.concept_gate`: it depends on the image alone, so a
-    gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features.
+    gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features. A
+    re-rank's int8 levels may be :class:`~hat.mapped_rows.MappedRows`, read where they lie.
     """
 
     levels: list[torch.Tensor]

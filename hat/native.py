@@ -297,7 +297,7 @@ void i2t_tile_scores(const int8_t *const *regions, const int8_t *tiles, int64_t 
     }
     _tile_release();
 }
-#else
+#else /* no AMX intrinsics here: amx_ready() says so, and i2t_tile_scores is never called */
 int amx_ready(void) { return 0; }
 
 void i2t_tile_scores(const int8_t *const *regions, const int8_t *tiles, int64_t NB, int64_t D,

@@ -111,6 +111,22 @@ def test_odd_but_valid_images_load_as_rgb(tmp_path):
     assert load_image(tmp_path / "gray16.png").getpixel((0, 0))[0] == 255  # rescaled, not clipped
 
 
+def test_a_query_jpeg_decodes_at_a_reduced_scale_no_smaller_than_asked(tmp_path):
+    """libjpeg's DCT scaling: a 1600 x 1200 JPEG asked for sides of at least 256 decodes at 1/4
+    (1/8 would leave 150), its EXIF orientation still applied; a PNG decodes whole."""
+    photo = Image.linear_gradient("L").resize((1600, 1200)).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: shown 1200 x 1600
+    photo.save(tmp_path / "photo.jpg", exif=exif, quality=90)
+    photo.save(tmp_path / "photo.png")
+    full = load_image(tmp_path / "photo.jpg")
+    small = load_image(tmp_path / "photo.jpg", min_side=256)
+    assert full.size == (1200, 1600) and small.size == (300, 400) and small.mode == "RGB"
+    assert load_image(tmp_path / "photo.png", min_side=256).size == (1600, 1200)
+    upscaled = np.asarray(small.resize(full.size), dtype=np.float32)
+    assert np.abs(upscaled - np.asarray(full, dtype=np.float32)).mean() < 3  # the same picture
+
+
 def test_bad_images_raise_an_error_naming_the_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "text.png").write_text("not an image")

@@ -43,12 +43,16 @@ from hat.model import HATModel, ImageFeatures
 from hat.owners import Owner, sweep
 from hat.runtime import default_device
 from hat.search import Hit, Searcher, SearchResult
+from hat.transforms import eval_resize
 
 BUILTIN = "built-in"
 MINE = "mine"
 MAX_K = 50
 NO_IMAGE = "— (no gallery image)"  # a caption of the bank's captions without images
 SHOW_SKIPPED = 20
+# A query JPEG is decoded at no less than the short side the pair maps' view of it needs (the
+# largest picture the demo draws of it; models crop at most 384): a phone photo 4x smaller.
+QUERY_SIDE = eval_resize(VIEW)
 TEMP_PREFIX = "hat-demo-"  # the app's own temp folder, with the session galleries inside
 
 
@@ -105,7 +109,7 @@ def query_image(path: str | None) -> Image.Image:
     try:
         if Path(path).stat().st_size == 0:
             raise InputError(f"{name} is empty (0 bytes).")
-        return load_image(path)
+        return load_image(path, min_side=QUERY_SIDE)
     except ImageLoadError as exc:
         reason = exc.reason.replace(path, name)  # no server paths in messages
         raise InputError(f"{name} cannot be used as an image: {reason}.") from None
