@@ -320,14 +320,8 @@ def _block_scores(
     if kernels is not None and regions.dtype == torch.int8:  # i2t; the kernel folds the pieces
         integer = captions.integer_words()
         weights, gram = integer.piece_weights, captions.gram[0]
-        if kernels.amx and native.tiles_fit(regions):  # products and fold, an image at a time
-            scores = native.i2t_tile_scores(
-                kernels, regions, integer.pieces, weights, scales, gram, region_norms, *scoring
-            )
-            return scores, None, None
-        counts = integer.counts(regions.reshape(-1, dim)).view(n_img, n_reg, -1)
-        scores = native.i2t_count_scores(
-            kernels, counts, weights, scales, gram, region_norms, *scoring
+        scores = native.i2t_integer_scores(
+            kernels, regions, integer.pieces, weights, scales, gram, region_norms, *scoring
         )
         return scores, None, None
     sims = captions.similarities(regions)

@@ -661,43 +661,6 @@ def i2t_block_scores(
     return out.T
 
 
-def i2t_count_scores(
-    kernels: Kernels,
-    counts: torch.Tensor,
-    weights: torch.Tensor,
-    scales: torch.Tensor | None,
-    gram: torch.Tensor,
-    norms: torch.Tensor,
-    lambda_softmax: float,
-    slope: float,
-    eps: float,
-) -> torch.Tensor:
-    """Scores ``(I, 1)`` of one caption against int8 regions from their integer products:
-    ``counts`` ``(I, K, L · P)`` int32 sums with each word's P int8 pieces, ``weights``
-    ``(L, P)`` the pieces' weights (``hat.alignment._IntegerWords``)."""
-    n_img, n_reg, _ = counts.shape
-    n_words, pieces = weights.shape
-    counts = counts.contiguous()
-    weights, scales, gram, norms = _floats(weights, scales, gram, norms)
-    out = torch.empty(n_img)
-    work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
-    kernels.count_scores(
-        counts.data_ptr(),
-        weights.data_ptr(),
-        pieces,
-        *map(_address, (scales, gram, norms)),
-        n_words,
-        n_img,
-        n_reg,
-        lambda_softmax,
-        slope,
-        eps,
-        work.data_ptr(),
-        out.data_ptr(),
-    )
-    return out[:, None]
-
-
 TILE_ROWS, TILE_DEPTH = 16, 64  # an AMX int8 tile: 16 rows of 64 one-byte values
 
 
@@ -719,7 +682,7 @@ def word_tiles(pieces: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 2, 3, 1, 4).contiguous()
 
 
-def i2t_tile_scores(
+def i2t_integer_scores(
     kernels: Kernels,
     regions: torch.Tensor | MappedRows,
     pieces: torch.Tensor,
@@ -731,39 +694,45 @@ def i2t_tile_scores(
     slope: float,
     eps: float,
 ) -> torch.Tensor:
-    """:func:`i2t_count_scores` with the integer products of int8 ``regions`` ``(I, K, D)``
-    (:func:`tiles_fit`; a tensor, or rows read where they lie) and ``pieces`` ``(L · P, D)``
-    taken in AMX tiles, an image at a time, their counts never leaving the cache
-    (``kernels.amx`` only)."""
+    """Scores ``(I, 1)`` of one caption against int8 ``regions`` ``(I, K, D)`` from their
+    integer products with its words' int8 ``pieces`` ``(L · P, D)`` of weights ``(L, P)``
+    (``hat.alignment._IntegerWords``): in AMX tiles an image at a time, the counts never leaving
+    the cache, where ``kernels.amx`` and the regions cut into tiles (:func:`tiles_fit`; then they
+    may be rows read where they lie), else one int8 product (``_int_mm``) whose int32 counts the
+    kernel folds. The same integers either way, so the same scores to the last bit."""
     n_img, n_reg, dim = regions.shape
     n_words, n_pieces = weights.shape
-    if isinstance(regions, MappedRows):
-        addresses = regions.addresses()
-    else:
-        regions = regions.contiguous()
-        addresses = regions.data_ptr() + n_reg * dim * np.arange(n_img, dtype=np.uint64)
-    tiles = word_tiles(pieces)
     weights, scales, gram, norms = _floats(weights, scales, gram, norms)
     out = torch.empty(n_img)
     work = torch.empty(2 * n_words * n_reg + 2 * n_reg + n_words)
-    scratch = torch.empty(n_reg, tiles.shape[0] * TILE_ROWS, dtype=torch.int32)
-    kernels.tile_scores(
-        addresses.ctypes.data,
-        tiles.data_ptr(),
-        tiles.shape[0],
-        dim,
-        weights.data_ptr(),
-        n_pieces,
-        *map(_address, (scales, gram, norms)),
-        n_words,
-        n_img,
-        n_reg,
-        lambda_softmax,
-        slope,
-        eps,
-        work.data_ptr(),
-        scratch.data_ptr(),
-        out.data_ptr(),
+    shared = (*map(_address, (scales, gram, norms)), n_words, n_img, n_reg)
+    scoring = (lambda_softmax, slope, eps, work.data_ptr())
+    if kernels.amx and tiles_fit(regions):
+        if isinstance(regions, MappedRows):
+            addresses = regions.addresses()
+        else:
+            regions = regions.contiguous()
+            addresses = regions.data_ptr() + n_reg * dim * np.arange(n_img, dtype=np.uint64)
+        tiles = word_tiles(pieces)
+        scratch = torch.empty(n_reg, tiles.shape[0] * TILE_ROWS, dtype=torch.int32)
+        kernels.tile_scores(
+            addresses.ctypes.data,
+            tiles.data_ptr(),
+            tiles.shape[0],
+            dim,
+            weights.data_ptr(),
+            n_pieces,
+            *shared,
+            *scoring,
+            scratch.data_ptr(),
+            out.data_ptr(),
+        )
+        return out[:, None]
+    if isinstance(regions, MappedRows):
+        regions = regions.gathered()
+    counts = torch._int_mm(regions.reshape(-1, dim), pieces.T)  # vectors first: the faster order
+    kernels.count_scores(
+        counts.data_ptr(), weights.data_ptr(), n_pieces, *shared, *scoring, out.data_ptr()
     )
     return out[:, None]
 
