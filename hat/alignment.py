@@ -70,11 +70,12 @@ DEFAULT_BLOCK_ELEMENTS = 1 << 21
 # Captions per block: few enough that cutting a block to its longest caption removes most padding,
 # and blocks then grow along the images, which keeps the GEMM wide.
 CAPTION_BLOCK = 16
-# Regions of one block of images: at most this share of ``block_elements`` fp32 values (1 MiB by
-# default), so they stay in a core's L2 cache while they are widened, normed and scored against
-# every caption block. int8 regions multiplied in integers are read once, by one product: their
-# block holds as many images as its similarities allow.
-REGION_SHARE = 8
+# Regions of one block of images: at most this share of ``block_elements`` fp32 values (2 MiB by
+# default, a core's L2 here), so they stay in cache while they are widened, normed and scored
+# against every caption block; 1 MiB blocks made smaller products, 8-9 % slower for the 96 x 96
+# scorer in fp32 and int8 (session 11). int8 regions multiplied in integers are read once, by one
+# product: their block holds as many images as its similarities allow.
+REGION_SHARE = 4
 # int8 pieces per word value in the integer products (module docstring): 3 x ~8 bits.
 WORD_PIECES = 3
 PIECE_STEP = 254  # each piece counts the last one's rounding (at most half its step) in 254ths
