@@ -325,6 +325,8 @@ def _block_scores(
             kernels, regions, integer.pieces, weights, scales, gram, region_norms, *scoring
         )
         return scores, None, None
+    if isinstance(regions, MappedRows):  # (hat.native reads them where they lie)
+        regions = regions.gathered()
     sims = captions.similarities(regions)
     if own_words is not None:  # the own rows' term: word along row j times region coordinate j
         shared = dim - own_words.shape[3]
@@ -359,12 +361,6 @@ def _block_scores(
     real = captions.mask.to(dots.dtype)[:, :, None]
     local = dots / (captions.norms * attended_norm).clamp(min=EPS) * real
     return (local.sum(dim=1) / real.sum(dim=1).clamp(min=1)).T, attn, local
-
-
-def _in_tiles(regions: torch.Tensor | MappedRows) -> bool:
-    """Whether int8 regions against one caption are multiplied in AMX tiles here."""
-    kernels = native.kernels() if torch.get_num_threads() == 1 else None
-    return kernels is not None and kernels.amx and native.tiles_fit(regions)
 
 
 def _by_length(word_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,8 +415,8 @@ def level_scores(
     again. Regions are decoded a block of images at a time, small enough to stay in a core's
     cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so a
     gallery's candidates never pass through memory at full width; int8 regions with their norms
-    are not decoded at all (module docstring), and where they are multiplied in AMX tiles they
-    may be :class:`~hat.mapped_rows.MappedRows`, read where they lie; words may be
+    are not decoded at all (module docstring), and may be :class:`~hat.mapped_rows.MappedRows`
+    (read where they lie by AMX tiles, copied out for anything else); words may be
     :class:`RaggedWords` (padded here unless one image is scored against them). Blocks hold at most
     ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
     """
@@ -464,8 +460,8 @@ def level_scores(
         and direction == "i2t"
         and norms is not None
     )
-    if isinstance(regions, MappedRows) and not (integer and _in_tiles(regions)):
-        regions = regions.gathered()  # only the tile kernel reads rows where they lie
+    if isinstance(regions, MappedRows) and not integer:
+        regions = regions.gathered()  # only integer products may read rows where they lie
     widen = regions.dtype != words.dtype and not integer
     img_step = max(1, block_elements // widest)
     # Blocks of regions that stay in cache while they are widened and scored against every

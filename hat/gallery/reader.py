@@ -166,7 +166,7 @@ class Gallery:
         for seg, positions in _by_segment(rows):
             segment, seg_rows = self.segments[seg], rows[positions, 1]
             stored = segment.read_captions(seg_rows, self.checked)
-            slots = torch.from_numpy(ranges(firsts[positions], lengths[positions])[0])
+            slots = torch.from_numpy(ranges(firsts[positions], lengths[positions]))
             for level, out in enumerate(tokens):
                 out.index_copy_(0, slots, segment.decode("text", level, stored[level]))
         levels = [RaggedWords(t, mask) for t in tokens]

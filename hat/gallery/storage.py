@@ -63,11 +63,11 @@ def row_digests(parts: Sequence[np.ndarray], bounds: np.ndarray) -> np.ndarray:
     return out
 
 
-def ranges(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Items ``starts[r] : starts[r] + counts[r]`` of every row r back to back (a ragged row's
-    flat indices, such as a caption's tokens), and each item's position within its row."""
+    flat indices, such as a caption's tokens)."""
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-    return np.repeat(starts, counts) + within, within
+    return np.repeat(starts, counts) + within
 
 
 def _flat(stored: Stored, norms: Norms = ()) -> list[np.ndarray]:
@@ -276,7 +276,7 @@ class Segment:
                 MappedRows(a, starts) if g is None else g
                 for a, g in zip(arrays, gathered, strict=True)
             ]
-        gathered = [a[ranges(starts, counts)[0]] for a in arrays]
+        gathered = [a[ranges(starts, counts)] for a in arrays]
         if check:
             bounds = np.concatenate([[0], np.cumsum(counts)])
             self._check(kind, FEATURES, rows, gathered, bounds)
@@ -290,9 +290,8 @@ class Segment:
         (:mod:`hat.native`), int8 levels' values are checked but not copied: scoring reads
         them where they lie (:class:`MappedRows`)."""
         arrays = _flat(self.image, self.image_norms)
-        kernels = native.kernels()
         kept = []  # in _flat's order: each level's values, then its side array where it has one
-        if in_place and kernels is not None and kernels.amx:
+        if in_place and (kernels := native.kernels()) is not None and kernels.amx:
             for (_, side), codec in zip(self.image, self.codecs["image"], strict=True):
                 kept += [codec.precision == "int8"] + ([False] if side is not None else [])
         ones = np.ones(len(rows), dtype=np.int64)
