@@ -11,7 +11,9 @@ from hat import native
 from hat.alignment import (
     Basis,
     RaggedWords,
+    _bf16_kernels,
     _block_scores,
+    _caption_blocks,
     _Captions,
     align_pair,
     hierarchical_scores,
@@ -278,6 +280,71 @@ def test_products_in_amx_tiles_are_the_integer_products_bit_for_bit(one_thread):
         tiles = native.i2t_integer_scores(kernels, values, *args)
         counts = native.i2t_integer_scores(replace(kernels, amx=False), values, *args)
         torch.testing.assert_close(tiles, counts, atol=0, rtol=0)
+
+
+def test_bfloat16_pieces_sum_to_each_value_exactly():
+    """fp32 rows cut into three bfloat16 pieces for the AMX tiles: the first is the value's
+    nearest bfloat16 (as PyTorch rounds), and the three sum to it exactly, at any magnitude, in
+    either tile layout; rows are padded to whole tiles with zeros."""
+    kernels = native.kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX tiles here (or no C compiler)")
+    g = torch.Generator().manual_seed(12)
+    magnitudes = 10 ** torch.empty(40, 64).uniform_(-6, 6, generator=g)
+    rows = torch.randn(40, 64, generator=g) * magnitudes
+    for vnni in (False, True):
+        pieces = native.bf16_pieces(kernels, rows, vnni)
+        assert pieces.shape == (3, 48, 64)
+        values = (pieces.to(torch.int32) << 16).view(torch.float32)  # each bfloat16, exactly
+        tiles = values.view(3, 3, 2, 16, 32)  # piece, row tile, 32 deep, 16 rows, their values
+        if vnni:  # row p of a tile: each row's values 2p and 2p + 1 side by side
+            tiles = tiles.view(3, 3, 2, 16, 16, 2).transpose(3, 4).reshape(3, 3, 2, 16, 32)
+        whole = tiles.transpose(2, 3).reshape(3, 48, 64)
+        assert torch.equal(whole[0, :40], rows.bfloat16().float())
+        assert torch.equal(whole.double().sum(0)[:40], rows.double())
+        assert not whole[:, 40:].any()
+
+
+def tiled_cases(g: torch.Generator):
+    """Image → text inputs whose products go to AMX bfloat16 tiles: 12 captions of up to 11
+    words against 3 images of 48 regions 64 deep (a pair of region tiles and one more): fp32,
+    fp16 and int8 regions (widened), the int8 with scales and norms, and coordinates in a
+    basis without rows of their own."""
+    texts = torch.randn(12, 11, 64, generator=g)
+    mask = torch.arange(11)[None] < torch.tensor([11, 3, 7, 1, 11, 5, 9, 2, 6, 10, 4, 8])[:, None]
+    images = torch.randn(3, 48, 64, generator=g) + torch.randn(3, 1, 64, generator=g)
+    yield images, texts, mask, {}
+    yield images.half(), texts, mask, {}
+    scales = (images.abs().amax(dim=2) / 127).half()
+    values = torch.round(images / scales.float()[..., None]).to(torch.int8)
+    norms = torch.linalg.vector_norm(values.float() * scales.float()[..., None], dim=2)
+    yield values, texts, mask, {"scales": scales, "norms": norms}
+    shared = torch.linalg.qr(torch.randn(64, 32, generator=g))[0].T
+    yield torch.randn(3, 48, 32, generator=g), texts, mask, {"basis": Basis(shared)}
+
+
+def test_products_in_bfloat16_tiles_score_as_fp32_products(one_thread):
+    """Where the CPU has AMX, an image's fp32 products with many words are taken in bfloat16
+    tiles from three pieces of each value: the scores are the fp32 products' (the same kernel
+    without the tiles, and PyTorch's) within fp32 rounding, for any blocking of the captions
+    (blocks of 3, 4 and 12 captions: odd and even numbers of word tiles)."""
+    kernels = native.kernels()
+    if kernels is None or not kernels.amx:
+        pytest.skip("no AMX tiles here (or no C compiler)")
+    for regions, texts, mask, stored in tiled_cases(torch.Generator().manual_seed(13)):
+        for block_elements in (48 * 11 * 3, 48 * 11 * 4, 1 << 21):
+            basis = stored.get("basis")
+            blocks = _caption_blocks(texts, mask, 48, block_elements, "i2t", basis)
+            assert _bf16_kernels(regions, blocks, "i2t") is kernels
+            args = (texts, mask, 9.0, "i2t", 0.1, block_elements)
+            tiled = level_scores(regions, *args, **stored)
+            with native.without_amx():
+                assert _bf16_kernels(regions, blocks, "i2t") is None
+                fused = level_scores(regions, *args, **stored)
+            with native.eager():
+                eager = level_scores(regions, *args, **stored)
+            torch.testing.assert_close(tiled, fused, atol=2e-6, rtol=0)
+            torch.testing.assert_close(tiled, eager, atol=2e-6, rtol=0)
 
 
 def test_rows_read_where_they_lie_score_as_the_rows_copied_out(one_thread):
