@@ -419,7 +419,7 @@ def _bf16_kernels(
     """The kernels where image → text products of fp32 (or widened) regions go to AMX bfloat16
     tiles (:func:`hat.native.i2t_bf16_scores`): a CPU with AMX, one thread, no gradients, whole
     tiles, and captions with at least :data:`TILE_WORDS` words in all."""
-    n_img, n_reg, dim = regions.shape
+    _, n_reg, dim = regions.shape
     if (
         direction != "i2t"
         or regions.device.type != "cpu"
