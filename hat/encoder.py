@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from hat.data.loader import ImageDataset, collate_images
 from hat.encode import concat_text_features
 from hat.factory import load_model
 from hat.model import HATModel, ImageFeatures, TextFeatures
-from hat.runtime import encode_dtype
+from hat.runtime import encode_dtype, usable_cores
 from hat.tokenization import tokenize
 from hat.transforms import eval_transform
 
@@ -199,6 +201,8 @@ class Encoder:
         self._low_precision = None  # (key, low_precision_copy of the model)
         # Walking the module tree for them costs 0.7 ms a query here; a list, 0.06.
         self._weights = list(model.parameters())
+        self._side: ThreadPoolExecutor | None = None  # side_thread()
+        self._side_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, source: str | Path, device: str = "cpu") -> Encoder:
@@ -277,12 +281,25 @@ class Encoder:
             collate_fn=collate_images,
         )
 
+    def side_thread(self) -> Executor | None:
+        """Where the concept level's teacher runs beside the backbone: a thread of this encoder's
+        own where the model has one and PyTorch gets fewer threads than this process has cores
+        (the app's model calls: one each on two), else None (all of them busy already)."""
+        if self.model.concepts is None or self.device.type != "cpu":
+            return None
+        if torch.get_num_threads() >= usable_cores():
+            return None
+        with self._side_lock:
+            if self._side is None:
+                self._side = ThreadPoolExecutor(1, thread_name_prefix="hat-concepts")
+        return self._side
+
     @torch.inference_mode()
     def encode_pixels(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """Features of preprocessed images, on the model's device."""
         model, context = self.encoding_model()
         with context:
-            features = model.encode_image(pixel_values.to(self.device))
+            features = model.encode_image(pixel_values.to(self.device), self.side_thread())
         return ImageFeatures([x.float() for x in features.levels])
 
     def encode_image(self, image: str | Path | Image.Image) -> ImageFeatures:

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from hat.filekind import describe
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.image_tower import ImageTower
 from hat.pooling import pooled_level_scores
+from hat.runtime import in_grad_mode
 from hat.text_tower import TextTower
 
 CONFIG_NAME = "config.json"
@@ -250,9 +252,18 @@ class HATModel(nn.Module):
             grids.append(self.concepts.grid_size())
         return grids
 
-    def encode_image(self, pixel_values: torch.Tensor) -> ImageFeatures:
+    def encode_image(
+        self, pixel_values: torch.Tensor, side: Executor | None = None
+    ) -> ImageFeatures:
+        """Every level's regions; the concept level's teacher runs on ``side`` where given, side by
+        side with the backbone (the two share nothing), in the caller's grad mode."""
+        concepts = None
+        if self.concepts is not None and side is not None:
+            concepts = side.submit(in_grad_mode(self.concepts.image_level), pixel_values)
         features = self.image_head(self.image_tower.backbone_levels(pixel_values))
-        if self.concepts is not None:
+        if concepts is not None:
+            features.levels.append(concepts.result())
+        elif self.concepts is not None:
             features.levels.append(self.concepts.image_level(pixel_values))
         return features
 

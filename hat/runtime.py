@@ -1,4 +1,5 @@
-"""Where and how much: the default device, free memory, block sizes, OOM-halving, malloc tuning.
+"""Where and how much: the default device, free memory, block sizes, OOM-halving, malloc tuning,
+cores and work on another thread.
 
 Library code asks these questions in one place; process-wide settings (:func:`keep_freed_memory`)
 are left to the programs that own the process (the ``hat`` command, ``app.py``, benchmarks).
@@ -7,6 +8,7 @@ are left to the programs that own the process (the ``hat`` command, ``app.py``, 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,28 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a container sets it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def in_grad_mode(fn: Callable) -> Callable:
+    """``fn``, to run on another thread in this thread's grad and inference modes (PyTorch keeps
+    them per thread)."""
+    import torch
+
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def free_memory(device: torch.device) -> int:

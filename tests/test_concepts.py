@@ -1,6 +1,7 @@
 """The concept path: teacher loading, class texts, the concept table and concept regions."""
 
 import copy
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -32,6 +33,7 @@ from hat.gallery import (
     open_gallery,
 )
 from hat.model import HATModel, ImageFeatures
+from hat.runtime import usable_cores
 from hat.search import Searcher
 from tests.test_app_logic import write_demo_assets
 from tests.test_gallery import invert, write_folder
@@ -352,6 +354,30 @@ def test_the_concept_level_stays_fp32_when_the_towers_run_in_bf16(with_concepts)
     fast = Encoder(extended, tokenizer, "bf16").encode_pixels(pixels)
     torch.testing.assert_close(fast.levels[-1], exact.levels[-1])  # the teacher's level
     assert not torch.equal(fast.levels[0], exact.levels[0])  # the backbone's ran in bf16
+
+
+def test_the_teacher_runs_beside_the_backbone_where_a_core_is_free(with_concepts, one_thread):
+    """A model call given fewer threads than there are cores (the app's) runs the concept level's
+    teacher on the encoder's side thread while the backbone runs: the same features to the bit."""
+    if usable_cores() < 2:
+        pytest.skip("one core: the teacher runs after the backbone")
+    _, extended, tokenizer = with_concepts
+    size = extended.config.image_size
+    pixels = torch.randn(2, 3, size, size)
+    ran_on = []
+    hook = extended.concepts.regions.register_forward_hook(
+        lambda *_: ran_on.append(threading.current_thread().name)
+    )
+    try:
+        encoder = Encoder(extended, tokenizer, "fp32")
+        side_by_side = encoder.encode_pixels(pixels)
+        with torch.inference_mode():
+            one_by_one = extended.encode_image(pixels)
+    finally:
+        hook.remove()
+    assert ran_on[0].startswith("hat-concepts") and ran_on[1] == threading.current_thread().name
+    for got, want in zip(side_by_side.levels, one_by_one.levels, strict=True):
+        assert torch.equal(got, want)
 
 
 def gated_gallery(gated_model, root, precision):
