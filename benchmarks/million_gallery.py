@@ -64,7 +64,7 @@ from hat.search import Searcher
 
 CHUNK = 8192  # synthetic images written at once
 NOISE = 0.1  # first-stage noise, relative to a unit vector
-PROBES = (8, 16, 32, 64, 128)
+PROBES = (16, 32, 64, 128, 256)
 
 
 class PeakMemory:

@@ -23,14 +23,18 @@ import numpy as np
 # First-stage embedding: bump the name when its definition changes (it is part of the cache key).
 EMBEDDING = "model-global-head-v3"
 FLAT_INDEX_MAX = 200_000
-IVF_PROBES = 64
+# Lists and probes, chosen at a million images (session 12, 100 caption queries, the exact
+# top-100, one thread): 4 √n lists with 128 probed keep 0.996 of it in 8.7 ms, where √n lists
+# with 64 probed kept 0.993 in 14.8 ms (finer lists: fewer vectors scanned for the same recall).
+IVF_LISTS_PER_ROOT = 4
+IVF_PROBES = 128
 IVF_TRAINING_PER_LIST = 64  # k-means sample per list: enough for stable centroids, fast to fit
 IVF_SEED = 1234
 
 
 def ivf_lists(count: int) -> int:
-    """Inverted lists for ``count`` vectors: ~sqrt(n), so a probe scans ~sqrt(n) vectors."""
-    return max(1, int(math.sqrt(count)))
+    """Inverted lists for ``count`` vectors: ~4 sqrt(n), so a probe scans ~sqrt(n) / 4."""
+    return max(1, int(IVF_LISTS_PER_ROOT * math.sqrt(count)))
 
 
 def build_index(vectors: np.ndarray, flat_max: int = FLAT_INDEX_MAX) -> faiss.Index:
