@@ -508,18 +508,20 @@ def level_scores(
         regions = regions.gathered()  # only integer products may read rows where they lie
     widen = regions.dtype != words.dtype and not integer
     own = None if basis is None else basis.own
-    tiles = None if integer or own is not None else _bf16_kernels(regions, captions, direction)
-    img_step = n_img if tiles is not None else max(1, block_elements // widest)
+    tile_kernels = None
+    if not integer and own is None:
+        tile_kernels = _bf16_kernels(regions, captions, direction)
+    img_step = n_img if tile_kernels is not None else max(1, block_elements // widest)
     # Blocks of regions that stay in cache while they are widened and scored against every
     # caption block. Regions scored as they are (int8 in integers, floats of the words' dtype)
     # against one caption block, or an image at a time against all of them (bfloat16 tiles),
     # are read once whatever the blocks: one block then.
-    if not integer and (widen or (len(captions) > 1 and tiles is None)):
+    if not integer and (widen or (len(captions) > 1 and tile_kernels is None)):
         region_elements = max(1, block_elements // REGION_SHARE)
         img_step = max(1, min(img_step, region_elements // (n_reg * dim)))
     out = words.new_empty(n_img, words.shape[0])
-    if tiles is not None:
-        tiled_words = [caption.bf16_words(tiles) for caption in captions]
+    if tile_kernels is not None:
+        tiled_words = [caption.bf16_words(tile_kernels) for caption in captions]
         grams = [caption.gram for caption in captions]
         columns = torch.cat([caption.columns for caption in captions])
     widened = None  # one buffer for every block: its memory stays in cache
@@ -539,10 +541,10 @@ def level_scores(
         elif direction == "i2t":
             block_norms = torch.linalg.vector_norm(block, dim=2)
             block_norms = block_norms if scale is None else block_norms.mul_(scale)
-        if tiles is not None:
+        if tile_kernels is not None:
             scoring = (lambda_softmax, slope, EPS)
             scores = native.i2t_bf16_scores(
-                tiles, block, scale, block_norms, tiled_words, grams, *scoring
+                tile_kernels, block, scale, block_norms, tiled_words, grams, *scoring
             )
             out[part, columns] = scores
             continue
