@@ -424,7 +424,7 @@ def _bf16_kernels(
         direction != "i2t"
         or regions.device.type != "cpu"
         or regions.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.int8)
-        or captions[0].probe.dtype != torch.float32
+        or any(c.probe.dtype != torch.float32 for c in captions)
         or torch.get_num_threads() != 1
         or not native.bf16_fit(n_reg, dim)
         or sum(c.probe.shape[0] * c.probe.shape[1] for c in captions) < TILE_WORDS

@@ -257,14 +257,12 @@ class HATModel(nn.Module):
     ) -> ImageFeatures:
         """Every level's regions; the concept level's teacher runs on ``side`` where given, side by
         side with the backbone (the two share nothing), in the caller's grad mode."""
-        concepts = None
-        if self.concepts is not None and side is not None:
-            concepts = side.submit(in_grad_mode(self.concepts.image_level), pixel_values)
+        if self.concepts is None:
+            return self.image_head(self.image_tower.backbone_levels(pixel_values))
+        concepts = self.concepts.image_level
+        running = None if side is None else side.submit(in_grad_mode(concepts), pixel_values)
         features = self.image_head(self.image_tower.backbone_levels(pixel_values))
-        if concepts is not None:
-            features.levels.append(concepts.result())
-        elif self.concepts is not None:
-            features.levels.append(self.concepts.image_level(pixel_values))
+        features.levels.append(concepts(pixel_values) if running is None else running.result())
         return features
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> TextFeatures:

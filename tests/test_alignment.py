@@ -202,6 +202,12 @@ def test_half_precision_inputs_are_scored_in_float32():
     torch.testing.assert_close(got.double(), level_scores(images, texts, mask), atol=5e-3, rtol=0)
 
 
+def test_no_captions_score_to_an_empty_matrix(one_thread):
+    images, words, mask = torch.randn(2, 32, 64), torch.zeros(0, 5, 64), torch.zeros(0, 5) > 0
+    for direction in ("i2t", "t2i"):
+        assert level_scores(images, words, mask, direction=direction).shape == (2, 0)
+
+
 def test_unknown_direction_is_rejected():
     images, texts, mask, _ = random_batch()
     with pytest.raises(ValueError, match="direction"):
