@@ -56,6 +56,11 @@ The pair score is the sum of the level scores. How it is computed fast:
   and norms come from the full words. The score is exactly that of the expanded regions. B may
   end in rows of each image's own (:class:`Basis`); their few coordinates add one broadcast term
   to the similarities.
+* Such coordinates that a gallery holds as pq codes (:class:`~hat.coded_regions.CodedRegions`)
+  are not even decoded when one caption attends to them (a query, image → text, one CPU
+  thread): with y = s + c (the image's shift plus its codes' centroids), w · y = w · s + the
+  sum over codes of the word's product with the centroid, one row of a table taken once per
+  caption, and ‖y‖² likewise (:func:`hat.native.i2t_pq_scores`). Anything else decodes them.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ import torch
 import torch.nn.functional as F
 
 from hat import native
+from hat.coded_regions import CodedRegions
 from hat.mapped_rows import MappedRows
 
 EPS = 1e-8
@@ -438,6 +444,79 @@ def _bf16_kernels(
     return kernels if kernels is not None and kernels.amx else None
 
 
+def _coded_kernels(
+    regions: CodedRegions,
+    words: torch.Tensor | RaggedWords,
+    word_mask: torch.Tensor,
+    direction: str,
+    basis: Basis | None,
+) -> native.Kernels | None:
+    """The kernels where pq codes are scored as they are (:func:`hat.native.i2t_pq_scores`):
+    image → text attention from one caption with words (a query), on one CPU thread, without
+    gradients."""
+    if (
+        direction != "i2t"
+        or basis is None
+        or isinstance(words, RaggedWords)
+        or words.shape[0] != 1
+        or not 0 < int(word_mask.sum()) <= native.PQ_MAX_WORDS
+        or words.dtype != torch.float32
+        or words.device.type != "cpu"
+        or regions.device.type != "cpu"
+        or (torch.is_grad_enabled() and words.requires_grad)
+        or torch.get_num_threads() != 1
+    ):
+        return None
+    return native.kernels()
+
+
+def _coded_scores(
+    kernels: native.Kernels,
+    regions: CodedRegions,
+    words: torch.Tensor,
+    word_mask: torch.Tensor,
+    basis: Basis,
+    lambda_softmax: float,
+    slope: float,
+) -> torch.Tensor:
+    """Image → text scores ``(I, 1)`` of one caption against pq-coded regions, never decoded:
+    with y = shift + c a region's coordinates (c its codes' centroids), each similarity
+    w · y is w · shift plus, code by code, the word's product with a centroid, taken once per
+    caption into a table (M × 256 × words); the squared norm ‖y‖² likewise (the centroids'
+    squared norms in one more lane of the table, and each image's 2 shift · c in one of its
+    own). Words along the image's own row add their term to the shift's."""
+    real = words[0][word_mask[0].bool()]  # (L, D)
+    n_words = len(real)
+    centroids = regions.codebook.centroids
+    subs, _, dsub = centroids.shape
+    probe = (real @ basis.shared.T).view(n_words, subs, dsub)  # the words in the PCA basis
+    lut = torch.zeros(subs, 256, native.pq_lane_width(n_words))
+    lut[:, :, :n_words] = torch.bmm(centroids, probe.permute(1, 2, 0))
+    offsets = torch.zeros(len(regions), lut.shape[2])
+    offsets[:, :n_words] = regions.shift @ probe.view(n_words, -1).T
+    base = regions.shift.square().sum(dim=1)
+    if regions.length is not None:  # the words along each image's own row, times its length
+        along = basis.own[:, 0] @ real.T  # (I, L)
+        offsets[:, :n_words] += along * regions.length[:, None]
+        base += regions.length.square()
+    book = regions.codebook
+    scores = native.i2t_pq_scores(
+        kernels,
+        regions.codes,
+        regions.shift,
+        book.by_dimension,
+        book.squares,
+        lut,
+        offsets,
+        base,
+        real @ real.T,
+        lambda_softmax,
+        slope,
+        EPS,
+    )
+    return scores[:, None]
+
+
 def level_scores(
     regions: torch.Tensor | MappedRows,
     words: torch.Tensor | RaggedWords,
@@ -467,6 +546,11 @@ def level_scores(
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
     words = words if isinstance(words, RaggedWords) else _as_compute_dtype(words)
+    if isinstance(regions, CodedRegions):
+        if (kernels := _coded_kernels(regions, words, word_mask, direction, basis)) is not None:
+            return _coded_scores(kernels, regions, words, word_mask, basis, lambda_softmax, slope)
+        regions, taken = regions.decoded()
+        norms = taken if norms is None else norms
     n_img, n_reg, dim = regions.shape
     ragged = (  # one image's fp32 regions against captions (a query image): the kernel, unpadded
         n_img == 1

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from hat.alignment import Basis, RaggedWords, hierarchical_scores
+from hat.coded_regions import CodedRegions
 from hat.concepts import ConceptPath
 from hat.config import HATConfig
 from hat.fileio import atomic_directory
@@ -49,12 +50,12 @@ class ImageFeatures:
     A gallery hands out levels as stored, which scoring decodes a block at a time (see
     :func:`hat.alignment.level_scores`): fp16 or int8 values, times per-region ``scales[i]``
     ``(N, K_i)`` where given, or coordinates ``(N, K_i, d + e)`` in an orthonormal basis
-    ``bases[i]`` (:class:`hat.alignment.Basis`), with the regions' norms ``norms[i]``
-    ``(N, K_i)`` where the gallery stores them (int8) or took them as it decoded the regions
-    (``pq``, where :mod:`hat.native` is built), and each image's concept gate ``gates`` ``(N,)``
-    where it stores them (:meth:`HATModel.concept_gate`: it depends on the image alone, so a
-    gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features. A
-    re-rank's int8 levels may be :class:`~hat.mapped_rows.MappedRows`, read where they lie.
+    ``bases[i]`` (:class:`hat.alignment.Basis`), which a ``pq`` gallery hands out as their
+    codes (:class:`~hat.coded_regions.CodedRegions`), with the regions' norms ``norms[i]``
+    ``(N, K_i)`` where the gallery stores them (int8), and each image's concept gate ``gates``
+    ``(N,)`` where it stores them (:meth:`HATModel.concept_gate`: it depends on the image alone,
+    so a gallery takes it once, not on every query). :meth:`expanded` gives the fp32 features.
+    A re-rank's int8 levels may be :class:`~hat.mapped_rows.MappedRows`, read where they lie.
     """
 
     levels: list[torch.Tensor]
@@ -102,6 +103,8 @@ class ImageFeatures:
         """``(N, D)`` fp32: each image's mean region at ``level`` (0-based), from the stored
         values (the mean is taken before decoding: scales and bases are linear)."""
         x = self.levels[level]
+        if isinstance(x, CodedRegions):
+            x = x.float()
         scales = self.scales[level] if self.scales else None
         if scales is None:
             mean = x.mean(1, dtype=torch.float32)

@@ -9,6 +9,7 @@ import torch
 
 from hat import cli, create_model, get_preset, load_model, native, runtime
 from hat.alignment import RaggedWords
+from hat.coded_regions import CodedRegions
 from hat.encoder import Encoder
 from hat.gallery import (
     PRECISIONS,
@@ -69,10 +70,11 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     direction,
     one_thread,
 ):
-    """The re-rank takes the candidates as stored (int8 with scales, fp16, pq coordinates) and
-    decodes them a block at a time while scoring (image → text attention in the fused kernel
-    where it is built): the scores are those of the candidates decoded to fp32 first and scored
-    in PyTorch, text → image and image → text (the stored image against the caption bank).
+    """The re-rank takes the candidates as stored (int8 with scales, fp16, pq codes) and
+    decodes them a block at a time while scoring (a caption scores pq codes undecoded; image →
+    text attention in the fused kernels where they are built): the scores are those of the
+    candidates decoded to fp32 first and scored in PyTorch, text → image and image → text (the
+    stored image against the caption bank).
     64 wide, int8 levels of 64 and 16 regions cut into AMX tiles: where the CPU has them, those
     are read where they lie, the 4-region level is copied out."""
     torch.manual_seed(0)
@@ -87,9 +89,11 @@ def test_rerank_scores_stored_values_as_their_decoded_features(
     assert [x.dtype for x in stored.levels] == [STORED_AS[precision]] * gallery.num_levels
     assert (stored.scales is not None) == (precision == "int8")
     decoded = gallery.image_features(ids)
-    if precision in ("fp32", "fp16") or (precision == "pq" and native.kernels() is None):
+    coded = [isinstance(x, CodedRegions) for x in stored.levels]
+    assert coded == [precision == "pq"] * gallery.num_levels  # pq: codes, decoded where needed
+    if precision != "int8":
         assert stored.norms is None  # normed as they are scored
-    else:  # the norms of the regions as they score: stored (int8), or taken as decoded (pq)
+    else:  # the norms of the regions as they score, stored
         for norms, regions in zip(stored.norms, decoded[positions].levels, strict=True):
             torch.testing.assert_close(norms, torch.linalg.vector_norm(regions, dim=2))
     kernels = native.kernels()

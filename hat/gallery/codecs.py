@@ -8,10 +8,11 @@
   quantisation (a sub-vector's nearest of 256 centroids) after a PCA to ``PQ_DIMS`` dimensions
   with a random rotation. The projection and codebooks are trained on the segment's own vectors
   when it is written and stored beside them, so any checkpoint's features compress without a
-  separate training step, and a segment reused by a later gallery keeps its codebooks. Decoding
-  is a table lookup to the PCA coordinates, cheap enough to do for a query's candidates only;
-  scoring uses the coordinates as they are (:mod:`hat.alignment`), with the part of the mean
-  outside the PCA as one more coordinate along a row of the image's own.
+  separate training step, and a segment reused by a later gallery keeps its codebooks. Scoring
+  takes the codes as they are (:class:`~hat.coded_regions.CodedRegions`): a query's caption
+  scores them through a table of its words' products with the centroids, anything else decodes
+  them (a table lookup) to their PCA coordinates, with the part of the mean outside the PCA as
+  one more coordinate along a row of the image's own, and scores those (:mod:`hat.alignment`).
 
 Why these choices (reports/README.md): at a fixed 32 bytes per region, dropping the weakest PCA
 directions and quantising 3 dimensions per code keeps retrieval much closer to fp32 than 8
@@ -28,14 +29,13 @@ import faiss
 import numpy as np
 import torch
 
-from hat import native
 from hat.alignment import Basis
+from hat.coded_regions import Codebook, CodedRegions
 from hat.mapped_rows import MappedRows
 
 PRECISIONS = ("fp32", "fp16", "int8", "pq")
-# What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis, and the
-# vectors' norms as scored where decoding took them on the way (None: scoring takes them).
-Scorable = tuple[torch.Tensor, torch.Tensor | None, Basis | None, torch.Tensor | None]
+# What scoring takes of a level (Codec.for_scoring): values, per-vector scales, basis.
+Scorable = tuple[torch.Tensor | MappedRows | CodedRegions, torch.Tensor | None, Basis | None]
 FLOATS = {"fp32": np.float32, "fp16": np.float16}
 PQ_BYTES = 32  # codes per region
 PQ_DIMS = 3 * PQ_BYTES  # PCA output: 3 dimensions per code
@@ -87,7 +87,7 @@ class Codec:
         """Stored values as :func:`hat.alignment.level_scores` takes them, which decodes them a
         cache-sized block at a time while it scores: (values, per-vector scales or None,
         :class:`~hat.alignment.Basis` of coordinates or None)."""
-        return self.decode(values, side), None, None, None
+        return self.decode(values, side), None, None
 
 
 class FloatCodec(Codec):
@@ -103,7 +103,7 @@ class FloatCodec(Codec):
 
     def for_scoring(self, values: np.ndarray, scales: None) -> Scorable:
         """The floats as stored (fp16 is widened block by block as it is scored)."""
-        return torch.from_numpy(np.ascontiguousarray(values)), None, None, None
+        return torch.from_numpy(np.ascontiguousarray(values)), None, None
 
 
 class Int8Codec(Codec):
@@ -128,7 +128,7 @@ class Int8Codec(Codec):
         (decoded block by block as scored, or multiplied in integers)."""
         if not isinstance(values, MappedRows):
             values = torch.from_numpy(np.ascontiguousarray(values))
-        return values, torch.from_numpy(np.ascontiguousarray(scales)), None, None
+        return values, torch.from_numpy(np.ascontiguousarray(scales)), None
 
     def norms(self, values: np.ndarray, scales: np.ndarray) -> np.ndarray:
         """fp32 norms ``(...)`` of the vectors as scored: of their values, times their scales,
@@ -155,12 +155,12 @@ class PQCodec(Codec):
         """Keep the trained index, and its PCA as a matrix: the PCA maps x to ``A x + b`` with
         orthonormal rows, so ``x ≈ (y - b) A``: coordinates ``y - b`` in the basis ``A``."""
         self.index = index
-        self.pq = faiss.downcast_index(index.index).pq
         pca = faiss.downcast_VectorTransform(index.chain.at(0))
         matrix = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
         self.matrix = torch.from_numpy(matrix.astype(np.float32))
-        pq = self.pq
-        self.centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        pq = faiss.downcast_index(index.index).pq
+        centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        self.codebook = Codebook.of(torch.from_numpy(centroids))
         self.bias = torch.from_numpy(faiss.vector_to_array(pca.b).astype(np.float32))
 
     @property
@@ -214,19 +214,22 @@ class PQCodec(Codec):
         return basis.expand(coordinates)
 
     def for_scoring(self, values: np.ndarray, side: np.ndarray) -> Scorable:
-        return self._coordinates(values, side)
+        """The codes as they are (:class:`~hat.coded_regions.CodedRegions`), in the basis of
+        :meth:`coordinates`."""
+        regions, basis = self.coded(values, side)
+        return regions, None, basis
 
     def coordinates(self, values: np.ndarray, side: np.ndarray) -> tuple[torch.Tensor, Basis]:
         """Coordinates ``(..., regions, d + 1)``: the decoded difference plus the mean's part in
         the PCA, then the length of the mean's remaining part, along a row of the image's own.
         A PCA that keeps every dimension leaves no remaining part: ``d`` coordinates, no own row.
         """
-        coordinates, _, basis, _ = self._coordinates(values, side)
-        return coordinates, basis
+        regions, basis = self.coded(values, side)
+        return regions.decoded()[0], basis
 
-    def _coordinates(self, values: np.ndarray, side: np.ndarray) -> Scorable:
-        """:meth:`coordinates` as scoring takes them: with their norms where :mod:`hat.native`
-        decoded them (in one pass with them, while each row is in cache)."""
+    def coded(self, values: np.ndarray, side: np.ndarray) -> tuple[CodedRegions, Basis]:
+        """Codes of images ``(I, regions, PQ_BYTES)`` and means ``(I, dim)`` as the regions
+        they stand for, not decoded, in the basis of :meth:`coordinates`."""
         kept = self.matrix.shape[0]
         mean = torch.from_numpy(np.ascontiguousarray(side)).float()
         inside = mean @ self.matrix.T
@@ -236,31 +239,11 @@ class PQCodec(Codec):
             outside -= (outside @ self.matrix.T) @ self.matrix  # again: orthogonal to rounding
             length = torch.linalg.vector_norm(outside, dim=-1, keepdim=True)
             own = (outside / length.clamp(min=torch.finfo(torch.float32).tiny)).unsqueeze(-2)
-        basis = Basis(self.matrix, own)
-        shift = inside - self.bias
-        width = kept + (length is not None)
-        codes = np.ascontiguousarray(values)
-        if codes.size and (kernels := native.kernels()) is not None:  # decoded in one C pass
-            regions = values.shape[-2]
-            coordinates, norms = native.pq_coordinates(
-                kernels,
-                codes.reshape(-1, regions, PQ_BYTES),
-                self.centroids,
-                shift.reshape(-1, kept),
-                None if length is None else length.reshape(-1),
-            )
-            leading = values.shape[:-1]
-            return coordinates.view(*leading, width), None, basis, norms.view(leading)
-        flat = codes.reshape(-1, PQ_BYTES)
-        decoded = self.pq.decode(flat) if len(flat) else np.zeros((0, kept), np.float32)
-        differences = torch.from_numpy(decoded).view(*values.shape[:-1], kept)
-        # Written in one pass, straight into place beside the own coordinate: these are the
-        # largest arrays a pq query makes.
-        coordinates = torch.empty(*differences.shape[:-1], width)
-        torch.add(differences, shift.unsqueeze(-2), out=coordinates[..., :kept])
-        if length is not None:
-            coordinates[..., kept:] = length.unsqueeze(-2)
-        return coordinates, None, basis, None
+            length = length[..., 0]
+        codes = torch.from_numpy(np.ascontiguousarray(values, dtype=np.uint8))
+        return CodedRegions(codes, self.codebook, inside - self.bias, length), Basis(
+            self.matrix, own
+        )
 
     def to_array(self) -> np.ndarray:
         return faiss.serialize_index(self.index)

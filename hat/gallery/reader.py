@@ -130,11 +130,12 @@ class Gallery:
     ) -> list[tuple[np.ndarray, ImageFeatures]]:
         """Images ``ids`` per segment as scoring wants them: (positions in ``ids``, features),
         the values as stored (int8 with ``ImageFeatures.scales``, fp16, or a compressed
-        segment's coordinates in its own ``ImageFeatures.bases``), with the region norms the
-        gallery stores: scoring decodes them a cache-sized block at a time (int8 not at all),
-        so the candidates never pass through memory in fp32; and their concept gates where the
-        gallery stores them. With ``in_place`` (a re-rank) int8 values may stay where they lie
-        (:meth:`hat.gallery.storage.Segment.read_images`)."""
+        segment's codes, coordinates in its own ``ImageFeatures.bases``), with the region norms
+        the gallery stores: scoring decodes them a cache-sized block at a time (int8, and a
+        caption's pq codes, not at all), so the candidates never pass through memory in fp32;
+        and their concept gates where the gallery stores them. With ``in_place`` (a re-rank)
+        int8 values may stay where they lie (:meth:`hat.gallery.storage.Segment.read_images`).
+        """
         rows = self.image_rows[np.asarray(ids, dtype=np.int64)]
         by_segment = list(_by_segment(rows))
         for seg, positions in by_segment:

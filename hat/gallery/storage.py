@@ -86,16 +86,12 @@ def as_scored(
     codecs: Sequence[Codec], stored: Stored, norms: Norms, gates: torch.Tensor | None = None
 ) -> ImageFeatures:
     """Image rows as scoring takes them: every level's stored values through its codec
-    (``Codec.for_scoring``), with their region norms where stored (or taken as they were
-    decoded) and gates where stored."""
-    levels, scales, bases, decoded_norms = zip(
+    (``Codec.for_scoring``), with their region norms and gates where stored."""
+    levels, scales, bases = zip(
         *(codec.for_scoring(*pair) for codec, pair in zip(codecs, stored, strict=True)),
         strict=True,
     )
-    norms = [
-        taken if n is None else torch.from_numpy(n)
-        for n, taken in zip(norms, decoded_norms, strict=True)
-    ]
+    norms = [None if n is None else torch.from_numpy(n) for n in norms]
     return ImageFeatures(
         list(levels), _unless_none(bases), _unless_none(scales), _unless_none(norms), gates
     )
