@@ -482,16 +482,17 @@ def _coded_scores(
     """Image → text scores ``(I, 1)`` of one caption against pq-coded regions, never decoded:
     with y = shift + c a region's coordinates (c its codes' centroids), each similarity
     w · y is w · shift plus, code by code, the word's product with a centroid, taken once per
-    caption into a table (M × 256 × words); the squared norm ‖y‖² likewise (the centroids'
-    squared norms in one more lane of the table, and each image's 2 shift · c in one of its
-    own). Words along the image's own row add their term to the shift's."""
+    caption into a table (M × 256 × words); ‖y‖² is ‖shift‖² plus, code by code,
+    ‖centroid‖² + 2 shift · centroid (the kernel's table of each image). The image's own row
+    adds the words' products with it, times its length, to the shift's, and its square to
+    ‖shift‖²."""
     real = words[0][word_mask[0].bool()]  # (L, D)
     n_words = len(real)
-    centroids = regions.codebook.centroids
-    subs, _, dsub = centroids.shape
+    book = regions.codebook
+    subs, _, dsub = book.centroids.shape
     probe = (real @ basis.shared.T).view(n_words, subs, dsub)  # the words in the PCA basis
     lut = torch.zeros(subs, 256, native.pq_lane_width(n_words))
-    lut[:, :, :n_words] = torch.bmm(centroids, probe.permute(1, 2, 0))
+    lut[:, :, :n_words] = torch.bmm(book.centroids, probe.permute(1, 2, 0))
     offsets = torch.zeros(len(regions), lut.shape[2])
     offsets[:, :n_words] = regions.shift @ probe.view(n_words, -1).T
     base = regions.shift.square().sum(dim=1)
@@ -499,7 +500,6 @@ def _coded_scores(
         along = basis.own[:, 0] @ real.T  # (I, L)
         offsets[:, :n_words] += along * regions.length[:, None]
         base += regions.length.square()
-    book = regions.codebook
     scores = native.i2t_pq_scores(
         kernels,
         regions.codes,
@@ -518,7 +518,7 @@ def _coded_scores(
 
 
 def level_scores(
-    regions: torch.Tensor | MappedRows,
+    regions: torch.Tensor | MappedRows | CodedRegions,
     words: torch.Tensor | RaggedWords,
     word_mask: torch.Tensor,
     lambda_softmax: float = 9.0,
@@ -539,9 +539,11 @@ def level_scores(
     cache (:data:`REGION_SHARE`) while every block of captions is scored against it, so a
     gallery's candidates never pass through memory at full width; int8 regions with their norms
     are not decoded at all (module docstring), and may be :class:`~hat.mapped_rows.MappedRows`
-    (read where they lie by AMX tiles, copied out for anything else); words may be
-    :class:`RaggedWords` (padded here unless one image is scored against them). Blocks hold at most
-    ``block_elements`` region–word similarities, so memory stays bounded for any gallery size.
+    (read where they lie by AMX tiles, copied out for anything else); coordinates may be
+    :class:`~hat.coded_regions.CodedRegions`, pq codes (scored undecoded against one caption,
+    image → text; decoded for anything else); words may be :class:`RaggedWords` (padded here
+    unless one image is scored against them). Blocks hold at most ``block_elements`` region–word
+    similarities, so memory stays bounded for any gallery size.
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
