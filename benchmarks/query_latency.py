@@ -176,7 +176,8 @@ def decoded_first(part: ImageFeatures) -> ImageFeatures:
 
 def widened(part: ImageFeatures) -> ImageFeatures:
     """The re-rank before stored norms: the candidates as stored, widened to fp32 a block at a
-    time and their norms taken per query."""
+    time and their norms taken per query (a pq gallery stores none: its codes as search takes
+    them)."""
     return ImageFeatures(part.levels, part.bases, part.scales)
 
 

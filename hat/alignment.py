@@ -450,13 +450,15 @@ def _coded_kernels(
     word_mask: torch.Tensor,
     direction: str,
     basis: Basis | None,
+    scales: torch.Tensor | None,
 ) -> native.Kernels | None:
     """The kernels where pq codes are scored as they are (:func:`hat.native.i2t_pq_scores`):
     image → text attention from one caption with words (a query), on one CPU thread, without
-    gradients."""
+    gradients, the codes unscaled."""
     if (
         direction != "i2t"
         or basis is None
+        or scales is not None
         or isinstance(words, RaggedWords)
         or words.shape[0] != 1
         or not 0 < int(word_mask.sum()) <= native.PQ_MAX_WORDS
@@ -549,7 +551,8 @@ def level_scores(
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
     words = words if isinstance(words, RaggedWords) else _as_compute_dtype(words)
     if isinstance(regions, CodedRegions):
-        if (kernels := _coded_kernels(regions, words, word_mask, direction, basis)) is not None:
+        kernels = _coded_kernels(regions, words, word_mask, direction, basis, scales)
+        if kernels is not None:
             return _coded_scores(kernels, regions, words, word_mask, basis, lambda_softmax, slope)
         regions, taken = regions.decoded()
         norms = taken if norms is None else norms

@@ -39,10 +39,10 @@ class CodedRegions:
     centroids (``codebook.centroids[m, codes[i, k, m]]``, m = 1..M, one after the other), then
     ``length[i]`` along the image's own row where given (:class:`hat.gallery.codecs.PQCodec`;
     the rows are the level's :class:`~hat.alignment.Basis`). An image → text query's caption
-    scores them from the codes (:func:`hat.alignment.level_scores`): a table of its words'
-    products with the centroids stands in for the decoded coordinates, ~10 MB per level for a
-    query's 100 candidates. Anything else takes :meth:`decoded`. Images are indexed by slices
-    or index tensors."""
+    scores them from the codes on one CPU thread (:func:`hat.alignment.level_scores`): a table
+    of its words' products with the centroids (0.5-2 MB, whatever the number of candidates)
+    stands in for the decoded coordinates (~10 MB per level for a query's 100 candidates).
+    Anything else takes :meth:`decoded`. Images are indexed by slices or index tensors."""
 
     codes: torch.Tensor  # (I, K, M) uint8
     codebook: Codebook

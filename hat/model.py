@@ -23,6 +23,7 @@ from hat.fileio import atomic_directory
 from hat.filekind import describe
 from hat.global_head import GlobalHead, pooled_image_embedding, pooled_text_embedding
 from hat.image_tower import ImageTower
+from hat.mapped_rows import MappedRows
 from hat.pooling import pooled_level_scores
 from hat.runtime import in_grad_mode
 from hat.text_tower import TextTower
@@ -58,7 +59,7 @@ class ImageFeatures:
     A re-rank's int8 levels may be :class:`~hat.mapped_rows.MappedRows`, read where they lie.
     """
 
-    levels: list[torch.Tensor]
+    levels: list[torch.Tensor | MappedRows | CodedRegions]
     bases: list[Basis | None] | None = None
     scales: list[torch.Tensor | None] | None = None
     norms: list[torch.Tensor | None] | None = None
@@ -101,7 +102,8 @@ class ImageFeatures:
 
     def mean_region(self, level: int) -> torch.Tensor:
         """``(N, D)`` fp32: each image's mean region at ``level`` (0-based), from the stored
-        values (the mean is taken before decoding: scales and bases are linear)."""
+        values (the mean is taken before scaling and expanding, which are linear; pq codes are
+        decoded to coordinates first)."""
         x = self.levels[level]
         if isinstance(x, CodedRegions):
             x = x.float()

@@ -159,7 +159,10 @@ static float slab_score(const float *x, const float *f, const float *g, const fl
 {
     float *e = work, *dots = e + L * K, *sq = dots + K;
     for (int64_t l = 0; l < L; l++) {
-        if (g[l * L + l] == 0.0f) continue;
+        if (g[l * L + l] == 0.0f) { /* padding: its zero Gram entries meet these rows */
+            memset(e + l * K, 0, (size_t)K * sizeof(float));
+            continue;
+        }
         const float *xl = x + l * K;
         float *el = e + l * K, fl = f[l];
         for (int64_t k = 0; k < K; k++) {
@@ -668,8 +671,8 @@ void pq_coordinates(const uint8_t *codes, int64_t I, int64_t K, int64_t M, int64
 /* One pq-coded region's lookups (pq_lookups: NV vectors of word lanes, a compile-time
    constant where it is inlined, so the sums stay in registers): each word's product with the
    region's coordinates (offset: the image's share; row (m, c) of lut its product with centroid
-   c of sub-vector m), and the region's squared norm less the image's share, from tab. Two sums
-   each halve the add chains. */
+   c of sub-vector m), and the region's squared norm less the image's share, from tab. Four sums
+   each quarter the add chains. */
 static inline __attribute__((always_inline)) float
 pq_lookups(const uint8_t *c, int64_t M, const float *lut, const float *tab, const float *offset,
            float *sims, const int NV)
@@ -1251,6 +1254,17 @@ def i2t_pq_scores(
     coordinate (:func:`hat.alignment.level_scores` builds them)."""
     n_img, n_reg, subs = codes.shape
     dsub, width, words = by_dimension.shape[1], lut.shape[2], gram.shape[0]
+    if not (
+        0 < words <= PQ_MAX_WORDS
+        and width == pq_lane_width(words)
+        and codes.dtype == torch.uint8
+        and by_dimension.shape[::2] == (subs, 256)
+    ):
+        raise ValueError(
+            f"pq scores take 1-{PQ_MAX_WORDS} words in tables of pq_lane_width(words) lanes and "
+            f"one-byte codes of 256 centroids, not {words} words, {width} lanes, {codes.dtype} "
+            f"codes, centroids {tuple(by_dimension.shape)}"
+        )
     codes = codes.contiguous()
     lut, offsets, base, shift, gram = _floats(lut, offsets, base, shift, gram)
     by_dimension, squares = _floats(by_dimension, squares)

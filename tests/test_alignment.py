@@ -269,6 +269,45 @@ def test_the_fused_kernels_score_as_pytorch_does(one_thread):
             torch.testing.assert_close(fused, eager, atol=2e-6, rtol=0)
 
 
+@pytest.mark.parametrize("n_reg", [20, 130])
+def test_padding_between_words_never_reaches_a_fused_score(one_thread, n_reg):
+    """A caption with padding between its real words (a mask that is not a prefix): the fused
+    image → text kernel skips the padded words' attention rows, which its sums later multiply
+    by their zero Gram entries; whatever its scratch memory held (NaN here), the score is
+    PyTorch's. 20 regions take the kernel's one-at-a-time tail, 130 its vector blocks too."""
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("no C compiler: the fused kernels are not built")
+    g = torch.Generator().manual_seed(3)
+    regions = torch.randn(3, n_reg, 16, generator=g)
+    mask = torch.tensor([[True, False, True, True, False]])
+    words = torch.randn(1, 5, 16, generator=g) * mask[..., None]
+    n_txt, n_words, n_img = 1, 5, 3
+    sims = (words @ regions.reshape(-1, 16).T).view(n_txt, n_words, n_img, n_reg).contiguous()
+    gram = words @ words.transpose(1, 2)
+    norms = torch.linalg.vector_norm(regions, dim=2)
+    work = torch.full((2 * n_words * n_reg + 2 * n_reg + n_words,), float("nan"))
+    out = torch.empty(n_txt, n_img)
+    kernels.block_scores(
+        sims.data_ptr(),
+        None,
+        gram.data_ptr(),
+        norms.data_ptr(),
+        n_txt,
+        n_words,
+        n_img,
+        n_reg,
+        9.0,
+        0.1,
+        1e-8,
+        work.data_ptr(),
+        out.data_ptr(),
+    )
+    with native.eager():
+        want = level_scores(regions, words, mask, 9.0, "i2t")
+    torch.testing.assert_close(out.T, want, atol=2e-6, rtol=0)
+
+
 def test_products_in_amx_tiles_are_the_integer_products_bit_for_bit(one_thread):
     """Where the CPU has AMX tiles, int8 regions against a caption are multiplied there: the
     same exact integer sums as PyTorch's int8 product, so the same scores to the last bit."""

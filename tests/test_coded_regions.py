@@ -71,7 +71,7 @@ def test_a_query_caption_scores_the_codes_as_their_decoded_features(one_thread, 
         text = torch.randn(1, words, DIM, generator=g) * torch.logspace(-2, 0.5, DIM)
         mask = torch.arange(words)[None] < real
         want = reference(regions, basis, text, mask)
-        assert (_coded_kernels(regions, text, mask, "i2t", basis) is not None) == (
+        assert (_coded_kernels(regions, text, mask, "i2t", basis, None) is not None) == (
             native.kernels() is not None and real <= native.PQ_MAX_WORDS
         )
         got = level_scores(regions, text, mask, 9.0, "i2t", basis=basis)
@@ -87,9 +87,36 @@ def test_codes_against_many_captions_or_words_attending_are_decoded(one_thread, 
     g = torch.Generator().manual_seed(2)
     text = torch.randn(5, 9, DIM, generator=g)
     mask = torch.arange(9)[None] < torch.tensor([9, 4, 7, 1, 6])[:, None]
-    assert _coded_kernels(regions, text, mask, direction, basis) is None
+    assert _coded_kernels(regions, text, mask, direction, basis, None) is None
     if direction == "t2i":
-        assert _coded_kernels(regions, text[:1], mask[:1], direction, basis) is None
+        assert _coded_kernels(regions, text[:1], mask[:1], direction, basis, None) is None
     want = reference(regions, basis, text, mask, direction)
     got = level_scores(regions, text, mask, 9.0, direction, basis=basis)
     torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
+
+
+def test_the_table_kernel_refuses_what_it_cannot_score(one_thread):
+    kernels = native.kernels()
+    if kernels is None:
+        pytest.skip("no C compiler: the fused kernels are not built")
+    regions, _ = coded_images()
+    book = regions.codebook
+    for words, width in [(0, 16), (3, 32), (65, 80)]:
+        lut = torch.zeros(SUBS, 256, width)
+        offsets, base = torch.zeros(len(regions), width), torch.zeros(len(regions))
+        gram = torch.eye(words)
+        with pytest.raises(ValueError, match="pq scores take"):
+            native.i2t_pq_scores(
+                kernels,
+                regions.codes,
+                regions.shift,
+                book.by_dimension,
+                book.squares,
+                lut,
+                offsets,
+                base,
+                gram,
+                9.0,
+                0.1,
+                1e-8,
+            )
