@@ -100,23 +100,8 @@ def test_the_table_kernel_refuses_what_it_cannot_score(one_thread):
     if kernels is None:
         pytest.skip("no C compiler: the fused kernels are not built")
     regions, _ = coded_images()
-    book = regions.codebook
+    codes = (regions.codes, regions.shift, regions.codebook.by_dimension, regions.codebook.squares)
     for words, width in [(0, 16), (3, 32), (65, 80)]:
-        lut = torch.zeros(SUBS, 256, width)
-        offsets, base = torch.zeros(len(regions), width), torch.zeros(len(regions))
-        gram = torch.eye(words)
+        tables = torch.zeros(SUBS, 256, width), torch.zeros(6, width), torch.zeros(6)
         with pytest.raises(ValueError, match="pq scores take"):
-            native.i2t_pq_scores(
-                kernels,
-                regions.codes,
-                regions.shift,
-                book.by_dimension,
-                book.squares,
-                lut,
-                offsets,
-                base,
-                gram,
-                9.0,
-                0.1,
-                1e-8,
-            )
+            native.i2t_pq_scores(kernels, *codes, *tables, torch.eye(words), 9.0, 0.1, 1e-8)
