@@ -28,7 +28,7 @@ from hat.demo.ui.handlers import CONCURRENCY
 from hat.demo.ui.page import SESSION_SECONDS, build_ui
 from hat.demo.visitor_files import VisitorFiles
 from hat.fetch import FetchError, resolve_checkpoint
-from hat.runtime import keep_freed_memory
+from hat.runtime import keep_freed_memory, usable_cores
 
 ROOT = Path(__file__).resolve().parent
 # Requests in progress: twice the model calls, so that one's pre- and post-processing in the event
@@ -74,9 +74,10 @@ def parser() -> argparse.ArgumentParser:
 
 def share_the_cores() -> None:
     """Split the CPU cores between the :data:`CONCURRENCY` model calls (unless OMP_NUM_THREADS
-    says otherwise): each with every core, their threads would spin against each other."""
+    says otherwise): each with every core, their threads would spin against each other. The
+    cores are those this process may run on, as the encoder counts them for its side thread."""
     if "OMP_NUM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // CONCURRENCY)
+        threads = max(1, usable_cores() // CONCURRENCY)
         torch.set_num_threads(threads)
         faiss.omp_set_num_threads(threads)
 
