@@ -1,6 +1,9 @@
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ from hat.evaluate import FIRST_STAGE_RECALL, evaluate, evaluate_features
 from hat.loss import training_loss
 from hat.train import Trainer
 from hat.transforms import eval_transform
+from tests import torchrun_probe
 from tests.multiprocess import ended_cleanly, torchrun
 
 
@@ -164,6 +168,21 @@ def test_ddp_two_gloo_processes_keep_replicas_identical_and_end_cleanly(
     epochs = [r for r in records if "train_loss" in r]
     assert [r["epoch"] for r in epochs] == [0, 1]
     assert all(r["replicas_in_sync"] for r in epochs)
+
+
+def test_the_exit_probe_skips_a_thread_that_ended_while_it_listed_them(monkeypatch):
+    # torch's pool threads may end while the probe lists a finished rank's threads: one gone
+    # between the listing and the read of its name is not running, and no reason to fail a run
+    tasks = f"/proc/{os.getpid()}/task"
+    ended = threading.Thread(target=lambda: None)
+    ended.start()
+    ended.join()
+    while os.path.exists(f"{tasks}/{ended.native_id}"):
+        time.sleep(0.001)  # join returns a moment before the kernel lets the thread go
+    me = str(threading.get_native_id())
+    monkeypatch.setattr(os, "listdir", lambda path: [me, str(ended.native_id)])
+    with open(f"{tasks}/{me}/comm") as fh:
+        assert torchrun_probe.thread_names() == [fh.read().strip()]
 
 
 FAILING_RANK = """

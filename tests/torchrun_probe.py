@@ -13,13 +13,22 @@ GLOO_THREAD_NAMES = ("pt_gloo", "gloo_")  # gloo's worker and transport threads 
 REPORT = "gloo threads at exit"
 
 
-def gloo_threads() -> int:
+def thread_names() -> list[str]:
+    """The names of this process's threads. Other threads (torch's pools, the store's) may end
+    while they are listed: one gone before its name is read is simply not running."""
     tasks = f"/proc/{os.getpid()}/task"
     names = []
     for task in os.listdir(tasks):
-        with open(f"{tasks}/{task}/comm") as fh:
-            names.append(fh.read().strip())
-    return sum(name.startswith(GLOO_THREAD_NAMES) for name in names)
+        try:
+            with open(f"{tasks}/{task}/comm") as fh:
+                names.append(fh.read().strip())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return names
+
+
+def gloo_threads() -> int:
+    return sum(name.startswith(GLOO_THREAD_NAMES) for name in thread_names())
 
 
 def report() -> None:
