@@ -4,6 +4,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ from hat.gallery import (
     karpathy_collection,
     open_gallery,
     quantize,
+    reader,
     search_index,
 )
 from hat.gallery.codecs import PQ_BYTES, PQCodec, new_codec, training_sample
@@ -337,6 +339,23 @@ def test_corrupted_file_of_the_right_size_fails_verification(checkpoint, folder,
     with pytest.raises(CacheError, match="does not match its checksum"):
         open_gallery(gallery.directory, verify=True)
     assert build(checkpoint, folder, tmp_path / "cache", verify=True).report.encoded_images == 5
+
+
+def test_a_gallery_removed_while_it_is_verified_is_reported_missing(
+    checkpoint, folder, tmp_path, monkeypatch
+):
+    # the app's background check reads a gallery that a rebuild may remove under it: that is
+    # damage found (CacheError, which the app handles), not an error that kills the check
+    gallery = build(checkpoint, folder, tmp_path / "cache")
+    digest = reader.file_digest
+
+    def removed_before_it_is_read(path):
+        shutil.rmtree(gallery.directory)
+        return digest(path)
+
+    monkeypatch.setattr(reader, "file_digest", removed_before_it_is_read)
+    with pytest.raises(CacheError, match="is missing or unreadable"):
+        gallery.verify()
 
 
 def overwrite(path, offset: int, data: bytes) -> None:

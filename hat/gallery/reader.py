@@ -213,15 +213,18 @@ class Gallery:
 
 
 def check_files(directory: Path, manifest: Manifest, verify: bool) -> None:
-    """Every file of the manifest is there with its size (and, with ``verify``, its digest)."""
+    """Every file of the manifest is there with its size (and, with ``verify``, its digest).
+    A file that goes while it is checked (a rebuild replacing the gallery) is missing too."""
     for name, info in manifest.files.items():
         path = directory / name
-        if not path.is_file():
-            raise CacheError(f"{path} is missing")
-        size = path.stat().st_size
-        if size != info.size:
-            raise CacheError(f"{path} has {size} bytes, the manifest says {info.size}")
-        if verify and file_digest(path) != info.xxh3:
+        try:
+            size = path.stat().st_size
+            if size != info.size:
+                raise CacheError(f"{path} has {size} bytes, the manifest says {info.size}")
+            digest = file_digest(path) if verify else info.xxh3
+        except OSError as exc:
+            raise CacheError(f"{path} is missing or unreadable ({exc.strerror})") from None
+        if digest != info.xxh3:
             raise CorruptionError(directory, name, "does not match its checksum in the manifest")
 
 
