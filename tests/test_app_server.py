@@ -37,6 +37,7 @@ CHROMIUM_ARGS = [
 ]
 APP_DIRS = ("cache", "tmp", "gradio")  # where the app may write
 USERS = 20
+TIMEOUT = {"timeout": 60}  # seconds, for each request of a test's client
 
 
 @dataclass
@@ -48,7 +49,9 @@ class Server:
     inputs: Path
 
     def client(self) -> Client:
-        return Client(self.url, verbose=False, download_files=str(self.root / "downloads"))
+        # (httpx's default of 5 s a request is short for a loaded two-core runner)
+        downloads = str(self.root / "downloads")
+        return Client(self.url, verbose=False, download_files=downloads, httpx_kwargs=TIMEOUT)
 
     def files_outside_app_dirs(self) -> set[str]:
         skip = {*APP_DIRS, "downloads", "inputs"}
@@ -448,7 +451,7 @@ def served_copies(server: Server, name: str) -> list[Path]:
 def a_visitor_with_files(server: Server, name: str) -> tuple[Client, list[dict], bytes]:
     """A client (its own visitor) that built a gallery of one photo ``name``, searched it and
     drew maps of it; the photo and the two answers' file payloads (``path``, ``url``)."""
-    visitor = Client(server.url, verbose=False, download_files=False)
+    visitor = Client(server.url, verbose=False, download_files=False, httpx_kwargs=TIMEOUT)
     photo = png_bytes((10, 200, len(name)))
     upload = image_file(server.inputs, name, photo)
     visitor.predict([handle_file(upload)], None, api_name="/build_gallery")
@@ -557,10 +560,11 @@ def test_request_bodies_are_capped(server):
 
 # ---------------------------------------------------------------- load
 def test_twenty_simultaneous_users_are_all_served(server):
+    users = [server.client() for _ in range(USERS)]  # connected; then all search at once
+
     def one_user(n: int):
-        return server.client().predict(
-            f"a square of colour {n % 5}", 3, "built-in", api_name="/search_text"
-        )
+        query = f"a square of colour {n % 5}"
+        return users[n].predict(query, 3, "built-in", api_name="/search_text")
 
     with ThreadPoolExecutor(USERS) as pool:
         answers = list(pool.map(one_user, range(USERS)))
@@ -628,7 +632,11 @@ def test_a_person_searches_and_sees_the_alignment_maps(server):
         )
 
         page.get_by_role("tab", name="Image → Text").click()
+        assert page.locator("#i2t-query img").count() == 0  # (the wait below means something)
         page.locator("#i2t-examples img").first.click()
+        # the example reaches the query box by a round trip to the server: a search sent
+        # before it arrives has no image
+        page.locator("#i2t-query img").wait_for(timeout=60_000)
         page.get_by_role("button", name="Search captions").click()
         shown = "document.querySelector('#caption-table').innerText.includes('<b>picture</b>')"
         page.wait_for_function(shown, timeout=60_000)  # the caption shows as typed

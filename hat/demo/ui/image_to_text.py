@@ -12,7 +12,9 @@ from hat.demo.ui.shared import Page, SearchTab
 def image_to_text_tab(engine: DemoEngine, example_images: list[str]) -> SearchTab:
     with gr.Tab("Image → Text", id="i2t"):
         with gr.Row():
-            query = gr.Image(label="Query image", type="filepath", image_mode=None)
+            query = gr.Image(
+                label="Query image", type="filepath", image_mode=None, elem_id="i2t-query"
+            )
             with gr.Column():
                 k = gr.Slider(1, MAX_K, value=8, step=1, label="top-k")
                 search = gr.Button("Search captions", variant="primary")
