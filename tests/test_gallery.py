@@ -25,6 +25,7 @@ from hat.gallery import (
     Manifest,
     build_gallery,
     build_index,
+    builder,
     dequantize,
     folder_collection,
     karpathy_collection,
@@ -555,6 +556,29 @@ def test_added_images_are_encoded_and_old_features_untouched(checkpoint, folder,
     for a, b in zip(old.levels, second.image_features(ids).levels, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert second.image_index.ntotal == 7 and second.num_captions == 10  # new ones uncaptioned
+
+
+def test_a_reused_gallery_removed_while_new_images_encode_is_not_needed(
+    checkpoint, folder, tmp_path, monkeypatch
+):
+    # a build beside this one (the app and `hat index build` on one cache) may finish first and
+    # remove the earlier gallery as superseded: its segments were linked before encoding began
+    first = build(checkpoint, folder, tmp_path / "cache")
+    old = first.image_features(range(5))
+    write_image(folder[0] / "zz_new1.png", (10, 10, 10), seed=7)
+    encode = builder.encode_segment
+
+    def superseded_meanwhile(*args, **kwargs):
+        shutil.rmtree(first.directory, ignore_errors=True)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "encode_segment", superseded_meanwhile)
+    second = build(checkpoint, folder, tmp_path / "cache")
+    assert not first.directory.exists()
+    assert (second.report.encoded_images, second.report.reused_images) == (1, 5)
+    ids = [second.paths.index(p) for p in first.paths]
+    for a, b in zip(old.levels, second.image_features(ids).levels, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_moved_folder_gets_its_own_gallery_without_encoding_again(checkpoint, folder, tmp_path):

@@ -88,6 +88,8 @@ def _donors(
     files: dict[str, FileEntry] = {}
     manifests = []
     for directory in sorted(cache_dir.iterdir()) if cache_dir.is_dir() else []:
+        if directory.name.startswith("."):
+            continue  # a build's staging folder or a swap's backup: going away
         try:
             manifest = read_manifest(directory)
             if manifest.model_key != model_key or manifest.settings != settings:
@@ -198,6 +200,32 @@ def encode_segment(
     return kept
 
 
+def link_reused(
+    staging: Path, collection: Collection, located: dict[tuple, ImageLocation]
+) -> dict[tuple, ImageLocation]:
+    """Link every earlier segment that ``collection`` reuses into ``staging`` before anything
+    is encoded: another build may remove an earlier gallery (superseded by its own) meanwhile,
+    and the links keep its rows. Returns the images found in the linked segments; those of a
+    segment already gone are left out, to be encoded again."""
+    linked: dict[str, bool] = {}
+    reused = {}
+    for entry in collection.entries:
+        found = located.get(entry.fingerprint)
+        if found is None:
+            continue
+        if found.segment not in linked:
+            target = staging / "segments" / found.segment
+            try:
+                link_segment(found.directory / "segments" / found.segment, target)
+                linked[found.segment] = True
+            except OSError:
+                shutil.rmtree(target, ignore_errors=True)
+                linked[found.segment] = False
+        if linked[found.segment]:
+            reused[entry.fingerprint] = found
+    return reused
+
+
 def write_gallery(
     staging: Path,
     collection: Collection,
@@ -208,8 +236,9 @@ def write_gallery(
     staged: Staged | None = None,
     encode_captions: Callable[[list[str], Path], object] | None = None,
 ) -> int:
-    """Fill ``staging`` with a gallery of ``collection``: link the segments holding ``located``
-    images, ``encode(entries, segment_dir) -> rows read`` the others into a new segment,
+    """Fill ``staging`` with a gallery of ``collection``: ``located`` images are in segments
+    linked there already (:func:`link_reused`); ``encode(entries, segment_dir) -> rows read`` the
+    others into a new segment,
     ``encode_captions(captions, segment_dir)`` its captions without images into one of their own
     (their image is -1), then write metadata, indexes and, last, the manifest (``header`` +
     counts + file table).
@@ -235,9 +264,6 @@ def write_gallery(
             continue
         if found.segment not in segments:
             segments[found.segment] = len(segments)
-            if found.directory != staging:
-                source = found.directory / "segments" / found.segment
-                link_segment(source, staging / "segments" / found.segment)
         seg = segments[found.segment]
         image_rows.append((seg, found.image_row))
         caption_rows.extend((seg, row) for row in found.caption_rows)
@@ -372,11 +398,12 @@ def build_gallery(
     while True:
         try:
             with atomic_directory(directory) as staging:
-                staged, files = team.encode(staging, collection, located, encode)
+                reused = link_reused(staging, collection, located)
+                staged, files = team.encode(staging, collection, reused, encode)
                 encoded = write_gallery(
                     staging,
                     collection,
-                    located,
+                    reused,
                     encode,
                     header,
                     known_files | files,
