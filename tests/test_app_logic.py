@@ -18,6 +18,7 @@ from hat.demo.caption_input import MAX_CAPTION_CHARS, REFUSED_CAPTION_CHARS, cle
 from hat.demo.engine import BUILTIN, MINE, DemoEngine
 from hat.demo.rendering import CELL, GAP, LABEL_WIDTH, MARGIN, colormap, model_view, upsample
 from hat.demo.uploads import (
+    GONE,
     MAX_IMAGE_BYTES,
     MAX_ZIP_MEMBERS,
     MB,
@@ -294,6 +295,28 @@ def test_the_session_gallery_is_searched_and_removed(engine, tmp_path):
     assert engine.search_image(query, 5, MINE, mine).hits[0].caption == "a red picture"
     mine.remove()
     assert not mine.directory.exists()
+
+
+def test_a_session_gallery_whose_files_are_cleared_under_it_says_so(engine, tmp_path):
+    # Gradio clears old uploads, and a visitor's gallery goes with its session: a request that
+    # finds its files gone gets a message, never a raw error
+    upload = tmp_path / "x.png"
+    upload.write_bytes(png_bytes())
+    table = tmp_path / "captions.csv"
+    table.write_text("image,caption\nx.png,a red picture\n")
+    mine, _ = engine.build_session_gallery([upload], table)
+    (mine.gallery.directory / "image.faiss").unlink()  # read on the first search
+    with pytest.raises(InputError, match="found damaged: build it again"):
+        engine.search_text("red", 3, MINE, mine)
+    mine.gallery.image_path(0).unlink()
+    with pytest.raises(InputError, match="can no longer be read: build the gallery again"):
+        engine.maps_for_gallery_image(mine.gallery, 0, "red")
+    gone = tmp_path / "gone.png"
+    report = collect_uploads([gone, upload], tmp_path / "again")
+    assert report.images == ["x.png"] and dict(report.ignored) == {"gone.png": GONE}
+    with pytest.raises(InputError, match="no longer on the server"):
+        write_captions(tmp_path / "gone.csv", ["x.png"], tmp_path / "out.json")
+    mine.remove()
 
 
 def test_examples_come_from_the_gallery_list_or_spread_over_it(engine):

@@ -428,7 +428,12 @@ class DemoEngine:
         """Maps of a gallery image from its stored features: the ones that scored it."""
         with self._reading(gallery):
             features = gallery.image_features([index]).to(self.device)
-        return self._maps(load_image(gallery.image_path(index)), features, caption)
+        try:
+            picture = load_image(gallery.image_path(index))
+        except ImageLoadError:  # a visitor's image, cleared with their upload
+            message = "That gallery image can no longer be read: build the gallery again."
+            raise InputError(message) from None
+        return self._maps(picture, features, caption)
 
     def _maps(self, picture: Image.Image, features: ImageFeatures, caption: object) -> Maps:
         caption, batch, words = self.read_caption(caption)

@@ -35,6 +35,7 @@ MAX_PATH_DEPTH = 8
 CHUNK = MB
 CAPTION_SUFFIXES = (".json", ".csv")
 TOO_MUCH = f"it would take the upload past {MAX_TOTAL_BYTES // MB} MB unpacked"
+GONE = "is no longer on the server (old uploads are cleared): upload it again"
 
 
 @dataclass
@@ -188,8 +189,13 @@ def collect_uploads(files: Sequence[str | Path], folder: Path) -> UploadReport:
         path = Path(file)
         if path.suffix.lower() == ".zip":
             collector.add_zip(path, path.name)
-        else:
-            collector.add(path.name, lambda p=path: p.open("rb"), path.stat().st_size)
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:  # removed by Gradio's clean-up of old uploads, say
+            collector.ignore(path.name, GONE)
+            continue
+        collector.add(path.name, lambda p=path: p.open("rb"), size)
     report = collector.report
     if not report.images:
         reasons = "; ".join(f"{name}: {why}" for name, why in report.ignored[:3])
@@ -203,13 +209,15 @@ def collect_uploads(files: Sequence[str | Path], folder: Path) -> UploadReport:
 def _read_table(path: Path) -> dict[str, list[str]]:
     if path.suffix.lower() not in CAPTION_SUFFIXES:
         raise InputError("The captions file must be .json or .csv.")
-    if path.stat().st_size > MAX_CAPTIONS_BYTES:
-        raise InputError(f"The captions file is larger than {MAX_CAPTIONS_BYTES // MB} MB.")
     try:
+        if path.stat().st_size > MAX_CAPTIONS_BYTES:
+            raise InputError(f"The captions file is larger than {MAX_CAPTIONS_BYTES // MB} MB.")
         return read_captions_file(path)
     except (DatasetFormatError, UnicodeDecodeError, csv.Error) as exc:
         reason = str(exc).replace(str(path), path.name)
         raise InputError(f"The captions file could not be read: {reason}") from None
+    except OSError:
+        raise InputError(f"The captions file {GONE}.") from None
 
 
 def write_captions(captions_file: str | Path, images: Sequence[str], target: Path) -> int:

@@ -41,7 +41,10 @@ def file_digest(path: Path) -> str:
 
 def read_checked(directory: Path, manifest: Manifest, name: str) -> bytes:
     """The bytes of ``directory/name``, if their digest is the manifest's."""
-    data = (directory / name).read_bytes()
+    try:
+        data = (directory / name).read_bytes()
+    except OSError as exc:  # a gallery read lazily (its indexes) may be gone by then
+        raise CacheError(f"{directory / name} is missing or unreadable ({exc.strerror})") from None
     if xxhash.xxh3_64_hexdigest(data) != manifest.files[name].xxh3:
         raise CorruptionError(directory, name, "does not match its checksum in the manifest")
     return data
