@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -27,7 +28,7 @@ from hat.demo.uploads import (
     write_captions,
 )
 from hat.demo_build.examples import choose_examples, spread
-from hat.gallery import CorruptionError
+from hat.gallery import CacheError, CorruptionError
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 
@@ -425,6 +426,28 @@ def test_a_closed_demo_starts_no_repair_and_finishes_the_one_under_way(tmp_path)
     engine.close()
     assert engine.builtin.status.startswith("rebuilt")
     assert engine.gallery.directory.is_dir()
+
+
+def test_a_gallery_another_app_rebuilt_first_is_reopened_not_deleted(tmp_path):
+    # two apps on one cache: B rebuilt the damaged gallery before A's repair began; A must
+    # reopen B's build (a cache hit), not delete it and encode everything again
+    checkpoint, gallery = write_demo_assets(tmp_path)
+    engine = DemoEngine(checkpoint, gallery, tmp_path / "cache", tmp_path / "tmp", progress=False)
+    try:
+        wait_for(lambda: engine.describe()["gallery_status"] != "checking its files")
+        old = engine.gallery
+        other = DemoEngine(
+            checkpoint, gallery, tmp_path / "other", tmp_path / "tmp2", progress=False
+        )
+        other.close()
+        shutil.rmtree(old.directory)  # B's repair: the damaged gallery out, its build in
+        shutil.copytree(other.gallery.directory, old.directory)
+        engine.builtin.damaged(old, CacheError(f"{old.directory}/image.faiss is missing"))
+        wait_for(lambda: engine.builtin.status.startswith("rebuilt"))
+        assert engine.gallery.report.cache_hit and engine.gallery.report.encoded_images == 0
+        assert engine.gallery.manifest == other.gallery.manifest
+    finally:
+        engine.close()
 
 
 def test_every_file_is_checked_in_the_background_after_start_up(engine):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from hat.demo import InputError
 from hat.gallery import CacheError, CorruptionError, Gallery, discard
+from hat.gallery.reader import read_manifest
 from hat.search import Searcher
 
 CHECKING, VERIFIED = "checking its files", "files verified"
@@ -33,6 +34,14 @@ def _damage(error: CacheError) -> str:
     if isinstance(error, CorruptionError):
         return f"{error.name} changed after it was built"
     return "a stored file is missing or truncated"
+
+
+def _replaced(gallery: Gallery) -> bool:
+    """Whether ``gallery``'s folder now holds another finished gallery (a new build's)."""
+    try:
+        return read_manifest(gallery.directory) != gallery.manifest
+    except CacheError:
+        return False
 
 
 def _log(message: str) -> None:
@@ -101,7 +110,9 @@ class BuiltinGallery:
         _log(f"the built-in gallery is damaged ({error}); rebuilding it")
 
     def _rebuild(self, gallery: Gallery, error: CacheError) -> None:
-        if isinstance(error, CorruptionError):
+        if _replaced(gallery):
+            _log("another process rebuilt the built-in gallery first: reopening its build")
+        elif isinstance(error, CorruptionError):
             discard(error)  # with the galleries sharing a damaged segment: none may be reused
         else:
             shutil.rmtree(gallery.directory, ignore_errors=True)
