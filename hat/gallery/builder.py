@@ -370,7 +370,7 @@ def build_gallery(
             return gallery
         except CacheError as exc:
             reason = str(exc)
-            shutil.rmtree(directory)
+            shutil.rmtree(directory, ignore_errors=True)
     located, known_files, donors = (
         _donors(cache_dir, model_key, settings) if team.leads else ({}, {}, [])
     )
