@@ -224,11 +224,11 @@ def check_files(directory: Path, manifest: Manifest, verify: bool) -> None:
             size = path.stat().st_size
             if size != info.size:
                 raise CacheError(f"{path} has {size} bytes, the manifest says {info.size}")
-            digest = file_digest(path) if verify else info.xxh3
+            if verify and file_digest(path) != info.xxh3:
+                problem = "does not match its checksum in the manifest"
+                raise CorruptionError(directory, name, problem)
         except OSError as exc:
             raise CacheError(f"{path} is missing or unreadable ({exc.strerror})") from None
-        if digest != info.xxh3:
-            raise CorruptionError(directory, name, "does not match its checksum in the manifest")
 
 
 def read_manifest(directory: Path) -> Manifest:
